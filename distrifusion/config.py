@@ -1,0 +1,87 @@
+"""Settings of a patch-parallel run, validated up front with errors that name the setting."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..wanvideo.errors import WanDistriFusionError
+
+SPLIT_MODES = ("spatial", "temporal", "spatiotemporal")
+PARALLEL_MODES = ("displaced", "sync", "ulysses")
+KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+COMM_BACKENDS = ("auto", "builtin", "official")
+PIXELS_PER_TOKEN = 16
+"""Wan: 8x VAE downsampling times the 2x2 patchify."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Topology and algorithm of one worker group (the Loader's parallel widgets)."""
+
+    world_size: int = 1
+    split_mode: str = "spatial"
+    patch_size: int = 64
+    """Granularity of the partition in pixels (multiple of 16): slabs are cut on these boundaries."""
+    patch_overlap: int = 0
+    """Pixels of neighbouring tokens each rank recomputes fresh in the displaced mode (0 = pure DistriFusion)."""
+    mode: str = "displaced"
+    cfg_parallel: bool = False
+    warmup_steps: int = 4
+    kv_dtype: str = "auto"
+    comm_backend: str = "auto"
+
+    def validate(self) -> ParallelConfig:
+        """Raise ``WanDistriFusionError`` naming the first setting that cannot work; return self."""
+        if not 1 <= self.world_size <= 64:
+            _fail("world size", f"{self.world_size} is out of range", "use 1 to 64 ranks")
+        if self.split_mode not in SPLIT_MODES:
+            _fail("split mode", f"{self.split_mode!r} is unknown", f"choose one of {', '.join(SPLIT_MODES)}")
+        if self.mode not in PARALLEL_MODES:
+            _fail("parallel mode", f"{self.mode!r} is unknown", f"choose one of {', '.join(PARALLEL_MODES)}")
+        if self.patch_size < PIXELS_PER_TOKEN or self.patch_size % PIXELS_PER_TOKEN:
+            _fail(
+                "patch size",
+                f"{self.patch_size} px is not a positive multiple of {PIXELS_PER_TOKEN}",
+                f"use a multiple of {PIXELS_PER_TOKEN} px (Wan: 8x VAE x 2x2 patchify), e.g. 32, 48 or 64",
+            )
+        if not 0 <= self.patch_overlap <= 32:
+            _fail("patch overlap", f"{self.patch_overlap} px is out of range", "use 0 to 32 px")
+        if self.patch_overlap > self.patch_size:
+            _fail("patch overlap", f"{self.patch_overlap} px is larger than the patch size ({self.patch_size} px)",
+                  "lower the overlap or raise the patch size")
+        if self.warmup_steps < 0:
+            _fail("warm-up steps", f"{self.warmup_steps} is negative", "use 0 or more")
+        if self.kv_dtype not in KV_DTYPES:
+            _fail("K/V buffer dtype", f"{self.kv_dtype!r} is unknown", f"choose one of {', '.join(KV_DTYPES)}")
+        if self.comm_backend not in COMM_BACKENDS:
+            _fail("comm backend", f"{self.comm_backend!r} is unknown", f"choose one of {', '.join(COMM_BACKENDS)}")
+        if self.cfg_parallel and self.world_size % 2:
+            _fail("CFG parallel", f"needs an even world size, got {self.world_size}",
+                  "use an even number of GPUs or turn CFG parallel off")
+        return self
+
+    @property
+    def patch_parallel_degree(self) -> int:
+        """Ranks that share one batch item's tokens (half the world with CFG parallel)."""
+        return self.world_size // 2 if self.cfg_parallel else self.world_size
+
+    def overlap_tokens(self) -> int:
+        return -(-self.patch_overlap // PIXELS_PER_TOKEN)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_synchronous_step(step: int, warmup_steps: int, sync_frequency: int) -> bool:
+    """Whether ``step`` (0-based) exchanges fresh K/V before attention instead of using stale K/V.
+
+    The first ``warmup_steps`` steps are synchronous (as distrifuser); after that every
+    ``sync_frequency``-th step is (1 = every step = exact; 0 = never after warm-up).
+    """
+    if step < warmup_steps:
+        return True
+    return sync_frequency > 0 and (step - warmup_steps + 1) % sync_frequency == 0
+
+
+def _fail(setting: str, problem: str, fix: str) -> None:
+    raise WanDistriFusionError(f"{setting}: {problem}; {fix}.")

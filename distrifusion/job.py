@@ -1,0 +1,65 @@
+"""What one generation asks of the runtime: latents, conditioning and sampler settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..wanvideo.errors import WanDistriFusionError
+
+
+@dataclass
+class GenerationJob:
+    """One clip. Tensors live on the CPU; every rank rebuilds the same noise from ``seed``."""
+
+    positive: torch.Tensor
+    """Text context ``[1, L, text_dim]`` (the sampler pads it to 512 tokens)."""
+    negative: torch.Tensor | None
+    width: int = 832
+    height: int = 480
+    length: int = 81
+    steps: int = 30
+    cfg: float = 5.0
+    shift: float = 5.0
+    seed: int = 0
+    sampler: str = "unipc"
+    scheduler: str = "simple"
+    denoise: float = 1.0
+    sync_frequency: int = 0
+    latent: torch.Tensor | None = None
+    """Starting latent ``[1, 16, F, H, W]`` (model space); ``None`` = empty latent of width/height/length."""
+    extra: dict = field(default_factory=dict)
+
+    def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
+        if self.latent is not None:
+            return tuple(self.latent.shape)
+        return (1, channels, (self.length - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+    def validate(self, text_dim: int | None = None) -> GenerationJob:
+        """Raise ``WanDistriFusionError`` naming the widget that cannot work; return self."""
+        if self.width % 16 or self.width < 16:
+            raise WanDistriFusionError(f"width: {self.width} is not a positive multiple of 16; use e.g. 832 or 1280.")
+        if self.height % 16 or self.height < 16:
+            raise WanDistriFusionError(f"height: {self.height} is not a positive multiple of 16; use e.g. 480 or 720.")
+        if self.length < 1 or (self.length - 1) % 4:
+            raise WanDistriFusionError(
+                f"length: {self.length} frames is not of the form 4k+1; use e.g. {4 * max(0, (self.length - 1) // 4) + 1} or 81."
+            )
+        if self.steps < 1:
+            raise WanDistriFusionError(f"steps: {self.steps} must be at least 1.")
+        if not 0.0 < self.denoise <= 1.0:
+            raise WanDistriFusionError(f"denoise: {self.denoise} must be in (0, 1].")
+        if self.sync_frequency < 0:
+            raise WanDistriFusionError(f"sync frequency: {self.sync_frequency} must be 0 (never) or more.")
+        for name, cond in (("positive", self.positive), ("negative", self.negative)):
+            if cond is None:
+                continue
+            if cond.dim() != 3 or cond.shape[0] != 1:
+                raise WanDistriFusionError(f"{name}: conditioning must be [1, tokens, width], got {list(cond.shape)}.")
+            if text_dim is not None and cond.shape[-1] != text_dim:
+                raise WanDistriFusionError(
+                    f"{name}: conditioning is {cond.shape[-1]} wide but the model expects {text_dim}; "
+                    "encode the prompt with Wan's umT5 text encoder (Load CLIP, type wan)."
+                )
+        return self
