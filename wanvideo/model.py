@@ -8,23 +8,15 @@ the token grid goes through the blocks, with rotary positions taken from the *gl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``."""
+from .attention import AttentionFn, resolve_attention, sdpa_attention
 
 CLIP_TOKENS = 257
-
-
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Plain softmax attention through PyTorch SDPA (which picks its fastest backend)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -115,12 +107,16 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps=eps)
         self.attention_fn: AttentionFn = sdpa_attention
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (normed, rotated) and v, ``[B, L, H, D]``."""
         heads = (self.num_heads, self.head_dim)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
         v = self.v(x).unflatten(-1, heads)
-        return self.o(self.attention_fn(q, k, v).flatten(2))
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        return self.o(self.attention_fn(*self.project(x, rope)).flatten(2))
 
 
 class WanCrossAttention(nn.Module):
@@ -170,14 +166,24 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: Tensor, time_modulation: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
-            (self.modulation.float() + time_modulation).to(x.dtype).unbind(1)
-        )
-        attn_in = self.norm1(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        x = x + self.self_attn(attn_in, rope) * gate_msa[:, None]
+        q, k, v, modulation = self.before_attention(x, time_modulation, rope)
+        return self.after_attention(x, self.self_attn.attention_fn(q, k, v), modulation, context)
+
+    # The block is split around self-attention so ``compile_blocks`` can fuse everything but the
+    # (possibly communicating) attention function.
+    def before_attention(
+        self, x: Tensor, time_modulation: Tensor, rope: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        modulation = (self.modulation.float() + time_modulation).to(x.dtype)
+        shift_msa, scale_msa = modulation[:, 0, None], modulation[:, 1, None]
+        q, k, v = self.self_attn.project(self.norm1(x) * (1 + scale_msa) + shift_msa, rope)
+        return q, k, v, modulation
+
+    def after_attention(self, x: Tensor, attention: Tensor, modulation: Tensor, context: Tensor) -> Tensor:
+        gate_msa, shift_ffn, scale_ffn, gate_ffn = (modulation[:, i, None] for i in range(2, 6))
+        x = x + self.self_attn.o(attention.flatten(2)) * gate_msa
         x = x + self.cross_attn(self.norm3(x), context)
-        ffn_in = self.norm2(x) * (1 + scale_ffn[:, None]) + shift_ffn[:, None]
-        return x + self.ffn(ffn_in) * gate_ffn[:, None]
+        return x + self.ffn(self.norm2(x) * (1 + scale_ffn) + shift_ffn) * gate_ffn
 
 
 class WanHead(nn.Module):
@@ -220,6 +226,18 @@ class WanModel(nn.Module):
             self.img_emb = WanImageEmbedding(config.image_dim, dim)
         self.compute_dtype = torch.float32
         """dtype activations run in; ``loading.py`` sets it (weights may be stored narrower, e.g. fp8)."""
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run self-attention on ``backend`` (see ``attention.ATTENTION_BACKENDS``)."""
+        kernel = resolve_attention(backend, self.patch_embedding.weight.device)
+        for block in self.blocks:
+            block.self_attn.attention_fn = kernel
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` each block's code before and after self-attention (attention stays eager)."""
+        for block in self.blocks:
+            block.before_attention = torch.compile(block.before_attention, backend=backend)
+            block.after_attention = torch.compile(block.after_attention, backend=backend)
 
     def token_grid(self, x: Tensor) -> tuple[int, int, int]:
         """Token grid (frames, rows, cols) that latents of this shape patchify into."""

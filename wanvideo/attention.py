@@ -1,0 +1,89 @@
+"""Softmax attention kernels the model can run on, chosen by the Loader's ``attention backend`` widget.
+
+Every kernel takes and returns ``[batch, tokens, heads, head_dim]``. Optional kernels are imported only
+when chosen, so a missing wheel never breaks import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import WanDistriFusionError
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``."""
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash4", "flash3", "sage")
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """PyTorch SDPA, which picks its fastest backend (cuDNN on Hopper)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _flash4() -> AttentionFn:
+    from flash_attn.cute import flash_attn_func
+
+    def flash4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return flash4_attention
+
+
+def _flash3() -> AttentionFn:
+    from flash_attn_interface import flash_attn_func
+
+    def flash3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return flash3_attention
+
+
+def _sage() -> AttentionFn:
+    from sageattention import sageattn
+
+    def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return sageattn(q, k, v, tensor_layout="NHD")
+
+    return sage_attention
+
+
+_OPTIONAL = {"flash4": _flash4, "flash3": _flash3, "sage": _sage}
+_INSTALL_HINT = {
+    "flash4": "pip install flash-attn-4 (Hopper or Blackwell GPUs)",
+    "flash3": "build FlashAttention-3 from its hopper/ folder (Hopper GPUs)",
+    "sage": "pip install sageattention",
+}
+
+
+def resolve_attention(backend: str, device: torch.device | str = "cpu") -> AttentionFn:
+    """The kernel for ``backend``; ``auto`` = FlashAttention-4 on a Hopper+ GPU when installed, else SDPA."""
+    if backend not in ATTENTION_BACKENDS:
+        raise WanDistriFusionError(
+            f"attention backend: {backend!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}."
+        )
+    device = torch.device(device)
+    if backend == "sdpa" or (backend == "auto" and device.type != "cuda"):
+        return sdpa_attention
+    if backend == "auto":
+        if torch.cuda.get_device_capability(device)[0] < 9:
+            return sdpa_attention
+        try:
+            return _flash4()
+        except ImportError:
+            return sdpa_attention
+    if device.type != "cuda":
+        raise WanDistriFusionError(f"attention backend: {backend} needs a CUDA GPU; choose sdpa or auto on CPU.")
+    try:
+        return _OPTIONAL[backend]()
+    except ImportError as error:
+        raise WanDistriFusionError(
+            f"attention backend: {backend} is not installed ({error}); {_INSTALL_HINT[backend]}, or choose auto/sdpa."
+        ) from error
