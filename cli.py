@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""Headless WanVideo DistriFusion: the nodes' runtime from a shell.
+
+    python cli.py generate --model wan2.1_t2v_1.3B.safetensors --world-size 2 --out clip.safetensors
+    python cli.py worker --rank 2 --world-size 4 --master-addr 10.0.0.1 --master-port 29500 --model PATH
+
+``generate`` runs one clip through ``distrifusion.workers`` (the code the ComfyUI nodes use) and
+writes the final latent (key ``latent``, Wan model space) to a safetensors file. ``worker`` hosts
+ranks of a group whose rank 0 runs on another host (its ``generate`` or ComfyUI): those ranks join
+through torch.distributed's ``MASTER_ADDR``/``MASTER_PORT`` rendezvous and take their jobs from it.
+Works from any working directory; the repo is imported under a fixed alias, never by folder name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TINY_NOTICE = (
+    "no --model given: built a tiny random Wan (2 layers, dim 64) — output is noise, this only shows the pipeline"
+)
+REAL_DEFAULTS = {"width": 832, "height": 480, "length": 81, "steps": 30}
+TINY_DEFAULTS = {"width": 128, "height": 128, "length": 9, "steps": 4}
+
+
+def _package():
+    """Register the repo root under its alias through ``distrifusion/bootstrap.py`` (loaded by path)."""
+    path = Path(__file__).resolve().parent / "distrifusion" / "bootstrap.py"
+    spec = importlib.util.spec_from_file_location("_wan_distrifusion_bootstrap", path)
+    bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bootstrap)
+    if __name__ == "__main__":
+        bootstrap.drop_script_dir(__file__)
+    return bootstrap.register_package()
+
+
+def _module(name: str):
+    return importlib.import_module(f"{_package().__name__}.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description="WanVideo DistriFusion without ComfyUI.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser(
+        "generate", help="generate one clip's latent", description="Generate one clip's final latent."
+    )
+    gen.add_argument("--model", help="Wan DiT .safetensors (default: a tiny random model, to try the pipeline)")
+    gen.add_argument("--width", type=int, help="pixels, multiple of 16 (default 832; 128 with the tiny model)")
+    gen.add_argument("--height", type=int, help="pixels, multiple of 16 (default 480; 128 with the tiny model)")
+    gen.add_argument("--length", type=int, help="frames, 4k+1 (default 81; 9 with the tiny model)")
+    gen.add_argument("--steps", type=int, help="sampler steps (default 30; 4 with the tiny model)")
+    gen.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    gen.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift (default 5.0)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (also seeds the random context)")
+    gen.add_argument("--sampler", default="unipc", help="euler, unipc or dpm++ (default unipc)")
+    gen.add_argument("--scheduler", default="simple", help="sigma schedule (default simple)")
+    gen.add_argument("--denoise", type=float, default=1.0, help="fraction of the schedule to run, (0, 1]")
+    gen.add_argument("--latent", help="starting latent .safetensors (key 'latent', [1, 16, F, H, W]) for denoise < 1")
+    gen.add_argument("--world-size", type=int, default=1, help="total ranks (default 1: in-process, no workers)")
+    gen.add_argument("--local-ranks", type=int, help="ranks on this host (default: the world size)")
+    gen.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available, else cpu")
+    gen.add_argument("--mode", default="displaced", help="displaced, sync or ulysses (default displaced)")
+    gen.add_argument("--split", default="spatial", help="spatial, temporal or spatiotemporal (default spatial)")
+    gen.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two rank groups")
+    gen.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps first (default 4)")
+    gen.add_argument("--sync-frequency", type=int, default=0, help="displaced: every k-th step exact (0 = never)")
+    gen.add_argument("--patch-size", type=int, default=64, help="partition granularity in pixels (default 64)")
+    gen.add_argument("--patch-overlap", type=int, default=0, help="displaced: fresh halo in pixels (default 0)")
+    gen.add_argument("--kv-dtype", default="auto", help="stale K/V buffers: auto, bf16, fp16, fp32, fp8_e4m3fn")
+    gen.add_argument("--comm-backend", default="auto", help="auto, builtin or official")
+    gen.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), help="compute dtype (default bf16 on cuda, fp32 on cpu)"
+    )
+    gen.add_argument("--quantization", default="disabled", help="weights: disabled, fp8_e4m3fn or fp8_e5m2")
+    gen.add_argument("--context", help="text context .safetensors: 'positive' [1, L, text_dim], optional 'negative'")
+    gen.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address other hosts reach (multi-host)")
+    gen.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    gen.add_argument("--step-timeout", type=float, default=600.0, help="seconds without progress before giving up")
+    gen.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every rank to be ready")
+    gen.add_argument("--out", required=True, help="output .safetensors (key 'latent')")
+    gen.add_argument("-v", "--verbose", action="store_true", help="log the runtime's steps (workers, memory plan)")
+
+    work = commands.add_parser(
+        "worker",
+        help="host ranks of a group whose rank 0 runs on another host",
+        description="Join a group whose rank 0 runs elsewhere (cli.py generate or ComfyUI) and serve its jobs.",
+    )
+    work.add_argument("--rank", type=int, required=True, help="first rank hosted here")
+    work.add_argument("--local-ranks", type=int, default=1, help="ranks hosted here: rank..rank+N-1 on GPUs 0..N-1")
+    work.add_argument("--world-size", type=int, required=True)
+    work.add_argument("--master-addr", required=True, help="address of the host that runs rank 0")
+    work.add_argument("--master-port", type=int, required=True)
+    work.add_argument("--model", required=True, help="the same checkpoint as rank 0, as a path on this host")
+    work.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available, else cpu")
+    work.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the controller")
+    work.add_argument("--once", action="store_true", help="exit when the group ends instead of waiting for the next")
+    work.add_argument("-v", "--verbose", action="store_true", help="log the runtime's steps")
+    return parser
+
+
+def build_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer, 64-wide Wan (16 latent channels, umT5-wide text) as safetensors; noise in, noise out."""
+    import torch
+    from safetensors.torch import save_file
+
+    model_module = _module("wanvideo.model")
+    config = model_module.WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2)
+    torch.manual_seed(seed)
+    model = model_module.WanModel(config)
+    path = folder / "tiny_random_wan.safetensors"
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(path), metadata={"wan_config": json.dumps({"num_heads": config.num_heads, "dim": config.dim})})
+    return path
+
+
+def random_context(text_dim: int, seed: int, tokens: int = 16):
+    """Seeded stand-in for encoded prompts: (positive, negative), each ``[1, tokens, text_dim]``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, tokens, text_dim, generator=generator), torch.randn(1, tokens, text_dim, generator=generator)
+
+
+def _load_context(path: str):
+    from safetensors.torch import load_file
+
+    errors = _module("wanvideo.errors")
+    try:
+        tensors = load_file(path)
+    except Exception as error:
+        raise errors.WanDistriFusionError(
+            f"context: cannot read {path} ({error}); give a .safetensors with 'positive'."
+        ) from error
+    positive = tensors.get("positive", tensors.get("context"))
+    if positive is None:
+        raise errors.WanDistriFusionError(
+            f"context: {path} has no 'positive' tensor (keys: {', '.join(tensors) or 'none'})."
+        )
+
+    def batched(tensor):
+        return None if tensor is None else (tensor if tensor.dim() == 3 else tensor.unsqueeze(0)).float()
+
+    return batched(positive), batched(tensors.get("negative"))
+
+
+def _load_latent(path: str):
+    from safetensors.torch import load_file
+
+    errors = _module("wanvideo.errors")
+    try:
+        tensors = load_file(path)
+    except Exception as error:
+        raise errors.WanDistriFusionError(f"latent: cannot read {path} ({error}).") from error
+    if "latent" not in tensors:
+        raise errors.WanDistriFusionError(f"latent: {path} has no 'latent' tensor.")
+    return tensors["latent"].float()
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    config_module = _module("distrifusion.config")
+    job_module = _module("distrifusion.job")
+    loading = _module("wanvideo.loading")
+    workers = _module("distrifusion.workers")
+
+    began = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    defaults = REAL_DEFAULTS if args.model else TINY_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    parallel = config_module.ParallelConfig(
+        world_size=args.world_size,
+        split_mode=args.split,
+        patch_size=args.patch_size,
+        patch_overlap=args.patch_overlap,
+        mode=args.mode,
+        cfg_parallel=args.cfg_parallel,
+        warmup_steps=args.warmup_steps,
+        kv_dtype=args.kv_dtype,
+        comm_backend=args.comm_backend,
+    ).validate()
+    placeholder = torch.zeros(1, 1, 1)
+    job = job_module.GenerationJob(
+        positive=placeholder,
+        negative=None,
+        width=args.width,
+        height=args.height,
+        length=args.length,
+        steps=args.steps,
+        cfg=args.cfg,
+        shift=args.shift,
+        seed=args.seed,
+        sampler=args.sampler,
+        scheduler=args.scheduler,
+        denoise=args.denoise,
+        sync_frequency=args.sync_frequency,
+    )
+    job.validate()  # settings first: a bad flag fails before anything starts
+    if args.latent:
+        job.latent = _load_latent(args.latent)
+
+    with tempfile.TemporaryDirectory(prefix="wan-distrifusion-cli-") as scratch:
+        if args.model:
+            model_path = Path(args.model).expanduser()
+        else:
+            print(TINY_NOTICE, flush=True)
+            model_path = build_tiny_checkpoint(Path(scratch), seed=0)
+        text_dim = loading.inspect_wan_checkpoint(model_path).config.text_dim
+        if args.context:
+            job.positive, job.negative = _load_context(args.context)
+        else:
+            job.positive, job.negative = random_context(text_dim, args.seed)
+            print(
+                f"no --context given: seeded random text context ({job.positive.shape[1]} tokens x {text_dim}, seed {args.seed})"
+            )
+        job.validate(text_dim=text_dim)
+
+        where = (
+            f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)"
+            if args.world_size > 1
+            else "in-process"
+        )
+        print(f"starting {where} on {device}, {precision} ...", flush=True)
+        runtime = workers.start_runtime(
+            model_path,
+            precision=precision,
+            quantization=args.quantization,
+            parallel=parallel,
+            device=device,
+            local_ranks=args.local_ranks,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            step_timeout_s=args.step_timeout,
+            start_timeout_s=args.start_timeout,
+        )
+        try:
+            started = time.perf_counter()
+            print(f"ready in {started - began:.1f} s", flush=True)
+            bar = tqdm(total=job.steps, unit="step", desc="sampling", dynamic_ncols=True)
+
+            def progress(event) -> None:
+                bar.total = event.total
+                memory = "/".join(f"{m / 2**30:.1f}" for m in event.memory_per_rank)
+                bar.set_postfix_str(f"{event.seconds_per_step:.2f} s/step, mem {memory} GiB", refresh=False)
+                bar.update(event.step - bar.n)
+
+            try:
+                latent = runtime.run(job, progress=progress)
+            finally:
+                bar.close()
+            sampled = time.perf_counter()
+            status = runtime.status()
+        finally:
+            runtime.close()
+
+    out = Path(args.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "model": str(args.model or "tiny random Wan"),
+        "settings": json.dumps(
+            {
+                "width": job.width,
+                "height": job.height,
+                "length": job.length,
+                "steps": job.steps,
+                "cfg": job.cfg,
+                "shift": job.shift,
+                "seed": job.seed,
+                "sampler": job.sampler,
+                "scheduler": job.scheduler,
+                "denoise": job.denoise,
+                "sync_frequency": job.sync_frequency,
+                "precision": precision,
+                "quantization": args.quantization,
+                "device": device,
+                "parallel": parallel.to_dict(),
+            }
+        ),
+    }
+    save_file({"latent": latent.contiguous()}, str(out), metadata=metadata)
+    print(
+        f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
+        f"(start {started - began:.1f} s, sampling {sampled - started:.1f} s, "
+        f"{(sampled - started) / max(job.steps, 1):.2f} s/step, comm {status.get('comm_backend')})"
+    )
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+
+    workers = _module("distrifusion.workers")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return workers.serve_remote_ranks(
+        args.model,
+        first_rank=args.rank,
+        world_size=args.world_size,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        local_ranks=args.local_ranks,
+        device=device,
+        start_timeout_s=args.start_timeout,
+        once=args.once,
+        on_event=lambda line: print(line, flush=True),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; 1 with a one-line ``error:`` message for problems a user can fix."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    errors = _module("wanvideo.errors")
+    try:
+        return generate(args) if args.command == "generate" else worker(args)
+    except errors.WanDistriFusionError as error:
+        text = str(error)
+        print(f"error: {text}", file=sys.stderr)
+        cancelled = getattr(_module("distrifusion.workers"), "JobCancelled", ())
+        return 130 if isinstance(error, cancelled) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is closed; skip the interpreter's slow teardown of torch (~2 s)

@@ -1,0 +1,266 @@
+"""Per-rank memory estimate of a run, checked before a job starts.
+
+Displaced patch parallelism keeps every layer's stale K/V of the *whole* token grid on every rank
+(design notes: Wan 14B at 720p x 81 frames, ~1.5 GB per layer per batch item in bf16, ~62 GB for 40
+layers), which more GPUs do not shrink. So before a job runs we add up weights, activations, stale
+K/V and attention buffers per rank, compare with the device's free memory, and refuse with the
+numbers and the settings that would fit instead of failing with an out-of-memory mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.model import WanConfig
+from .config import ParallelConfig
+
+GIB = 1024**3
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3fn": 1}
+RESERVE_BYTES = 1 * GIB
+"""Allocator fragmentation, cuBLAS workspaces and communicator buffers."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated bytes one rank needs for one job, and whether that fits the device."""
+
+    world_size: int
+    mode: str
+    cfg_parallel: bool
+    kv_dtype: str
+    tokens_total: int
+    tokens_local: int
+    batch_per_rank: int
+    weights_bytes: int
+    activation_bytes: int
+    stale_kv_bytes: int
+    attention_bytes: int
+    reserve_bytes: int
+    device_free_bytes: int | None
+    suggestions: tuple[str, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.weights_bytes + self.activation_bytes + self.stale_kv_bytes + self.attention_bytes + self.reserve_bytes
+        )
+
+    @property
+    def fits(self) -> bool | None:
+        """``None`` when the free memory is unknown (CPU)."""
+        return None if self.device_free_bytes is None else self.total_bytes <= self.device_free_bytes
+
+    def breakdown(self) -> str:
+        """``weights .. + activations .. + stale K/V .. + attention buffers .. + reserve ..`` and the setup."""
+        return (
+            f"weights {_gib(self.weights_bytes)} + activations {_gib(self.activation_bytes)} + "
+            f"stale K/V {_gib(self.stale_kv_bytes)} + attention buffers {_gib(self.attention_bytes)} + "
+            f"reserve {_gib(self.reserve_bytes)}; {self.mode}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
+            f"{', CFG parallel' if self.cfg_parallel else ''}, {self.tokens_local:,} of {self.tokens_total:,} tokens "
+            f"per rank, batch {self.batch_per_rank}, K/V {self.kv_dtype}"
+        )
+
+    def summary(self) -> str:
+        """One line: the total per rank, the free memory it was compared with, and the parts."""
+        free = "free memory not checked" if self.device_free_bytes is None else f"{_gib(self.device_free_bytes)} free"
+        return f"{_gib(self.total_bytes)} per rank, {free} ({self.breakdown()})"
+
+
+@functools.lru_cache(maxsize=32)
+def parameter_counts(config: WanConfig) -> tuple[int, int]:
+    """(block matrix parameters, which fp8 quantization stores in one byte; all other parameters).
+
+    Counted from the shapes of ``WanModel`` (``tests/test_memory_plan.py`` checks it against the module).
+    """
+    d, f, patch = config.dim, config.ffn_dim, math.prod(config.patch_size)
+    image = config.model_type == "i2v"
+    block_matrices = 8 * d * d + 2 * d * f + (2 * d * d if image else 0)
+    block_rest = (
+        4 * d
+        + 2 * d  # self-attention biases, q/k norms
+        + 4 * d
+        + 2 * d  # cross-attention biases, q/k norms
+        + (2 * d + d if image else 0)  # image k/v biases, k norm
+        + 2 * d  # norm3 (affine)
+        + f
+        + d  # FFN biases
+        + 6 * d  # modulation
+    )
+    rest = (
+        config.in_dim * patch * d
+        + d  # patch_embedding
+        + config.text_dim * d
+        + d
+        + d * d
+        + d  # text_embedding
+        + config.freq_dim * d
+        + d
+        + d * d
+        + d  # time_embedding
+        + d * 6 * d
+        + 6 * d  # time_projection
+        + d * config.out_dim * patch
+        + config.out_dim * patch
+        + 2 * d  # head
+    )
+    if image:
+        i = config.image_dim
+        rest += 2 * i + i * i + i + i * d + d + 2 * d  # img_emb
+    return config.num_layers * block_matrices, config.num_layers * block_rest + rest
+
+
+def plan_memory(
+    config: WanConfig,
+    parallel: ParallelConfig,
+    job_shape: Sequence[int],
+    precision: str = "bf16",
+    quantization: str = "disabled",
+    device_free_bytes: int | None = None,
+    *,
+    guidance_batch: int = 2,
+    check: bool = True,
+) -> MemoryPlan:
+    """Estimate one rank's memory for latents of ``job_shape`` ``[B, C, F, H, W]``.
+
+    ``guidance_batch`` is 2 when CFG runs cond and uncond as one batch, else 1. With ``check`` and a
+    known ``device_free_bytes``, a plan that does not fit raises ``WanDistriFusionError`` naming the
+    numbers and the settings that would fit.
+    """
+    if precision not in PRECISION_BYTES:
+        raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISION_BYTES)}.")
+    plan = _estimate(config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch)
+    if check and plan.fits is False:
+        alternatives = _alternatives(
+            config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch
+        )
+        plan = dataclasses.replace(plan, suggestions=tuple(alternatives))
+        if alternatives:
+            fix = "what would fit: " + "; ".join(alternatives)
+        else:
+            fix = "none of CFG parallel, fp8 K/V buffers, the sync or ulysses mode, fp8 weights or more GPUs would fit; lower the resolution or the length"
+        raise WanDistriFusionError(
+            f"memory: this job needs about {_gib(plan.total_bytes)} per rank but the device has "
+            f"{_gib(plan.device_free_bytes)} free ({plan.breakdown()}); {fix}."
+        )
+    return plan
+
+
+def _estimate(config, parallel, shape, precision, quantization, free, guidance_batch) -> MemoryPlan:
+    batch, _, frames, height, width = shape
+    pf, ph, pw = config.patch_size
+    grid = (frames // pf, height // ph, width // pw)
+    tokens_total = math.prod(grid)
+    world = parallel.world_size
+    degree = parallel.patch_parallel_degree if world > 1 else 1
+    split_groups = 2 if parallel.cfg_parallel and world > 1 and guidance_batch == 2 else 1
+    batch_per_rank = batch * guidance_batch // split_groups
+    act = PRECISION_BYTES[precision]
+    kv = act if parallel.kv_dtype == "auto" else KV_BYTES[parallel.kv_dtype]
+    kv_name = precision if parallel.kv_dtype == "auto" else parallel.kv_dtype
+    dim, layers = config.dim, config.num_layers
+
+    tokens_local = -(-tokens_total // degree)
+    if world > 1 and parallel.mode == "displaced" and parallel.patch_overlap:
+        axis = {"spatial": grid[1], "temporal": grid[0]}.get(parallel.split_mode, grid[1])
+        halo = 2 * parallel.overlap_tokens() * (tokens_total // max(axis, 1))
+        tokens_local = min(tokens_total, tokens_local + halo)
+
+    quantizable, other = parameter_counts(config)
+    weight_bytes = quantizable * (1 if "fp8" in quantization else act) + other * act
+
+    # Live tensors of one block per local token: residual, modulated input, q/k/v and fp32 RoPE
+    # temporaries around attention (~10 x dim), or input, hidden and GELU output around the FFN.
+    per_token = max(10 * dim, 3 * dim + 2 * config.ffn_dim)
+    activation = batch_per_rank * (tokens_local * per_token + tokens_total * dim) * act  # + full-grid patch embedding
+
+    stale_kv = attention = 0
+    if world > 1:
+        if parallel.mode == "displaced":
+            stale_kv = 2 * layers * tokens_total * dim * kv * batch_per_rank
+            attention = batch_per_rank * (2 * tokens_total * dim * act + 2 * tokens_local * dim * kv)
+        elif parallel.mode == "sync":
+            attention = batch_per_rank * 2 * tokens_total * dim * (act + kv)
+        else:  # ulysses: q, k, v, out head-split over the full sequence, send and receive side
+            attention = batch_per_rank * 8 * tokens_total * dim * act // degree
+    return MemoryPlan(
+        world_size=world,
+        mode=parallel.mode if world > 1 else "single GPU",
+        cfg_parallel=parallel.cfg_parallel and world > 1,
+        kv_dtype=kv_name,
+        tokens_total=tokens_total,
+        tokens_local=tokens_local,
+        batch_per_rank=batch_per_rank,
+        weights_bytes=weight_bytes,
+        activation_bytes=activation,
+        stale_kv_bytes=stale_kv,
+        attention_bytes=attention,
+        reserve_bytes=RESERVE_BYTES,
+        device_free_bytes=free,
+    )
+
+
+def _alternatives(config, parallel, shape, precision, quantization, free, guidance_batch) -> list[str]:
+    """The settings (one change, or fp8 K/V with CFG parallel) under which the job would fit."""
+    world = parallel.world_size
+    candidates: list[tuple[str, ParallelConfig, str]] = []
+    fp8_kv = parallel.mode == "displaced" and world > 1 and parallel.kv_dtype != "fp8_e4m3fn"
+    cfg_split = guidance_batch == 2 and world > 1 and world % 2 == 0 and not parallel.cfg_parallel
+    if fp8_kv:
+        candidates.append(
+            ("K/V buffer dtype fp8_e4m3fn", dataclasses.replace(parallel, kv_dtype="fp8_e4m3fn"), quantization)
+        )
+    if cfg_split:
+        candidates.append(("CFG parallel", dataclasses.replace(parallel, cfg_parallel=True), quantization))
+    if fp8_kv and cfg_split:
+        candidates.append(
+            (
+                "fp8_e4m3fn K/V + CFG parallel",
+                dataclasses.replace(parallel, kv_dtype="fp8_e4m3fn", cfg_parallel=True),
+                quantization,
+            )
+        )
+    if world > 1:
+        for mode in ("sync", "ulysses"):
+            degree = parallel.patch_parallel_degree
+            if mode != parallel.mode and (mode != "ulysses" or config.num_heads % degree == 0):
+                candidates.append((f"{mode} mode", dataclasses.replace(parallel, mode=mode), quantization))
+    if "fp8" not in quantization:
+        candidates.append(("quantization fp8_e4m3fn", parallel, "fp8_e4m3fn"))
+    found = []
+    for label, option, quant in candidates:
+        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch)
+        if plan.fits:
+            found.append(f"{label} ({_gib(plan.total_bytes)} per rank)")
+    modes = [parallel.mode] if world > 1 else ["ulysses", "sync", "displaced"]  # one rank has no mode yet
+    for more in range(world + 1, 65):
+        fitting = None
+        for mode in modes:
+            option = dataclasses.replace(parallel, world_size=more, mode=mode)
+            if (
+                option.cfg_parallel
+                and more % 2
+                or mode == "ulysses"
+                and config.num_heads % option.patch_parallel_degree
+            ):
+                continue
+            plan = _estimate(config, option, shape, precision, quantization, free, guidance_batch)
+            if plan.fits:
+                fitting = (mode, plan)
+                break
+        if fitting:
+            mode, plan = fitting
+            found.append(f"{more} GPUs in the {mode} mode ({_gib(plan.total_bytes)} per rank)")
+            break
+    return found
+
+
+def _gib(value: int) -> str:
+    if value < GIB // 10:
+        return f"{value / 1024**2:.1f} MiB"
+    return f"{value / GIB:.1f} GiB"

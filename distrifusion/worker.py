@@ -1,0 +1,561 @@
+"""One rank of a worker group: joins the process group, loads the weights itself, serves jobs.
+
+Runs in a process started by ``worker_main.py`` (the controller never imports the worker loop at
+ComfyUI start-up). Two channels:
+
+- the **rendezvous store** (torch ``TCPStore`` at ``MASTER_ADDR:MASTER_PORT``, hosted by the
+  controller of rank 0): group settings (``group``), numbered commands ``cmd/<n>`` (a job or a
+  shutdown) that *every* rank reads, local or on another host, and ``ready/<rank>`` /
+  ``error/<rank>`` reports. The store is not authenticated, so its payloads are JSON + safetensors,
+  never pickle. A rank that loses the store (controller gone) exits.
+- the **control connection** (local ranks only; ``multiprocessing.connection`` with a random
+  authkey from the environment): pickled dicts. Worker -> controller: ``hello``, ``ready``,
+  ``progress`` (rank 0, every step), ``result`` (rank 0), ``cancelled``, ``error``. Controller ->
+  worker: ``cancel`` (rank 0), ``shutdown``. EOF means the controller died.
+
+Every step each rank all-gathers ``[cancel flag, memory in use, peak memory]``; a set flag anywhere
+stops every rank after the same step, so the collectives stay matched and the group is reusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import platform
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Client, Connection
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.loading import PRECISIONS, load_wan_model
+from .config import ParallelConfig
+from .job import GenerationJob
+
+logger = logging.getLogger(__name__)
+
+AUTHKEY_ENV = "WAN_DISTRIFUSION_AUTHKEY"
+"""Environment variable that carries the control connection's authkey (hex) to local workers."""
+STORE_PREFIX = "wan_distrifusion/"
+PG_STORE_PREFIX = "process_group/"
+STORE_CHUNK_BYTES = 4 << 20
+"""TCPStore refuses values over 8 MiB; larger payloads are split into chunks."""
+POLL_S = 0.05
+STORE_WATCH_S = 1.0
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONTROLLER_GONE = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Payloads in the store: a JSON header plus safetensors, never pickle.
+
+
+def encode_payload(header: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """``header`` (JSON) + ``tensors`` (safetensors) as one byte string."""
+    head = json.dumps(header).encode()
+    body = b""
+    if tensors:
+        body = save_tensors({name: t.detach().to("cpu").clone().contiguous() for name, t in tensors.items()})
+    return struct.pack("<Q", len(head)) + head + body
+
+
+def decode_payload(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    body = data[8 + size :]
+    return header, (load_tensors(body) if body else {})
+
+
+def encode_job(job_id: int, job: GenerationJob) -> bytes:
+    """A job as a store payload: tensor fields (and tensors in ``extra``) by value, the rest as JSON."""
+    fields, tensors, extra = {}, {}, {}
+    for field in dataclasses.fields(job):
+        value = getattr(job, field.name)
+        if field.name == "extra":
+            for key, item in value.items():
+                if isinstance(item, torch.Tensor):
+                    tensors[f"extra.{key}"] = item
+                else:
+                    extra[key] = _json_value(f"job.extra[{key!r}]", item)
+        elif isinstance(value, torch.Tensor):
+            tensors[field.name] = value
+        else:
+            fields[field.name] = _json_value(f"job.{field.name}", value)
+    return encode_payload({"type": "job", "id": job_id, "fields": fields, "extra": extra}, tensors)
+
+
+def decode_job(header: dict, tensors: dict[str, torch.Tensor]) -> GenerationJob:
+    kwargs = dict(header["fields"])
+    extra = dict(header.get("extra", {}))
+    for name, tensor in tensors.items():
+        if name.startswith("extra."):
+            extra[name[len("extra.") :]] = tensor
+        else:
+            kwargs[name] = tensor
+    return GenerationJob(**kwargs, extra=extra)
+
+
+def _json_value(name: str, value):
+    try:
+        json.dumps(value)
+    except TypeError as error:
+        raise WanDistriFusionError(
+            f"{name}: {type(value).__name__} cannot be sent to the workers; use tensors, numbers, strings, lists or dicts."
+        ) from error
+    return value
+
+
+def store_put(store, key: str, data: bytes) -> None:
+    """Write ``data`` under ``key`` in chunks; ``key`` itself (the chunk count) is written last."""
+    chunks = [data[i : i + STORE_CHUNK_BYTES] for i in range(0, len(data), STORE_CHUNK_BYTES)] or [b""]
+    for index, chunk in enumerate(chunks):
+        store.set(f"{key}/{index}", chunk)
+    store.set(key, str(len(chunks)))
+
+
+def store_take(store, key: str) -> bytes:
+    count = int(store.get(key))
+    return b"".join(store.get(f"{key}/{index}") for index in range(count))
+
+
+def store_drop(store, key: str) -> None:
+    if not store.check([key]):
+        return
+    count = int(store.get(key))
+    store.delete_key(key)
+    for index in range(count):
+        store.delete_key(f"{key}/{index}")
+
+
+def connect_store(host: str, port: int, *, is_master: bool, timeout_s: float):
+    """The raw TCPStore (controller: ``is_master``) and our prefixed view of it."""
+    raw = dist.TCPStore(host, port, None, is_master, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return raw, dist.PrefixStore(STORE_PREFIX, raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device facts, also used by the in-process runner.
+
+
+def resolve_device(kind: str, local_index: int = 0) -> torch.device:
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise WanDistriFusionError(
+            "device: CUDA is not available in this Python; choose device cpu or install a CUDA build of torch."
+        )
+    count = torch.cuda.device_count()
+    if local_index >= count:
+        raise WanDistriFusionError(
+            f"GPUs: local rank {local_index} needs GPU {local_index} but only {count} are visible; lower GPUs/world size."
+        )
+    return torch.device("cuda", local_index)
+
+
+def memory_in_use(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def memory_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+    except ImportError:  # Windows
+        return memory_in_use(device)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of the device (CPU: available and total system memory)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.available), int(vm.total)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "CPU"
+
+
+class StopAtStep(Exception):
+    """Raised inside the sampler's step callback when the ranks agreed to cancel."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(f"cancelled after step {step} of {total}")
+        self.step, self.total = step, total
+
+
+def find_in_chain(error: BaseException, kind: type) -> BaseException | None:
+    """``error`` or the first exception of type ``kind`` it was raised from (samplers may wrap errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def describe_error(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker process.
+
+
+class _Worker:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rank = args.rank
+        self.world_size = args.world_size
+        self.conn: Connection | None = None
+        self.store = None
+        self.raw_store = None
+        self.model = None
+        self.device = torch.device("cpu")
+        self.parallel: ParallelConfig | None = None
+        self.backend = "none"
+
+    # -- channels ------------------------------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            logger.warning("controller connection lost; exiting")
+            os._exit(EXIT_CONTROLLER_GONE)
+
+    def report_error(self, error: BaseException, phase: str, step: int | None = None, total: int | None = None) -> None:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        logger.error("rank %d failed %s:\n%s", self.rank, phase, text)
+        report = {
+            "type": "error",
+            "rank": self.rank,
+            "phase": phase,
+            "step": step,
+            "total": total,
+            "error": describe_error(error),
+            "traceback": text[-4000:],
+            "user_error": isinstance(error, WanDistriFusionError),
+            "out_of_memory": "out of memory" in str(error).lower(),
+        }
+        if self.store is not None:  # first: ``send`` ends the process when the controller is gone
+            try:
+                self.store.set(f"error/{self.rank}", json.dumps(report))
+            except Exception:  # the store may be what failed
+                pass
+        self.send(report)
+
+    def watch_parent(self) -> None:
+        """Exit when the controller process dies (our parent; reparenting changes getppid)."""
+        parent = self.args.parent_pid
+
+        def loop() -> None:
+            import psutil
+
+            while True:
+                gone = os.getppid() != parent if os.name == "posix" else not psutil.pid_exists(parent)
+                if gone:
+                    os._exit(EXIT_CONTROLLER_GONE)
+                time.sleep(0.5)
+
+        threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+    def watch_store(self) -> None:
+        """Exit when the rendezvous store (the controller of rank 0) goes away, even mid-collective."""
+        raw, store = connect_store(self.args.master_addr, self.args.master_port, is_master=False, timeout_s=30)
+
+        def loop() -> None:
+            while True:
+                time.sleep(STORE_WATCH_S)
+                try:
+                    store.check(["group"])
+                except Exception:
+                    logger.warning(
+                        "rendezvous store at %s:%d is gone; exiting", self.args.master_addr, self.args.master_port
+                    )
+                    os._exit(EXIT_CONTROLLER_GONE)
+
+        threading.Thread(target=loop, name="store-watch", daemon=True).start()
+        self._watch_store = raw  # keep the connection open
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        args = self.args
+        try:
+            self.raw_store, self.store = connect_store(
+                args.master_addr, args.master_port, is_master=False, timeout_s=args.start_timeout
+            )
+        except dist.DistError as error:
+            raise WanDistriFusionError(
+                f"master address: cannot reach the rendezvous at {args.master_addr}:{args.master_port} within "
+                f"{args.start_timeout:.0f} s ({describe_error(error).splitlines()[0]}); start the controller first "
+                "(ComfyUI's Loader or `cli.py generate`) and check the address, port and firewall."
+            ) from error
+        if self.store.add(f"claim/{self.rank}", 1) != 1:
+            raise WanDistriFusionError(
+                f"rank: rank {self.rank} was already started by another worker; give each `cli.py worker` its own --rank."
+            )
+        settings = json.loads(self.store.get("group"))
+        if settings["world_size"] != self.world_size:
+            raise WanDistriFusionError(
+                f"world size: this worker was started with --world-size {self.world_size} but the controller runs "
+                f"{settings['world_size']}; use the same world size everywhere."
+            )
+        self.watch_store()
+        self.parallel = ParallelConfig(**settings["parallel"]).validate()
+        self.device = resolve_device(args.device, args.local_index)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        free_before, total_memory = device_memory(self.device)
+
+        if self.world_size > 1:
+            self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                self.backend,
+                store=dist.PrefixStore(PG_STORE_PREFIX, self.raw_store),
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timedelta(seconds=settings["collective_timeout_s"]),
+            )
+
+        began = time.perf_counter()
+        self.model = load_wan_model(
+            args.model,
+            dtype=PRECISIONS[settings["precision"]],
+            quantization=settings["quantization"],
+            device=self.device,
+        )
+        self.model.eval()
+        ready = {
+            "type": "ready",
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+            "memory_bytes": memory_in_use(self.device),
+            "free_before_load": free_before,
+            "total_memory": total_memory,
+            "model_config": dataclasses.asdict(self.model.config),
+            "comm_backend": self.backend,
+            "load_seconds": time.perf_counter() - began,
+        }
+        self.store.set(f"ready/{self.rank}", json.dumps(ready))
+        self.send(ready)
+        logger.info(
+            "rank %d ready on %s (%s) in %.1f s", self.rank, self.device, ready["device_name"], ready["load_seconds"]
+        )
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def next_command(self, number: int) -> tuple[dict, dict] | None:
+        """Block until command ``number`` is in the store; ``None`` when the controller is gone."""
+        key = f"cmd/{number}"
+        while True:
+            try:
+                if self.store.check([key]):
+                    return decode_payload(store_take(self.store, key))
+            except dist.DistError:
+                return None
+            while self.conn is not None and self.conn.poll(0):
+                try:
+                    message = pickle.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    return None
+                if message.get("type") == "shutdown":
+                    return {"type": "shutdown"}, {}
+            time.sleep(POLL_S)
+
+    def serve(self) -> int:
+        number = 1
+        while True:
+            command = self.next_command(number)
+            if command is None:
+                logger.info("controller gone; exiting")
+                return EXIT_CONTROLLER_GONE
+            header, tensors = command
+            if header["type"] == "shutdown":
+                logger.info("shutting down")
+                return EXIT_OK
+            if header["type"] == "job":
+                if not self.run_job(header, tensors):
+                    return EXIT_FAILED
+            number += 1
+
+    def cancel_requested(self, job_id: int) -> bool:
+        requested = False
+        while self.conn is not None and self.conn.poll(0):
+            try:
+                message = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return True  # controller gone: stop with everyone, the watchers end the process
+            if message.get("type") in ("cancel", "shutdown") and message.get("job", job_id) == job_id:
+                requested = True
+        return requested
+
+    def run_job(self, header: dict, tensors: dict) -> bool:
+        """Run one job; False when it failed (the controller stops the group)."""
+        from .rank import run_job
+
+        job_id = header["id"]
+        state = {"step": 0, "total": header["fields"].get("steps", 0), "last": time.perf_counter()}
+        began = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        def on_step(step: int, total: int, x) -> None:
+            flags = torch.tensor(
+                [float(self.cancel_requested(job_id)), memory_in_use(self.device), memory_peak(self.device)],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            if self.world_size > 1:
+                rows = [torch.empty_like(flags) for _ in range(self.world_size)]
+                dist.all_gather(rows, flags)
+                table = torch.stack(rows).cpu().tolist()
+            else:
+                table = [flags.cpu().tolist()]
+            now = time.perf_counter()
+            seconds, state["last"] = now - state["last"], now
+            state["step"], state["total"] = step + 1, total
+            if self.rank == 0:
+                self.send(
+                    {
+                        "type": "progress",
+                        "job": job_id,
+                        "step": step + 1,
+                        "total": total,
+                        "seconds_per_step": seconds,
+                        "memory_per_rank": [int(row[1]) for row in table],
+                        "peak_per_rank": [int(row[2]) for row in table],
+                    }
+                )
+            if any(row[0] > 0 for row in table):
+                raise StopAtStep(step + 1, total)
+
+        try:
+            job = decode_job(header, tensors)
+            latent = run_job(self.model, self.parallel, self.rank, self.device, job, on_step)
+        except BaseException as error:  # everything goes back to the controller
+            stop = find_in_chain(error, StopAtStep)
+            if stop is not None:
+                logger.info("job %d cancelled after step %d of %d", job_id, stop.step, stop.total)
+                self.send(
+                    {"type": "cancelled", "job": job_id, "rank": self.rank, "step": stop.step, "total": stop.total}
+                )
+                return True
+            self.report_error(error, "job", state["step"] + 1, state["total"])
+            return False
+        if self.rank == 0:
+            from .rank import last_stats
+
+            self.send(
+                {
+                    "type": "result",
+                    "stats": last_stats(self.model),
+                    "job": job_id,
+                    "latent": latent.detach().to("cpu"),
+                    "seconds": time.perf_counter() - began,
+                }
+            )
+        return True
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="worker_main.py", description="One rank of a WanVideo DistriFusion worker group."
+    )
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--local-index", type=int, default=0, help="GPU index on this host")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--master-addr", required=True)
+    parser.add_argument("--master-port", type=int, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--control", default=None, help="HOST:PORT of the controller's connection (local ranks)")
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--pdeathsig", action="store_true", help="Linux: get SIGKILL when the parent dies")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    parser.add_argument("--start-timeout", type=float, default=600.0)
+    return parser.parse_args(argv)
+
+
+def _set_parent_death_signal(parent_pid: int | None) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(EXIT_CONTROLLER_GONE)  # the parent died before prctl took effect
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one rank until shutdown, failure or the controller's death; the process exit code."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s rank {args.rank} %(levelname)s %(name)s: %(message)s",
+    )
+    worker = _Worker(args)
+    if args.pdeathsig:
+        _set_parent_death_signal(args.parent_pid)
+    if args.parent_pid is not None:
+        worker.watch_parent()
+    if args.control:
+        host, port = args.control.rsplit(":", 1)
+        worker.conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
+        worker.send({"type": "hello", "rank": args.rank, "pid": os.getpid()})
+    try:
+        worker.start()
+    except BaseException as error:  # reported, then the process ends
+        worker.report_error(error, "start")
+        return EXIT_FAILED
+    try:
+        code = worker.serve()
+    except BaseException as error:
+        worker.report_error(error, "serve")
+        return EXIT_FAILED
+    if code == EXIT_OK and dist.is_initialized():
+        dist.destroy_process_group()
+    logger.info("exiting (%d)", code)
+    return code

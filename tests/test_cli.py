@@ -1,0 +1,186 @@
+"""``cli.py`` end to end: generate at world size 2 against the in-process API, flag errors, the tiny model, remote ranks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
+from wan_distrifusion.distrifusion.config import ParallelConfig
+from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+SETTINGS = dict(width=64, height=48, length=5, steps=3, cfg=4.0, shift=3.0, seed=5, sampler="euler")
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python cli.py ...`` as a user runs it: a script, from an unrelated working directory."""
+    return subprocess.run([sys.executable, str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def flags(settings: dict) -> list[str]:
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    checkpoint = write_checkpoint(folder / "tiny.safetensors", random_model(tiny_config(), seed=4))
+    generator = torch.Generator().manual_seed(2)
+    context = {
+        "positive": torch.randn(1, 6, 32, generator=generator),
+        "negative": torch.randn(1, 6, 32, generator=generator),
+    }
+    save_file(context, str(folder / "context.safetensors"))
+    return checkpoint, folder / "context.safetensors", context
+
+
+def in_process(checkpoint: Path, context: dict) -> torch.Tensor:
+    runner = start_runtime(checkpoint, device="cpu")
+    try:
+        return runner.run(GenerationJob(positive=context["positive"], negative=context["negative"], **SETTINGS))
+    finally:
+        runner.close()
+
+
+def test_generate_at_world_size_two_equals_the_in_process_api(files, tmp_path):
+    checkpoint, context_file, context = files
+    out = tmp_path / "out" / "latent.safetensors"
+    result = run_cli(
+        "generate",
+        "--model",
+        str(checkpoint),
+        "--context",
+        str(context_file),
+        *flags(SETTINGS),
+        "--world-size",
+        "2",
+        "--mode",
+        "sync",
+        "--patch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    latent = load_file(str(out))["latent"]
+    assert relative_error(latent, in_process(checkpoint, context)) < 1e-5
+    assert "3/3" in result.stderr  # tqdm's per-step bar
+    assert "wrote latent [1, 4, 2, 6, 8]" in result.stdout and "total" in result.stdout and "comm gloo" in result.stdout
+    with safe_open(str(out), "pt") as handle:
+        assert '"seed": 5' in handle.metadata()["settings"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [(["--length", "80"], "length"), (["--mode", "fast"], "parallel mode")],
+)
+def test_a_bad_setting_exits_non_zero_naming_it(bad, named, tmp_path):
+    result = run_cli(
+        "generate", "--device", "cpu", *bad, "--out", str(tmp_path / "x.safetensors"), cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {named}:"), result.stderr
+    assert "starting" not in result.stdout and not (tmp_path / "x.safetensors").exists()
+
+
+def test_without_model_builds_a_tiny_random_wan_and_says_so(tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    result = run_cli(
+        "generate",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--length",
+        "1",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "no --model given: built a tiny random Wan (2 layers, dim 64) — output is noise, this only shows the pipeline"
+        in result.stdout
+    )
+    assert "no --context given: seeded random text context" in result.stdout
+    assert list(load_file(str(out))["latent"].shape) == [1, 16, 1, 4, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_worker_serves_a_rank_of_a_group_led_elsewhere(files, tmp_path):
+    """Rank 1 joins as `cli.py worker` (the multi-host command) and gets its jobs through the rendezvous."""
+    checkpoint, _, context = files
+    port = _free_port()
+    remote = subprocess.Popen(
+        [
+            sys.executable,
+            str(CLI),
+            "worker",
+            "--rank",
+            "1",
+            "--world-size",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--once",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    leader = WorkerGroup(
+        checkpoint,
+        parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16),
+        device="cpu",
+        local_ranks=1,
+        master_port=port,
+        start_timeout_s=120,
+    )
+    try:
+        leader.start()
+        status = leader.status()
+        assert [r["local"] for r in status["ranks"]] == [True, False]
+        assert status["ranks"][1]["ready"] and status["ranks"][1]["pid"]
+        job = GenerationJob(positive=context["positive"], negative=context["negative"], **SETTINGS)
+        events = []
+        latent = leader.run(job, progress=events.append)
+        assert relative_error(latent, in_process(checkpoint, context)) < 1e-5
+        assert len(events) == 3 and len(events[-1].memory_per_rank) == 2
+    finally:
+        leader.close()
+    began = time.monotonic()
+    output, _ = remote.communicate(timeout=30)
+    assert remote.returncode == 0, output
+    assert time.monotonic() - began < 15
+    assert "joined the group" in output and "the group ended" in output

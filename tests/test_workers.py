@@ -1,0 +1,314 @@
+"""Worker lifecycle on CPU/gloo with a tiny Wan: results, progress, cancel, failures, parent death, import name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
+from wan_distrifusion.distrifusion import bootstrap
+from wan_distrifusion.distrifusion.config import ParallelConfig
+from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.worker import decode_job, decode_payload, encode_job
+from wan_distrifusion.distrifusion.workers import (
+    InProcessRunner,
+    JobCancelled,
+    WorkerFailed,
+    WorkerGroup,
+    start_runtime,
+)
+from wan_distrifusion.wanvideo.errors import WanDistriFusionError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAILURE_BOUND_S = 30.0
+
+pytestmark = pytest.mark.slow
+
+
+def make_job(steps: int = 3, seed: int = 7) -> GenerationJob:
+    generator = torch.Generator().manual_seed(11)
+    return GenerationJob(
+        positive=torch.randn(1, 8, 32, generator=generator),
+        negative=torch.randn(1, 8, 32, generator=generator),
+        width=64,
+        height=48,  # 3 token rows over 2 ranks: an uneven split
+        length=5,
+        steps=steps,
+        cfg=5.0,
+        seed=seed,
+        sampler="euler",
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("wan") / "tiny.safetensors", random_model(tiny_config(), seed=3))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> torch.Tensor:
+    runner = start_runtime(checkpoint, device="cpu")
+    assert isinstance(runner, InProcessRunner)
+    try:
+        return runner.run(make_job())
+    finally:
+        runner.close()
+
+
+@pytest.fixture(scope="module")
+def group(checkpoint):
+    parallel = ParallelConfig(world_size=2, mode="sync", patch_size=16)
+    group = WorkerGroup(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120)
+    group.start()
+    yield group
+    pids = [pid for pid in group.status()["pids"] if pid]
+    group.close()
+    _assert_gone(pids)
+
+
+def _assert_gone(pids, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _alive(pid)]
+        time.sleep(0.1)
+    assert not alive, f"worker processes left behind: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_group_of_two_equals_in_process_and_reports_every_step(group, reference):
+    events = []
+    latent = group.run(make_job(), progress=events.append)
+    assert relative_error(latent, reference) < 1e-5
+    assert [event.step for event in events] == [1, 2, 3]
+    assert all(event.total == 3 and len(event.memory_per_rank) == 2 for event in events)
+    assert all(memory > 0 for event in events for memory in event.memory_per_rank)
+    assert all(event.seconds_per_step > 0 for event in events)
+    status = group.status()
+    assert status["alive"] and status["world_size"] == 2 and status["comm_backend"] == "gloo"
+    assert len(status["pids"]) == 2 and all(_alive(pid) for pid in status["pids"])
+    assert status["current_step"] == 3 and status["last_error"] is None
+    json.dumps(status)  # the Status node serves it as JSON
+
+
+def test_cancel_stops_every_rank_at_the_same_step_and_the_group_is_reusable(group, reference):
+    events = []
+    with pytest.raises(JobCancelled) as caught:
+        group.run(make_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
+    cancel = caught.value
+    assert 2 <= cancel.step < 200
+    assert cancel.stopped_steps == {0: cancel.step, 1: cancel.step}
+    assert events[-1].step == cancel.step
+    assert group.alive
+    assert relative_error(group.run(make_job()), reference) < 1e-5
+
+
+def test_exception_in_progress_cancels_all_ranks_then_propagates(group, reference):
+    class Interrupted(Exception):
+        pass
+
+    def progress(event):
+        if event.step == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        group.run(make_job(steps=200), progress=progress)
+    assert group.alive
+    assert relative_error(group.run(make_job()), reference) < 1e-5
+
+
+def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(group, reference):
+    old_pids = group.status()["pids"]
+    killed_at = []
+
+    def progress(event):
+        if event.step == 2 and not killed_at:
+            os.kill(old_pids[1], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    with pytest.raises(WorkerFailed) as caught:
+        group.run(make_job(steps=200), progress=progress)
+    elapsed = time.monotonic() - killed_at[0]
+    assert elapsed < FAILURE_BOUND_S
+    message = str(caught.value)
+    assert "rank 1 exited with signal 9" in message and "during step" in message and "run again" in message
+    assert caught.value.rank == 1
+    assert not group.alive
+    _assert_gone(old_pids)
+    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+    latent = group.run(make_job())  # starts a fresh group
+    assert relative_error(latent, reference) < 1e-5
+    assert set(group.status()["pids"]).isdisjoint(old_pids)
+
+
+def test_hung_worker_fails_the_job_after_the_step_timeout(group):
+    pids = group.status()["pids"]
+    group.step_timeout_s = 3.0
+    stopped = []
+
+    def progress(event):
+        if event.step == 1 and not stopped:
+            os.kill(pids[1], signal.SIGSTOP)  # alive but making no progress
+            stopped.append(time.monotonic())
+
+    try:
+        with pytest.raises(WorkerFailed, match="no progress from the workers for step_timeout_s = 3 s"):
+            group.run(make_job(steps=200), progress=progress)
+        assert time.monotonic() - stopped[0] < 3.0 + 10.0
+    finally:
+        group.step_timeout_s = 30.0
+    _assert_gone(pids)
+
+
+def test_worker_error_comes_back_with_its_traceback(group, checkpoint):
+    job = make_job()
+    job.extra["model_kwargs"] = {"no_such_argument": 1}  # every rank's model call raises TypeError
+    with pytest.raises(WorkerFailed) as caught:
+        group.run(job)
+    message = str(caught.value)
+    assert "failed during step 1 of 3" in message and "TypeError" in message and "traceback" in message
+
+
+def test_close_is_idempotent_and_leaves_no_process(checkpoint, reference):
+    group = WorkerGroup(
+        checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu", start_timeout_s=120
+    )
+    with group:
+        assert relative_error(group.run(make_job()), reference) < 1e-5
+        pids = group.status()["pids"]
+    group.close()
+    assert not group.alive
+    _assert_gone(pids, within=1.0)
+
+
+def test_in_process_runner_cancels_at_the_step(checkpoint, reference):
+    runner = start_runtime(checkpoint, device="cpu")
+    events = []
+    with pytest.raises(JobCancelled) as caught:
+        runner.run(make_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
+    assert caught.value.step == 2
+    assert relative_error(runner.run(make_job()), reference) < 1e-5
+    assert runner.status()["world_size"] == 1
+    runner.close()
+    runner.close()
+
+
+CONTROLLER = """
+import importlib, importlib.util, json, sys, time
+from pathlib import Path
+import torch
+root = Path(sys.argv[1])
+name = "ComfyUI-WanVideo-DistriFusion"  # how ComfyUI imports the pack: its hyphenated folder name
+spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+package = importlib.util.module_from_spec(spec)
+sys.modules[name] = package
+spec.loader.exec_module(package)
+workers = importlib.import_module(name + ".distrifusion.workers")
+config = importlib.import_module(name + ".distrifusion.config")
+job_module = importlib.import_module(name + ".distrifusion.job")
+group = workers.WorkerGroup(sys.argv[2], parallel=config.ParallelConfig(world_size=2, mode="sync", patch_size=16),
+                            device="cpu", start_timeout_s=120)
+group.start()
+job = job_module.GenerationJob(positive=torch.randn(1, 8, 32), negative=None, width=32, height=32, length=1, steps=2)
+latent = group.run(job)
+print(json.dumps({"pids": group.status()["pids"], "shape": list(latent.shape),
+                  "alias_loaded": "wan_distrifusion" in sys.modules}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def hyphenated_controller(tmp_path_factory, checkpoint):
+    script = tmp_path_factory.mktemp("controller") / "controller.py"
+    script.write_text(textwrap.dedent(CONTROLLER))
+    log = script.with_suffix(".log")
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(REPO_ROOT), str(checkpoint)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=script.parent,
+        )
+    line = process.stdout.readline()
+    if not line:
+        process.kill()
+        pytest.fail(f"controller failed: {log.read_text()[-3000:]}")
+    info = json.loads(line)
+    yield process, info
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for pid in info["pids"]:  # leftovers of a failed test, by the ids the controller reported
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_pack_imported_under_a_hyphenated_name_starts_workers(hyphenated_controller):
+    _, info = hyphenated_controller
+    assert info["shape"] == [1, 4, 1, 4, 4]
+    assert not info["alias_loaded"]  # the controller never needed our alias; only the workers use it
+    assert len(info["pids"]) == 2
+
+
+def test_workers_exit_when_the_controller_dies(hyphenated_controller):
+    process, info = hyphenated_controller
+    assert all(_alive(pid) for pid in info["pids"])
+    process.kill()
+    process.wait()
+    _assert_gone(info["pids"], within=10.0)
+
+
+def test_job_payload_round_trips_without_pickle():
+    job = make_job()
+    job.latent = torch.randn(1, 4, 2, 6, 8)
+    job.extra = {"clip_fea": torch.randn(1, 3, 5), "note": {"a": [1, 2]}}
+    header, tensors = decode_payload(encode_job(5, job))
+    assert header["id"] == 5
+    back = decode_job(header, tensors)
+    assert torch.equal(back.positive, job.positive) and torch.equal(back.latent, job.latent)
+    assert torch.equal(back.extra["clip_fea"], job.extra["clip_fea"]) and back.extra["note"] == {"a": [1, 2]}
+    assert (back.steps, back.seed, back.sampler) == (job.steps, job.seed, job.sampler)
+    job.negative = None
+    assert decode_job(*decode_payload(encode_job(6, job))).negative is None
+    job.extra = {"callback": print}
+    with pytest.raises(WanDistriFusionError, match=r"job.extra\['callback'\]"):
+        encode_job(7, job)
+
+
+def test_group_settings_are_checked_before_anything_starts(checkpoint, tmp_path):
+    with pytest.raises(WanDistriFusionError, match="model"):
+        WorkerGroup(tmp_path / "missing.safetensors", parallel=ParallelConfig(world_size=2), device="cpu")
+    with pytest.raises(WanDistriFusionError, match="precision"):
+        WorkerGroup(checkpoint, precision="fp64", parallel=ParallelConfig(world_size=2), device="cpu")
+    with pytest.raises(WanDistriFusionError, match="GPUs"):
+        WorkerGroup(checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", local_ranks=3)
+    follower = WorkerGroup(
+        checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", first_rank=1, master_port=29999
+    )
+    with pytest.raises(WanDistriFusionError, match="rank 0"):
+        follower.run(make_job())
+
+
+def test_bootstrap_registers_the_alias_once(tmp_path):
+    package = bootstrap.register_package()
+    assert package is sys.modules[bootstrap.PACKAGE_ALIAS]
+    assert bootstrap.register_package() is package
+    with pytest.raises(ImportError, match="already taken"):
+        bootstrap.register_package(bootstrap.PACKAGE_ALIAS, tmp_path)
