@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sync-frequency", type=int, default=0, help="displaced: every k-th step exact (0 = never)")
     gen.add_argument("--patch-size", type=int, default=64, help="partition granularity in pixels (default 64)")
     gen.add_argument("--patch-overlap", type=int, default=0, help="displaced: fresh halo in pixels (default 0)")
+    gen.add_argument(
+        "--attention-backend", default="auto", help="auto (FlashAttention-4 when installed), sdpa, flash4, flash3, sage"
+    )
+    gen.add_argument("--compile", action="store_true", help="torch.compile the blocks around attention")
     gen.add_argument("--kv-dtype", default="auto", help="stale K/V buffers: auto, bf16, fp16, fp32, fp8_e4m3fn")
     gen.add_argument("--comm-backend", default="auto", help="auto, builtin or official")
     gen.add_argument(
@@ -192,6 +196,8 @@ def generate(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         kv_dtype=args.kv_dtype,
         comm_backend=args.comm_backend,
+        attention_backend=args.attention_backend,
+        compile_blocks=args.compile,
     ).validate()
     placeholder = torch.zeros(1, 1, 1)
     job = job_module.GenerationJob(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..wanvideo.attention import ATTENTION_BACKENDS
 from ..wanvideo.errors import WanDistriFusionError
 
 SPLIT_MODES = ("spatial", "temporal", "spatiotemporal")
@@ -29,6 +30,10 @@ class ParallelConfig:
     warmup_steps: int = 4
     kv_dtype: str = "auto"
     comm_backend: str = "auto"
+    attention_backend: str = "auto"
+    """Kernel for attention (``wanvideo.attention.ATTENTION_BACKENDS``); auto = FlashAttention-4 when installed."""
+    compile_blocks: bool = False
+    """``torch.compile`` the blocks around attention (first step slower, later steps faster)."""
 
     def validate(self) -> ParallelConfig:
         """Raise ``WanDistriFusionError`` naming the first setting that cannot work; return self."""
@@ -55,6 +60,9 @@ class ParallelConfig:
             _fail("K/V buffer dtype", f"{self.kv_dtype!r} is unknown", f"choose one of {', '.join(KV_DTYPES)}")
         if self.comm_backend not in COMM_BACKENDS:
             _fail("comm backend", f"{self.comm_backend!r} is unknown", f"choose one of {', '.join(COMM_BACKENDS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            _fail("attention backend", f"{self.attention_backend!r} is unknown",
+                  f"choose one of {', '.join(ATTENTION_BACKENDS)}")
         if self.cfg_parallel and self.world_size % 2:
             _fail("CFG parallel", f"needs an even world size, got {self.world_size}",
                   "use an even number of GPUs or turn CFG parallel off")

@@ -198,6 +198,18 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     return int(vm.available), int(vm.total)
 
 
+def load_rank_model(
+    path: str, precision: str, quantization: str, device: torch.device, parallel: ParallelConfig
+) -> torch.nn.Module:
+    """Load the weights from the file on this rank's device, with the group's attention kernel and compile setting."""
+    model = load_wan_model(path, dtype=PRECISIONS[precision], quantization=quantization, device=device)
+    model.eval()
+    model.set_attention_backend(parallel.attention_backend)
+    if parallel.compile_blocks:
+        model.compile_blocks()
+    return model
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -353,13 +365,9 @@ class _Worker:
             )
 
         began = time.perf_counter()
-        self.model = load_wan_model(
-            args.model,
-            dtype=PRECISIONS[settings["precision"]],
-            quantization=settings["quantization"],
-            device=self.device,
+        self.model = load_rank_model(
+            args.model, settings["precision"], settings["quantization"], self.device, self.parallel
         )
-        self.model.eval()
         ready = {
             "type": "ready",
             "rank": self.rank,

@@ -51,6 +51,7 @@ from .worker import (
     encode_job,
     encode_payload,
     find_in_chain,
+    load_rank_model,
     memory_in_use,
     memory_peak,
     resolve_device,
@@ -958,15 +959,10 @@ class InProcessRunner:
     def start(self) -> InProcessRunner:
         if self._model is not None:
             return self
-        from ..wanvideo.loading import load_wan_model
-
         index = torch.cuda.current_device() if self.device == "cuda" and torch.cuda.is_available() else 0
         self._device = resolve_device(self.device, index)
         self._free_before_load = device_memory(self._device)[0]
-        self._model = load_wan_model(
-            self.model_path, dtype=PRECISIONS[self.precision], quantization=self.quantization, device=self._device
-        )
-        self._model.eval()
+        self._model = load_rank_model(self.model_path, self.precision, self.quantization, self._device, self.parallel)
         return self
 
     def run(
