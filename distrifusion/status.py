@@ -1,0 +1,356 @@
+"""What the Status node and the ``/distrifusion/status`` route report: package, GPUs, topology, progress.
+
+Core module: never imports ComfyUI. ``status_report`` gathers a JSON-able dict, ``format_report`` turns
+it into the text shown on the Status node. ``RunActivity`` is written by whoever drives a job (the
+Sampler node, the CLI) and read concurrently by the report.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INSTALL_COMMANDS = (
+    "pip install -r requirements_official_distrifusion.txt",
+    "pip install diffusers==0.24.0 distrifuser==0.0.1b1 huggingface_hub==0.25.2 transformers==4.44.2",
+)
+"""The guide's troubleshooting fixes, pinned as our official profile pins them (run with ComfyUI's python)."""
+
+_warned_official = False
+_warn_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def official_package_status() -> dict:
+    """Whether MIT-HAN-Lab's ``distrifuser`` imports here, its version, or the exact import error (cached)."""
+    from .comm import official_status
+
+    available, detail = official_status()
+    if available:
+        return {"available": True, "version": detail, "error": None, "install": []}
+    return {"available": False, "version": None, "error": detail, "install": list(INSTALL_COMMANDS)}
+
+
+def official_warning_lines(official: dict) -> list[str]:
+    """The guide's "not available" warning with the install commands, or nothing when it imports."""
+    if official.get("available"):
+        return []
+    return [
+        f"⚠️ Official DistriFusion not available: {official.get('error')}",
+        f"   Install with: {INSTALL_COMMANDS[0]}",
+        f"   (or: {INSTALL_COMMANDS[1]})",
+        "   Until then the pack runs the same algorithm on its built-in comm layer.",
+    ]
+
+
+def warn_if_official_missing() -> dict:
+    """Log the official-package warning once per process (first Loader use or status), return the check."""
+    global _warned_official
+    official = official_package_status()
+    with _warn_lock:
+        if not official["available"] and not _warned_official:
+            _warned_official = True
+            logger.warning("\n".join(official_warning_lines(official)))
+    return official
+
+
+def gpu_inventory() -> list[dict]:
+    """Name, total and free memory (MiB) of each visible CUDA device; empty without CUDA.
+
+    Free memory comes from NVML when ``nvidia-ml-py`` is installed; otherwise only for devices this
+    process already holds a context on (asking the driver would create a context on every GPU).
+    """
+    if not torch.cuda.is_available():
+        return []
+    nvml = _nvml_memory()
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        gpu = {"index": index, "name": props.name, "total_mib": props.total_memory // 2**20, "free_mib": None}
+        if nvml is not None and index < len(nvml):
+            gpu["free_mib"] = nvml[index]
+        elif torch.cuda.is_initialized() and index == torch.cuda.current_device():
+            gpu["free_mib"] = torch.cuda.mem_get_info(index)[0] // 2**20
+        gpus.append(gpu)
+    return gpus
+
+
+def _nvml_memory() -> list[int] | None:
+    try:
+        import pynvml  # nvidia-ml-py, optional
+    except ImportError:
+        return None
+    try:
+        import os
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            order = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+            handles = [handles[i] for i in order if i < len(handles)]
+        return [pynvml.nvmlDeviceGetMemoryInfo(h).free // 2**20 for h in handles]
+    except Exception:  # NVML missing or denied: report free memory as unknown
+        return None
+
+
+@dataclass
+class RunActivity:
+    """Progress of the current (or last) job, updated by the driver, read by status reports."""
+
+    running: bool = False
+    step: int = 0
+    total_steps: int = 0
+    seconds_per_step: float | None = None
+    memory_per_rank: list[int | None] = field(default_factory=list)
+    """Bytes in use per rank (index = rank), from the last step."""
+    latent_shape: tuple[int, ...] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_error: str | None = None
+    jobs_done: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def begin(self, total_steps: int, latent_shape: tuple[int, ...] | None = None) -> None:
+        with self._lock:
+            self.running, self.step, self.total_steps = True, 0, total_steps
+            self.seconds_per_step, self.memory_per_rank = None, []
+            self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+            self.started_at, self.finished_at = time.time(), None
+
+    def update(self, step: int, total: int, seconds_per_step: float | None = None, memory_per_rank=None) -> None:
+        with self._lock:
+            self.step, self.total_steps = step, total
+            if seconds_per_step is not None:
+                self.seconds_per_step = float(seconds_per_step)
+            if memory_per_rank is not None:
+                self.memory_per_rank = [None if m is None else int(m) for m in memory_per_rank]
+
+    def finish(self, error: BaseException | str | None = None) -> None:
+        with self._lock:
+            self.running, self.finished_at = False, time.time()
+            if error is None:
+                self.jobs_done += 1
+            else:
+                self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "running": self.running,
+                "current": self.step,
+                "total": self.total_steps,
+                "seconds_per_step": self.seconds_per_step,
+                "latent_shape": list(self.latent_shape) if self.latent_shape else None,
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+                "jobs_done": self.jobs_done,
+                "memory_per_rank": list(self.memory_per_rank),
+                "last_error": self.last_error,
+            }
+
+
+def status_report(runtime: Any = None, activity: RunActivity | None = None, settings: dict | None = None) -> dict:
+    """Everything the Status node shows, as JSON-able data.
+
+    ``runtime`` is a running ``WorkerGroup``/``InProcessRunner`` (or ``None``); ``settings`` the Loader's
+    settings of it (``parallel`` = ``ParallelConfig.to_dict()``, ``device``, ``local_ranks``,
+    ``first_rank``, ``model``...); ``activity`` the progress the driver recorded.
+    """
+    settings = dict(settings or {})
+    runtime_status = _runtime_status(runtime)
+    parallel = dict(settings.get("parallel") or runtime_status.get("parallel") or {})
+    official = warn_if_official_missing()
+    progress = (activity or RunActivity()).snapshot()
+
+    world_size = int(runtime_status.get("world_size") or parallel.get("world_size") or 1)
+    first_rank = int(settings.get("first_rank", runtime_status.get("first_rank", 0)))
+    local_ranks = int(settings.get("local_ranks") or runtime_status.get("local_ranks") or world_size)
+    device = settings.get("device") or runtime_status.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    memory = progress["memory_per_rank"] or runtime_status.get("memory_per_rank")
+    step = {
+        "running": progress["running"],
+        "current": progress["current"] or runtime_status.get("current_step") or 0,
+        "total": progress["total"] or runtime_status.get("total_steps") or 0,
+        "seconds_per_step": progress["seconds_per_step"] or runtime_status.get("seconds_per_step"),
+        "jobs_done": progress["jobs_done"],
+        "latent_shape": progress["latent_shape"],
+    }
+
+    if runtime is None:
+        state = "not started"
+    elif _is_alive(runtime):
+        state = "running a job" if progress["running"] else "ready"
+    else:
+        state = "stopped"
+
+    return {
+        "official": official,
+        "comm_backend": _comm_backend(runtime_status, parallel, device, official),
+        "device": device,
+        "gpus": gpu_inventory(),
+        "runtime": {
+            "state": state,
+            "model": settings.get("model"),
+            "precision": settings.get("precision") or runtime_status.get("precision"),
+            "quantization": settings.get("quantization") or runtime_status.get("quantization"),
+            "attention": settings.get("attention"),
+            "pids": runtime_status.get("pids") or [],
+            "memory_plan": runtime_status.get("memory_plan"),
+        },
+        "world_size": world_size,
+        "ranks": {
+            "local": list(range(first_rank, first_rank + local_ranks)),
+            "remote": max(0, world_size - local_ranks),
+            "devices": runtime_status.get("device_names") or [],
+        },
+        "parallel_mode": parallel.get("mode"),
+        "cfg_parallel": parallel.get("cfg_parallel"),
+        "warmup_steps": parallel.get("warmup_steps"),
+        "kv_dtype": parallel.get("kv_dtype"),
+        "split_mode": parallel.get("split_mode"),
+        "partition_tokens": _partition_sizes(parallel, progress["latent_shape"]),
+        "patch": {"size_px": parallel.get("patch_size"), "overlap_px": parallel.get("patch_overlap")},
+        "step": step,
+        "memory_per_rank_mib": [None if m is None else round(float(m) / 2**20, 1) for m in memory or []],
+        "last_error": progress["last_error"] or runtime_status.get("last_error"),
+        "runtime_status": _jsonable(runtime_status),
+    }
+
+
+def _runtime_status(runtime: Any) -> dict:
+    if runtime is None:
+        return {}
+    try:
+        status = runtime.status()
+    except Exception as exc:  # a dead group may fail to answer; the report must still render
+        return {"last_error": f"status unavailable: {type(exc).__name__}: {exc}"}
+    return dict(status) if isinstance(status, dict) else {}
+
+
+def _is_alive(runtime: Any) -> bool:
+    try:
+        return bool(getattr(runtime, "alive", True))
+    except Exception:
+        return False
+
+
+def _comm_backend(runtime_status: dict, parallel: dict, device: str, official: dict) -> str:
+    """Which comm manager exchanges the K/V (official distrifuser or builtin) and over which transport."""
+    if not parallel:
+        return "not chosen yet (no Model Loader has run)"
+    world_size = int(parallel.get("world_size") or 1)
+    if world_size == 1:
+        return "none (one rank, in-process)"
+    wire = runtime_status.get("comm_backend")
+    if not wire or wire == "none":
+        wire = "nccl" if device == "cuda" else "gloo"
+    choice = parallel.get("comm_backend") or "auto"
+    if choice == "official" or (choice == "auto" and official.get("available")):
+        return f"official (distrifuser PatchParallelismCommManager) over {wire}"
+    return f"builtin over {wire}"
+
+
+def _partition_sizes(parallel: dict, latent_shape: list | None) -> list[int] | None:
+    """Tokens each rank owns for the last job's latent (none before the first job)."""
+    if not latent_shape or not parallel:
+        return None
+    try:
+        from .partition import partition_tokens
+
+        grid = (int(latent_shape[2]), int(latent_shape[3]) // 2, int(latent_shape[4]) // 2)
+        degree = parallel["world_size"] // 2 if parallel.get("cfg_parallel") else parallel["world_size"]
+        ranks = partition_tokens(grid, parallel["split_mode"], parallel["patch_size"], degree)
+        return [int(r.own_index.numel()) for r in ranks]
+    except Exception:  # the partition itself reports its errors when a job runs
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+def format_report(report: dict) -> str:
+    """The report as the text the Status node shows (guide's emoji headings)."""
+    lines = ["🎯 Official DistriFusion Status"]
+    official = report.get("official") or {}
+    if official.get("available"):
+        lines.append(f"✅ Official DistriFusion available: distrifuser {official.get('version')}")
+    else:
+        lines.extend(official_warning_lines(official))
+    lines.append(f"🔌 Comm backend: {report.get('comm_backend')}")
+
+    gpus = report.get("gpus") or []
+    if gpus:
+        lines.append(f"🎮 CUDA devices: {len(gpus)}")
+        for gpu in gpus:
+            free = "free unknown" if gpu.get("free_mib") is None else f"{gpu['free_mib'] / 1024:.1f} GiB free"
+            lines.append(f"   GPU {gpu['index']}: {gpu['name']}, {gpu['total_mib'] / 1024:.1f} GiB, {free}")
+    else:
+        lines.append(f"🎮 No CUDA device: ranks run on {report.get('device', 'cpu')} (gloo)")
+
+    runtime = report.get("runtime") or {}
+    lines.append(f"📦 Runtime: {runtime.get('state')}" + (f" — {runtime['model']}" if runtime.get("model") else ""))
+    if not report.get("parallel_mode"):
+        lines.append("   No Model Loader has run yet: its settings show here once it has.")
+    else:
+        lines.append(
+            f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
+            f"attention {runtime.get('attention')}"
+        )
+        ranks = report.get("ranks") or {}
+        local = ranks.get("local") or []
+        local_text = f"{local[0]}-{local[-1]}" if len(local) > 1 else (str(local[0]) if local else "none")
+        devices = [d for d in ranks.get("devices") or [] if d]
+        lines.append(
+            f"📊 World size {report.get('world_size')}: ranks {local_text} on this host, "
+            f"{ranks.get('remote', 0)} on other hosts" + (f" ({', '.join(devices)})" if devices else "")
+        )
+        lines.append(
+            f"   mode {report['parallel_mode']}, CFG parallel {'on' if report.get('cfg_parallel') else 'off'}, "
+            f"warm-up {report.get('warmup_steps')} steps, K/V {report.get('kv_dtype')}"
+        )
+        patch = report.get("patch") or {}
+        lines.append(
+            f"🔲 Patch size {patch.get('size_px')} px, overlap {patch.get('overlap_px')} px, "
+            f"split mode {report.get('split_mode')}"
+        )
+        partition = report.get("partition_tokens")
+        if partition:
+            lines.append(f"   tokens per rank (last clip): {', '.join(str(n) for n in partition)}")
+        if runtime.get("memory_plan"):
+            lines.append(f"   memory plan: {runtime['memory_plan']}")
+
+    step = report.get("step") or {}
+    if step.get("total"):
+        state = "running" if step.get("running") else "last run"
+        per_step = step.get("seconds_per_step")
+        per_step_text = f", {per_step:.3f} s/step" if per_step else ""
+        lines.append(f"🔄 Step {step.get('current')}/{step.get('total')} ({state}){per_step_text}")
+    else:
+        lines.append("🔄 No step run yet")
+    memory = report.get("memory_per_rank_mib") or []
+    if memory:
+        lines.append(
+            "💾 Memory per rank: "
+            + ", ".join(f"rank {i}: {'?' if m is None else f'{m / 1024:.2f} GiB'}" for i, m in enumerate(memory))
+        )
+    if report.get("last_error"):
+        lines.append(f"❌ Last error: {report['last_error']}")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""The three ComfyUI nodes: thin adapters between ComfyUI's types and the runtime.
+
+ComfyUI modules are imported only inside the nodes' functions (see ``_comfy``), so this package
+imports without ComfyUI.
+"""
+
+from .loader import OfficialDistriFusionModelLoader
+from .sampler import OfficialDistriFusionSampler
+from .status import OfficialDistriFusionStatus
+
+NODE_CLASS_MAPPINGS = {
+    "OfficialDistriFusionModelLoader": OfficialDistriFusionModelLoader,
+    "OfficialDistriFusionSampler": OfficialDistriFusionSampler,
+    "OfficialDistriFusionStatus": OfficialDistriFusionStatus,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "OfficialDistriFusionModelLoader": "🎯 Official DistriFusion Model Loader",
+    "OfficialDistriFusionSampler": "🎯 Official DistriFusion Sampler",
+    "OfficialDistriFusionStatus": "🎯 Official DistriFusion Status",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

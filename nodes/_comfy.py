@@ -1,0 +1,64 @@
+"""The few ComfyUI APIs the nodes use, imported lazily so the pack imports without ComfyUI."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..wanvideo.errors import WanDistriFusionError
+
+
+def comfy_available() -> bool:
+    """Whether this process runs inside ComfyUI (its ``comfy`` and ``folder_paths`` modules import)."""
+    return importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("folder_paths") is not None
+
+
+def diffusion_model_files() -> list[str]:
+    """File names in ComfyUI's ``diffusion_models`` folder(s); empty outside ComfyUI."""
+    if not comfy_available():
+        return []
+    import folder_paths
+
+    return folder_paths.get_filename_list("diffusion_models")
+
+
+def diffusion_model_path(name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path("diffusion_models", name)
+    if path is None:
+        raise WanDistriFusionError(
+            f"model: {name!r} is not in ComfyUI's diffusion_models folder; put the Wan 2.1 .safetensors file in "
+            "ComfyUI/models/diffusion_models and press R (refresh) in the graph editor."
+        )
+    return path
+
+
+def comfy_device_type() -> str:
+    """``cuda`` or ``cpu``: what ComfyUI itself computes on (``--cpu`` gives ``cpu``)."""
+    import comfy.model_management as mm
+
+    return "cpu" if mm.get_torch_device().type == "cpu" else "cuda"
+
+
+def local_cuda_devices() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def model_management():
+    import comfy.model_management
+
+    return comfy.model_management
+
+
+def progress_bar(total: int, node_id: str | None = None):
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def wan21_latent_format():
+    import comfy.latent_formats
+
+    return comfy.latent_formats.Wan21()

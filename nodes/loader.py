@@ -1,0 +1,240 @@
+"""🎯 Official DistriFusion Model Loader: validates the topology, starts (or reuses) the worker group."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..distrifusion.config import COMM_BACKENDS, KV_DTYPES, PARALLEL_MODES, SPLIT_MODES, ParallelConfig
+from ..distrifusion.status import warn_if_official_missing
+from ..wanvideo.errors import WanDistriFusionError
+from . import _comfy
+from ._widgets import bool_widget, combo_widget, int_widget
+from .runtime import MODEL_TYPE, RUNTIMES, DistriFusionModel, RuntimeSettings, master_address
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "WanVideoWrapper/Official DistriFusion"
+PRECISIONS = ("bf16", "fp16", "fp32")
+QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e5m2")
+ATTENTION_BACKENDS = ("auto", "sdpa")
+MAX_GPUS = 8
+
+
+TOOLTIPS = {
+    "model": "Wan 2.1 T2V checkpoint (1.3B or 14B) from ComfyUI/models/diffusion_models. Original, ComfyUI-repackaged "
+    "and diffusers key layouts load; the size is read from the weights.",
+    "precision": "Compute dtype on every rank. bf16 is the usual choice on recent GPUs; fp32 is exact but twice the "
+    "memory and much slower.",
+    "quantization": "Weight storage. fp8 halves the weights' memory (14B: ~14 GB instead of ~28 GB per rank); each "
+    "layer is upcast to the compute dtype when it runs.",
+    "gpus": "Local GPUs to use, one worker process each (GPUs 0..N-1 of this machine). 1 runs in the ComfyUI process "
+    "without workers. With ComfyUI started with --cpu: this many CPU processes (gloo).",
+    "patch_size": "Granularity of the split in pixels: the video is cut into slabs on multiples of this and the slabs "
+    "are balanced over the ranks. A multiple of 16 for Wan (8x VAE x 2x2 patchify); smaller balances uneven sizes "
+    "better.",
+    "patch_overlap": "Displaced mode only: pixels of each neighbouring slab a rank also recomputes fresh, so attention "
+    "to the nearest tokens is never stale. Rounded up to whole 16 px tokens. 0 is pure DistriFusion (fastest).",
+    "split_mode": "How the token grid is cut across ranks: spatial = by token rows (high resolution), temporal = by "
+    "latent frames (long clips), spatiotemporal = a grid of both.",
+    "world_size": "Total ranks across all hosts; 0 = same as GPUs. Larger than GPUs means the other ranks run on other "
+    "hosts, started there with `python cli.py worker` (set MASTER_ADDR / MASTER_PORT in ComfyUI's environment to an "
+    "address of this machine they can reach).",
+    "rank": "First rank of this host's GPUs: keep 0 on the machine that runs ComfyUI (it drives the job); other hosts "
+    "take the ranks after it.",
+    "parallel_mode": "displaced = DistriFusion: other ranks' K/V from the previous step, exchanged while computing "
+    "(fastest, slightly approximate). sync = exact, gathers all K/V every layer. ulysses = exact head-parallel "
+    "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B).",
+    "cfg_parallel": "Run the positive and the negative prompt on two halves of the ranks at once (exact; needs an even "
+    "world size and cfg != 1); each half splits the video over its ranks.",
+    "warmup_steps": "Displaced mode: the first steps run fully synchronous (exact) before stale K/V is used, as in "
+    "DistriFusion. More = closer to the single-GPU result, slower.",
+    "attention": "Attention kernel. auto and sdpa both use PyTorch scaled_dot_product_attention, which picks cuDNN / "
+    "Flash / memory-efficient kernels itself.",
+    "kv_dtype": "dtype of the stale K/V buffers the displaced mode keeps and exchanges. auto = compute dtype; "
+    "fp8_e4m3fn halves their memory and traffic (14B 720p on 80 GB cards needs it).",
+    "comm_backend": "Who exchanges the K/V: official = MIT-HAN-Lab distrifuser's PatchParallelismCommManager (needs "
+    "requirements_official_distrifusion.txt), builtin = the pack's own, auto = official when it imports, else "
+    "builtin. Same algorithm and results.",
+}
+
+
+class OfficialDistriFusionModelLoader:
+    """Loads a Wan 2.1 checkpoint on a group of worker processes, one per GPU, kept alive between prompts."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        tip = TOOLTIPS
+        return {
+            "required": {
+                "model": combo_widget(_comfy.diffusion_model_files(), None, tip["model"]),
+                "precision": combo_widget(PRECISIONS, "bf16", tip["precision"]),
+                "quantization": combo_widget(QUANTIZATIONS, "disabled", tip["quantization"]),
+                "gpus": int_widget(1, 1, MAX_GPUS, tip["gpus"]),
+                "patch_size": int_widget(64, 16, 128, tip["patch_size"], step=16),
+                "patch_overlap": int_widget(0, 0, 32, tip["patch_overlap"], step=4),
+                "split_mode": combo_widget(SPLIT_MODES, "spatial", tip["split_mode"]),
+                "world_size": int_widget(0, 0, 64, tip["world_size"]),
+                "rank": int_widget(0, 0, 63, tip["rank"]),
+                "parallel_mode": combo_widget(PARALLEL_MODES, "displaced", tip["parallel_mode"]),
+                "cfg_parallel": bool_widget(False, tip["cfg_parallel"]),
+                "warmup_steps": int_widget(4, 0, 100, tip["warmup_steps"]),
+                "attention": combo_widget(ATTENTION_BACKENDS, "auto", tip["attention"]),
+                "kv_dtype": combo_widget(KV_DTYPES, "auto", tip["kv_dtype"]),
+                "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
+            },
+        }
+
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("Handle of the running worker group; connect it to the DistriFusion Sampler.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Loads a Wan 2.1 model on several GPUs with DistriFusion patch parallelism. The workers stay "
+        "loaded between prompts and are released by Unload Models."
+    )
+
+    @classmethod
+    def IS_CHANGED(cls, model, **kwargs):
+        try:
+            stat = os.stat(_comfy.diffusion_model_path(model))
+        except (OSError, WanDistriFusionError):
+            return ""
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+    def load(
+        self,
+        model,
+        precision,
+        quantization,
+        gpus,
+        patch_size,
+        patch_overlap,
+        split_mode,
+        world_size,
+        rank,
+        parallel_mode,
+        cfg_parallel,
+        warmup_steps,
+        attention,
+        kv_dtype,
+        comm_backend,
+    ):
+        warn_if_official_missing()
+        settings = build_settings(
+            model=model,
+            precision=precision,
+            quantization=quantization,
+            gpus=gpus,
+            patch_size=patch_size,
+            patch_overlap=patch_overlap,
+            split_mode=split_mode,
+            world_size=world_size,
+            rank=rank,
+            parallel_mode=parallel_mode,
+            cfg_parallel=cfg_parallel,
+            warmup_steps=warmup_steps,
+            attention=attention,
+            kv_dtype=kv_dtype,
+            comm_backend=comm_backend,
+        )
+        RUNTIMES.acquire(settings)
+        return (DistriFusionModel(settings),)
+
+
+def build_settings(
+    *,
+    model: str,
+    precision: str,
+    quantization: str,
+    gpus: int,
+    patch_size: int,
+    patch_overlap: int,
+    split_mode: str,
+    world_size: int,
+    rank: int,
+    parallel_mode: str,
+    cfg_parallel: bool,
+    warmup_steps: int,
+    attention: str,
+    kv_dtype: str,
+    comm_backend: str,
+    device: str | None = None,
+    cuda_devices: int | None = None,
+) -> RuntimeSettings:
+    """Check the Loader's widgets against each other and this machine; raise naming the widget to change."""
+    for widget, value, choices in (
+        ("precision", precision, PRECISIONS),
+        ("quantization", quantization, QUANTIZATIONS),
+        ("attention", attention, ATTENTION_BACKENDS),
+    ):
+        if value not in choices:
+            raise WanDistriFusionError(f"{widget}: {value!r} is unknown; choose one of {', '.join(choices)}.")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise WanDistriFusionError(f"GPUs: {gpus} is out of range; use 1 to {MAX_GPUS}.")
+    device = device or _comfy.comfy_device_type()
+    available = _comfy.local_cuda_devices() if cuda_devices is None else cuda_devices
+    if device == "cuda" and gpus > available:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible else ""
+        raise WanDistriFusionError(
+            f"GPUs: {gpus} requested but this machine shows {available} CUDA device(s){where}; lower GPUs to "
+            f"{max(available, 1)} (for more ranks, raise world size above GPUs and start the others on other hosts "
+            "with `python cli.py worker`)."
+        )
+    world = world_size or gpus
+    if world < gpus:
+        raise WanDistriFusionError(
+            f"world size: {world} is smaller than GPUs ({gpus}); set world size to 0 (= GPUs) or at least {gpus}."
+        )
+    if rank + gpus > world:
+        raise WanDistriFusionError(
+            f"rank: this host's ranks {rank}..{rank + gpus - 1} do not fit in world size {world}; keep rank 0 on the "
+            "ComfyUI machine and raise world size."
+        )
+    parallel = ParallelConfig(
+        world_size=world,
+        split_mode=split_mode,
+        patch_size=patch_size,
+        patch_overlap=patch_overlap,
+        mode=parallel_mode,
+        cfg_parallel=bool(cfg_parallel),
+        warmup_steps=warmup_steps,
+        kv_dtype=kv_dtype,
+        comm_backend=comm_backend,
+    ).validate()
+    path = _comfy.diffusion_model_path(model)
+    addr, port = master_address()
+    if world > gpus:
+        remote = f"{rank + gpus}..{world - 1}"
+        if addr.startswith("127.") or addr == "localhost" or port is None:
+            raise WanDistriFusionError(
+                f"world size: {world} ranks but {gpus} here, so ranks {remote} join from other hosts, which need an "
+                "address of this machine: start ComfyUI with MASTER_ADDR=<this host's IP> MASTER_PORT=29500 in its "
+                "environment, then on each other host run `python cli.py worker --rank <its first rank> "
+                f"--world-size {world} --master-addr <this host's IP> --master-port 29500 --model <same file>`."
+            )
+        logger.info(
+            "Ranks %s must join from other hosts: python cli.py worker --rank <first rank> --world-size %d "
+            "--master-addr %s --master-port %d --model <same checkpoint>",
+            remote,
+            world,
+            addr,
+            port,
+        )
+    stat = os.stat(path)
+    return RuntimeSettings(
+        model=model,
+        model_path=path,
+        model_stamp=(stat.st_size, stat.st_mtime_ns),
+        precision=precision,
+        quantization=quantization,
+        parallel=parallel,
+        device=device,
+        local_ranks=gpus,
+        first_rank=rank,
+        attention=attention,
+        master_addr=addr,
+        master_port=port,
+    )

@@ -1,0 +1,172 @@
+"""The one worker group the nodes share: started by the Loader, reused while its settings hold,
+released when ComfyUI unloads models (Unload Models / ``POST /free``) and when ComfyUI exits."""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+
+from ..distrifusion.config import ParallelConfig
+from ..distrifusion.status import RunActivity
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "DISTRIFUSION_WAN_MODEL"
+"""Socket type of the Loader's output: only our Sampler and Status accept it."""
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Everything that decides whether a running worker group can be reused."""
+
+    model: str
+    model_path: str
+    model_stamp: tuple[int, int]
+    """(size, mtime_ns) of the file, so a replaced checkpoint restarts the workers."""
+    precision: str
+    quantization: str
+    parallel: ParallelConfig
+    device: str
+    local_ranks: int
+    first_rank: int
+    attention: str = "auto"
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["parallel"] = self.parallel.to_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class DistriFusionModel:
+    """What flows on a ``DISTRIFUSION_WAN_MODEL`` link: the settings, not the group itself, so a group that
+    was released (Unload Models) or died is transparently restarted by the next Sampler run."""
+
+    settings: RuntimeSettings
+
+    def runtime(self):
+        return RUNTIMES.acquire(self.settings)
+
+
+class RuntimeRegistry:
+    """Holds at most one live group (GPUs are exclusive); thread-safe against the status route."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._runtime = None
+        self._settings: RuntimeSettings | None = None
+        self._hooks_installed = False
+        self.activity = RunActivity()
+
+    def acquire(self, settings: RuntimeSettings):
+        """The running group for ``settings``: the current one when nothing changed, else a new one."""
+        with self._lock:
+            if self._runtime is not None and self._settings == settings and _alive(self._runtime):
+                return self._runtime
+            if self._runtime is not None:
+                reason = "settings changed" if self._settings != settings else "its workers stopped"
+                self.release(reason)
+            self._install_hooks()
+            from ..distrifusion.workers import start_runtime
+
+            logger.info(
+                "Starting DistriFusion runtime: %s, %d rank(s) here of world size %d, device %s",
+                settings.model,
+                settings.local_ranks,
+                settings.parallel.world_size,
+                settings.device,
+            )
+            runtime = start_runtime(**_start_kwargs(start_runtime, settings))
+            self._runtime, self._settings = runtime, settings
+            return runtime
+
+    def current(self):
+        """``(runtime, settings)`` now, without waiting for a start in progress."""
+        return self._runtime, self._settings
+
+    def release(self, reason: str = "released") -> bool:
+        """Stop the workers (frees their GPU memory); return whether a group was running."""
+        with self._lock:
+            runtime, self._runtime = self._runtime, None
+            if runtime is None:
+                return False
+            logger.info("Releasing DistriFusion runtime (%s)", reason)
+            try:
+                runtime.close()
+            except Exception:  # closing a dead group must not take ComfyUI down with it
+                logger.exception("Closing the DistriFusion runtime failed")
+            return True
+
+    def _install_hooks(self) -> None:
+        if self._hooks_installed:
+            return
+        self._hooks_installed = True
+        atexit.register(self.release, "ComfyUI exits")
+        install_unload_hook(self)
+
+
+def install_unload_hook(registry: RuntimeRegistry) -> bool:
+    """Release the group whenever ComfyUI unloads all models.
+
+    ComfyUI 0.3.64 has no unload callback for custom nodes; its prompt worker calls
+    ``comfy.model_management.unload_all_models()`` for ``POST /free`` (the Unload Models and Free
+    model and node cache buttons), so we wrap that function once. Memory-pressure unloads during a
+    prompt do not go through it, so the group survives VAE Decode.
+    """
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return False
+    original = mm.unload_all_models
+    if getattr(original, "_distrifusion_wrapped", False):
+        return True
+
+    def unload_all_models(*args, **kwargs):
+        registry.release("ComfyUI unloaded models")
+        return original(*args, **kwargs)
+
+    unload_all_models._distrifusion_wrapped = True
+    unload_all_models.__wrapped__ = original
+    mm.unload_all_models = unload_all_models
+    return True
+
+
+def _start_kwargs(start_runtime, settings: RuntimeSettings) -> dict:
+    kwargs = {
+        "model_path": settings.model_path,
+        "precision": settings.precision,
+        "quantization": settings.quantization,
+        "parallel": settings.parallel,
+        "device": settings.device,
+        "local_ranks": settings.local_ranks,
+        "first_rank": settings.first_rank,
+        "master_addr": settings.master_addr,
+        "master_port": settings.master_port,
+        "attention": settings.attention,
+    }
+    params = inspect.signature(start_runtime).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _alive(runtime) -> bool:
+    try:
+        return bool(getattr(runtime, "alive", True))
+    except Exception:
+        return False
+
+
+def master_address() -> tuple[str, int | None]:
+    """Rendezvous of the group: torchrun's ``MASTER_ADDR``/``MASTER_PORT`` when set (multi-host), else loopback."""
+    port = os.environ.get("MASTER_PORT")
+    return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(port) if port and port.isdigit() else None
+
+
+RUNTIMES = RuntimeRegistry()

@@ -1,0 +1,217 @@
+"""🎯 Official DistriFusion Sampler: native CONDITIONING/LATENT in, ComfyUI's Wan LATENT out."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..distrifusion.job import GenerationJob
+from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.sampling import SAMPLERS, SCHEDULERS
+from . import _comfy
+from ._widgets import combo_widget, float_widget, int_widget, socket
+from .loader import CATEGORY
+from .runtime import MODEL_TYPE, RUNTIMES
+
+logger = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 16
+MAX_SIZE = 4096
+MAX_LENGTH = 1025
+
+
+TOOLTIPS = {
+    "model": "The worker group from the DistriFusion Model Loader.",
+    "positive": "What the video should show: CLIP Text Encode with a Load CLIP of type wan (umT5).",
+    "negative": "What to avoid; used when cfg is not 1 (one batched model call per step).",
+    "steps": "Denoising steps; each is one model call on every rank.",
+    "cfg": "Classifier-free guidance scale; 1 skips the negative prompt (half the compute).",
+    "shift": "Flow-matching timestep shift (as ModelSamplingSD3): Wan uses about 3 for 480p and 5 for 720p; higher "
+    "spends more steps at high noise.",
+    "seed": "Seed of the starting noise; every rank rebuilds the same noise from it on the CPU.",
+    "sampler": "Solver of the flow ODE.",
+    "scheduler": "How the sigmas are spaced over the steps.",
+    "denoise": "1 = from pure noise; below 1 keeps that much of the input latent (video-to-video).",
+    "width": "Video width in pixels, a multiple of 16. Ignored when a latent is connected.",
+    "height": "Video height in pixels, a multiple of 16. Ignored when a latent is connected.",
+    "length": "Frames, of the form 4k+1 (Wan's VAE packs 4 frames per latent frame). Ignored when a latent is "
+    "connected.",
+    "sync_frequency": "Displaced mode: after warm-up, every k-th step does a full synchronous K/V exchange that "
+    "refreshes the stale K/V (1 = every step = exact; 0 = never, pure DistriFusion). No effect in the sync and "
+    "ulysses modes.",
+    "latent": "Optional starting latent (Empty Hunyuan Latent Video, or a VAE-encoded video with denoise < 1); its "
+    "size overrides width/height/length.",
+}
+
+
+class OfficialDistriFusionSampler:
+    """Runs one clip on the Loader's worker group; all ranks stop together on Cancel."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        tip = TOOLTIPS
+        return {
+            "required": {
+                "model": socket(MODEL_TYPE, tip["model"]),
+                "positive": socket("CONDITIONING", tip["positive"]),
+                "negative": socket("CONDITIONING", tip["negative"]),
+                "steps": int_widget(30, 1, 10000, tip["steps"]),
+                "cfg": float_widget(5.0, 0.0, 100.0, 0.1, tip["cfg"], round=0.01),
+                "shift": float_widget(5.0, 0.0, 100.0, 0.01, tip["shift"]),
+                "seed": int_widget(0, 0, 0xFFFFFFFFFFFFFFFF, tip["seed"], control_after_generate=True),
+                "sampler": combo_widget(SAMPLERS, "unipc", tip["sampler"]),
+                "scheduler": combo_widget(SCHEDULERS, "simple", tip["scheduler"]),
+                "denoise": float_widget(1.0, 0.01, 1.0, 0.01, tip["denoise"]),
+                "width": int_widget(832, 16, MAX_SIZE, tip["width"], step=16),
+                "height": int_widget(480, 16, MAX_SIZE, tip["height"], step=16),
+                "length": int_widget(81, 1, MAX_LENGTH, tip["length"], step=4),
+                "sync_frequency": int_widget(0, 0, 1000, tip["sync_frequency"]),
+            },
+            "optional": {"latent": socket("LATENT", tip["latent"])},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised video latent in ComfyUI's Wan 2.1 format: connect VAE Decode.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Samples a Wan 2.1 video with DistriFusion patch parallelism across the Loader's GPUs."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, length=None):
+        problems = []
+        if width is not None and (width % 16 or not 16 <= width <= MAX_SIZE):
+            problems.append(f"width: {width} must be a multiple of 16 from 16 to {MAX_SIZE}, e.g. 832 or 1280")
+        if height is not None and (height % 16 or not 16 <= height <= MAX_SIZE):
+            problems.append(f"height: {height} must be a multiple of 16 from 16 to {MAX_SIZE}, e.g. 480 or 720")
+        if length is not None and ((length - 1) % 4 or not 1 <= length <= MAX_LENGTH):
+            problems.append(f"length: {length} frames must be of the form 4k+1 from 1 to {MAX_LENGTH}, e.g. 81")
+        return "; ".join(problems) if problems else True
+
+    def sample(
+        self,
+        model,
+        positive,
+        negative,
+        steps,
+        cfg,
+        shift,
+        seed,
+        sampler,
+        scheduler,
+        denoise,
+        width,
+        height,
+        length,
+        sync_frequency,
+        latent=None,
+        unique_id=None,
+    ):
+        from ..distrifusion.workers import JobCancelled
+
+        mm = _comfy.model_management()
+        latent_format = _comfy.wan21_latent_format()
+        job = GenerationJob(
+            positive=conditioning_context(positive, "positive"),
+            negative=conditioning_context(negative, "negative"),
+            width=width,
+            height=height,
+            length=length,
+            steps=steps,
+            cfg=cfg,
+            shift=shift,
+            seed=seed,
+            sampler=sampler,
+            scheduler=scheduler,
+            denoise=denoise,
+            sync_frequency=sync_frequency,
+        )
+        if latent is not None:
+            job.latent = latent_to_model_space(latent, latent_format)
+            _, _, frames, rows, cols = job.latent.shape
+            job.width, job.height, job.length = cols * 8, rows * 8, (frames - 1) * 4 + 1
+        job.validate()
+
+        runtime = model.runtime()
+        activity = RUNTIMES.activity
+        bar = _comfy.progress_bar(steps, node_id=unique_id)
+        interrupted = False
+
+        def cancelled() -> bool:
+            return interrupted or mm.processing_interrupted()
+
+        def progress(event) -> None:
+            nonlocal interrupted
+            activity.update(event.step, event.total, event.seconds_per_step, event.memory_per_rank)
+            try:
+                bar.update_absolute(event.step, event.total)
+            except mm.InterruptProcessingException:  # the bar's hook is an interrupt point: stop all ranks together
+                interrupted = True
+
+        activity.begin(steps, job.latent_shape())
+        try:
+            samples = runtime.run(job, progress=progress, cancelled=cancelled)
+        except JobCancelled as exc:
+            activity.finish("cancelled by the user")
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException() from exc
+        except Exception as exc:
+            activity.finish(exc)
+            raise
+        activity.finish()
+        return ({"samples": latent_from_model_space(samples, latent_format)},)
+
+
+def conditioning_context(conditioning, name: str) -> torch.Tensor:
+    """The text context ``[1, tokens, 4096]`` of a native CONDITIONING (``[[tensor, {...}], ...]``)."""
+    if not conditioning:
+        raise WanDistriFusionError(f"{name}: the conditioning is empty; connect a CLIP Text Encode output.")
+    if len(conditioning) > 1:
+        logger.warning(
+            "%s: %d conditionings combined; the DistriFusion Sampler uses the first", name, len(conditioning)
+        )
+    context = conditioning[0][0]
+    if not isinstance(context, torch.Tensor) or context.dim() != 3:
+        raise WanDistriFusionError(f"{name}: expected a text conditioning [1, tokens, width] from CLIP Text Encode.")
+    if context.shape[0] != 1:
+        logger.warning("%s: batch of %d conditionings; using the first", name, context.shape[0])
+        context = context[:1]
+    return context.detach().to("cpu", torch.float32).contiguous()
+
+
+def latent_to_model_space(latent: dict, latent_format) -> torch.Tensor:
+    """ComfyUI's Wan LATENT ``samples`` -> the model's normalised latent, as KSampler does it.
+
+    Like ``comfy.sample.fix_empty_latent_channels`` + ``KSampler``: an all-zero (empty) latent is
+    widened to 16 channels and left as zeros; any other latent goes through ``Wan21.process_in``.
+    """
+    samples = latent["samples"]
+    if "noise_mask" in latent:
+        raise WanDistriFusionError(
+            "latent: it carries a noise mask (inpainting), which the DistriFusion Sampler does not support; "
+            "remove the Set Latent Noise Mask node."
+        )
+    if samples.dim() == 4:
+        samples = samples.unsqueeze(2)
+    if samples.dim() != 5:
+        raise WanDistriFusionError(f"latent: expected a video latent [B, 16, frames, h, w], got {list(samples.shape)}.")
+    if samples.shape[0] != 1:
+        raise WanDistriFusionError(
+            f"latent: batch size {samples.shape[0]}; the DistriFusion Sampler makes one clip at a time, set batch_size 1."
+        )
+    empty = torch.count_nonzero(samples) == 0
+    if samples.shape[1] != LATENT_CHANNELS:
+        if not empty:
+            raise WanDistriFusionError(
+                f"latent: {samples.shape[1]} channels, Wan 2.1 latents have {LATENT_CHANNELS}; use Empty Hunyuan "
+                "Latent Video or VAE Encode with the Wan 2.1 VAE."
+            )
+        samples = samples.new_zeros(1, LATENT_CHANNELS, *samples.shape[2:])
+    samples = samples.to("cpu", torch.float32)
+    return samples.contiguous() if empty else latent_format.process_in(samples).contiguous()
+
+
+def latent_from_model_space(samples: torch.Tensor, latent_format) -> torch.Tensor:
+    """The model's normalised latent -> ComfyUI's Wan LATENT convention (what VAE Decode expects)."""
+    return latent_format.process_out(samples.to("cpu", torch.float32))
