@@ -52,8 +52,11 @@ class ParallelConfig:
         if not 0 <= self.patch_overlap <= 32:
             _fail("patch overlap", f"{self.patch_overlap} px is out of range", "use 0 to 32 px")
         if self.patch_overlap > self.patch_size:
-            _fail("patch overlap", f"{self.patch_overlap} px is larger than the patch size ({self.patch_size} px)",
-                  "lower the overlap or raise the patch size")
+            _fail(
+                "patch overlap",
+                f"{self.patch_overlap} px is larger than the patch size ({self.patch_size} px)",
+                "lower the overlap or raise the patch size",
+            )
         if self.warmup_steps < 0:
             _fail("warm-up steps", f"{self.warmup_steps} is negative", "use 0 or more")
         if self.kv_dtype not in KV_DTYPES:
@@ -61,11 +64,17 @@ class ParallelConfig:
         if self.comm_backend not in COMM_BACKENDS:
             _fail("comm backend", f"{self.comm_backend!r} is unknown", f"choose one of {', '.join(COMM_BACKENDS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            _fail("attention backend", f"{self.attention_backend!r} is unknown",
-                  f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+            _fail(
+                "attention backend",
+                f"{self.attention_backend!r} is unknown",
+                f"choose one of {', '.join(ATTENTION_BACKENDS)}",
+            )
         if self.cfg_parallel and self.world_size % 2:
-            _fail("CFG parallel", f"needs an even world size, got {self.world_size}",
-                  "use an even number of GPUs or turn CFG parallel off")
+            _fail(
+                "CFG parallel",
+                f"needs an even world size, got {self.world_size}",
+                "use an even number of GPUs or turn CFG parallel off",
+            )
         return self
 
     @property

@@ -162,7 +162,9 @@ class WanBlock(nn.Module):
         self.norm3 = WanLayerNorm(dim, config.eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(dim, config.num_heads, config.eps, image=config.model_type == "i2v")
         self.norm2 = WanLayerNorm(dim, config.eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: Tensor, time_modulation: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -202,7 +204,11 @@ class WanImageEmbedding(nn.Module):
     def __init__(self, image_dim: int, dim: int):
         super().__init__()
         self.proj = nn.Sequential(
-            nn.LayerNorm(image_dim), nn.Linear(image_dim, image_dim), nn.GELU(), nn.Linear(image_dim, dim), nn.LayerNorm(dim)
+            nn.LayerNorm(image_dim),
+            nn.Linear(image_dim, image_dim),
+            nn.GELU(),
+            nn.Linear(image_dim, dim),
+            nn.LayerNorm(dim),
         )
 
     def forward(self, clip_features: Tensor) -> Tensor:
@@ -217,7 +223,9 @@ class WanModel(nn.Module):
         self.config = config
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
@@ -271,7 +279,9 @@ class WanModel(nn.Module):
             tokens, cos, sin = tokens[:, token_index], cos[token_index], sin[token_index]
 
         time_embedding = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(compute_dtype)).float()
-        time_modulation = self.time_projection(time_embedding.to(compute_dtype)).float().unflatten(1, (6, self.config.dim))
+        time_modulation = (
+            self.time_projection(time_embedding.to(compute_dtype)).float().unflatten(1, (6, self.config.dim))
+        )
         context = self.text_embedding(context.to(compute_dtype))
         if self.config.model_type == "i2v":
             if clip_fea is None:
