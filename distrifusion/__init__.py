@@ -1,0 +1,1 @@
+"""Multi-GPU runtime (DistriFusion-style patch parallelism) for the Wan model. Import submodules directly."""

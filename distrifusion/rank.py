@@ -1,0 +1,88 @@
+"""One rank's part of a job: wrap the model for the topology and run the sampler (workers, CLI, tests)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .config import ParallelConfig
+from .job import GenerationJob
+from .parallel_model import ParallelWan
+
+log = logging.getLogger(__name__)
+
+_RUNTIME_ATTR = "_distrifusion_parallel"
+"""Attribute of the model holding its ``{(config, rank, device): ParallelWan}``: subgroups and K/V buffers
+outlive a job (kept on the model, so they go with it)."""
+
+
+def parallel_model(model, config: ParallelConfig, rank: int, device: str | torch.device) -> ParallelWan:
+    """The ``ParallelWan`` for this model and topology, built on first use (collective on every rank)."""
+    per_model = model.__dict__.setdefault(_RUNTIME_ATTR, {})
+    key = (config, rank, str(torch.device(device)))
+    if key not in per_model:
+        for other in per_model.values():
+            other.close()
+        per_model.clear()
+        per_model[key] = ParallelWan(model, config, rank, device)
+    return per_model[key]
+
+
+def job_model(model, config: ParallelConfig, rank: int, device: str | torch.device, job: GenerationJob):
+    """What this rank calls for ``job``'s model evaluations: the plain model (world size 1) or its ``ParallelWan``
+    with the step count reset (each call = one step). Collective on first use: every rank calls it."""
+    config.validate()
+    job.validate(text_dim=model.config.text_dim)
+    if config.world_size == 1:
+        return model
+    runner = parallel_model(model, config, rank, device)
+    runner.begin_job(job.sync_frequency)
+    return runner
+
+
+def run_job(
+    model,
+    config: ParallelConfig,
+    rank: int,
+    device: str | torch.device,
+    job: GenerationJob,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+) -> Tensor:
+    """Sample ``job`` on this rank and return the final latent (float32, CPU), identical on every rank.
+
+    Every rank of the group must call this with the same job; world size 1 runs the plain model.
+    """
+    from ..wanvideo.sampling import sample
+
+    runner = job_model(model, config, rank, device, job)
+    latent = job.latent
+    extra = dict(job.extra)
+    model_kwargs = extra.pop("model_kwargs", None)
+    return sample(
+        runner,
+        job.positive,
+        job.negative,
+        latent_shape=None if latent is not None else job.latent_shape(model.config.out_dim),
+        latent=latent,
+        seed=job.seed,
+        steps=job.steps,
+        cfg=job.cfg,
+        shift=job.shift,
+        sampler=job.sampler,
+        scheduler=job.scheduler,
+        denoise=job.denoise,
+        callback=callback,
+        device=device,
+        model_kwargs=model_kwargs,
+    )
+
+
+def last_stats(model) -> dict:
+    """Statistics of the last job run through ``run_job`` on this model (empty for world size 1)."""
+    per_model = model.__dict__.get(_RUNTIME_ATTR) or {}
+    for runner in per_model.values():
+        return runner.stats
+    return {}
