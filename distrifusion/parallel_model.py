@@ -42,6 +42,8 @@ def init_process_group(
     (``MASTER_ADDR``/``MASTER_PORT``). Collectives that wait longer than ``timeout_s`` fail.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         if dist.get_world_size() != config.world_size or dist.get_rank() != rank:

@@ -4,17 +4,25 @@ Runs in a process started by ``worker_main.py`` (the controller never imports th
 ComfyUI start-up). Two channels:
 
 - the **rendezvous store** (torch ``TCPStore`` at ``MASTER_ADDR:MASTER_PORT``, hosted by the
-  controller of rank 0): group settings (``group``), numbered commands ``cmd/<n>`` (a job or a
-  shutdown) that *every* rank reads, local or on another host, and ``ready/<rank>`` /
+  controller of rank 0): group settings (``group``), numbered commands ``cmd/<n>`` (a job, a forward
+  session or a shutdown) that *every* rank reads, local or on another host, and ``ready/<rank>`` /
   ``error/<rank>`` reports. The store is not authenticated, so its payloads are JSON + safetensors,
   never pickle. A rank that loses the store (controller gone) exits.
 - the **control connection** (local ranks only; ``multiprocessing.connection`` with a random
   authkey from the environment): pickled dicts. Worker -> controller: ``hello``, ``ready``,
-  ``progress`` (rank 0, every step), ``result`` (rank 0), ``cancelled``, ``error``. Controller ->
-  worker: ``cancel`` (rank 0), ``shutdown``. EOF means the controller died.
+  ``progress`` (rank 0, every step), ``result`` (rank 0), ``cancelled``, ``prediction`` (rank 0, every
+  session call), ``session_end``, ``error``. Controller -> worker: ``cancel``, ``forward``, ``end``
+  (rank 0), ``shutdown``. EOF means the controller died.
 
-Every step each rank all-gathers ``[cancel flag, memory in use, peak memory]``; a set flag anywhere
-stops every rank after the same step, so the collectives stay matched and the group is reusable.
+A **job** runs the whole sampler on the ranks. Every step each rank all-gathers ``[cancel flag, memory
+in use, peak memory]``; a set flag anywhere stops every rank after the same step, so the collectives
+stay matched and the group is reusable.
+
+A **forward session** lets the controller run the sampler itself (ComfyUI's samplers): each call sends
+``(x, t)`` to rank 0, which broadcasts it to every rank (local or remote) through the process group;
+every rank evaluates the guided flow (``wanvideo.sampling.GuidedFlow``, the same code the job path
+samples with) and rank 0 returns it. ``end`` is broadcast the same way, so every rank leaves the
+session after the same call and the group is reusable.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from datetime import timedelta
 from multiprocessing.connection import Client, Connection
 
@@ -43,6 +52,7 @@ from safetensors.torch import save as save_tensors
 
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import PRECISIONS, load_wan_model
+from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
 
@@ -56,6 +66,10 @@ STORE_CHUNK_BYTES = 4 << 20
 """TCPStore refuses values over 8 MiB; larger payloads are split into chunks."""
 POLL_S = 0.05
 STORE_WATCH_S = 1.0
+SESSION_KEEPALIVE_S = 10.0
+"""Rank 0 wakes the other ranks this often while the controller is between session calls, so their
+broadcast never runs into the collective timeout."""
+_CALL_END, _CALL_FORWARD, _CALL_KEEPALIVE = 0.0, 1.0, 2.0
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -82,8 +96,9 @@ def decode_payload(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     return header, (load_tensors(body) if body else {})
 
 
-def encode_job(job_id: int, job: GenerationJob) -> bytes:
-    """A job as a store payload: tensor fields (and tensors in ``extra``) by value, the rest as JSON."""
+def encode_job(job_id: int, job: GenerationJob, kind: str = "job", options: dict | None = None) -> bytes:
+    """A job (``kind="session"``: a forward session, with its ``options``) as a store payload: tensor fields
+    (and tensors in ``extra``) by value, the rest as JSON."""
     fields, tensors, extra = {}, {}, {}
     for field in dataclasses.fields(job):
         value = getattr(job, field.name)
@@ -97,7 +112,10 @@ def encode_job(job_id: int, job: GenerationJob) -> bytes:
             tensors[field.name] = value
         else:
             fields[field.name] = _json_value(f"job.{field.name}", value)
-    return encode_payload({"type": "job", "id": job_id, "fields": fields, "extra": extra}, tensors)
+    header = {"type": kind, "id": job_id, "fields": fields, "extra": extra}
+    if options:
+        header["options"] = _json_value("session options", options)
+    return encode_payload(header, tensors)
 
 
 def decode_job(header: dict, tensors: dict[str, torch.Tensor]) -> GenerationJob:
@@ -210,6 +228,29 @@ def load_rank_model(
     return model
 
 
+def session_flow(
+    model, parallel: ParallelConfig, rank: int, device: torch.device, job: GenerationJob, options: dict
+) -> GuidedFlow:
+    """The guided flow a rank evaluates for each call of a forward session (the job path's model and CFG code)."""
+    from .rank import job_model
+
+    return GuidedFlow(
+        job_model(model, parallel, rank, device, job),
+        job.positive,
+        job.negative,
+        cfg=job.cfg,
+        batch=int(options["shape"][0]),
+        device=device,
+        model_kwargs=job.extra.get("model_kwargs"),
+        return_uncond=bool(options.get("return_uncond")),
+    )
+
+
+def session_message_id(message: dict) -> int:
+    """The command number a control message belongs to (0 when it names none)."""
+    return int(message.get("session", message.get("job", 0)) or 0)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -255,6 +296,8 @@ class _Worker:
         self.device = torch.device("cpu")
         self.parallel: ParallelConfig | None = None
         self.backend = "none"
+        self.inbox: deque[dict] = deque()
+        """Control messages read ahead (e.g. a session's first ``forward`` before its command was taken)."""
 
     # -- channels ------------------------------------------------------------------------------
 
@@ -266,6 +309,22 @@ class _Worker:
         except OSError:
             logger.warning("controller connection lost; exiting")
             os._exit(EXIT_CONTROLLER_GONE)
+
+    def pull_control(self, timeout: float = 0.0) -> bool:
+        """Move the controller's pending messages into ``inbox`` (waiting up to ``timeout`` for the first);
+        EOF (controller gone) queues ``{"type": "eof"}`` and drops the connection. Whether any arrived."""
+        if self.conn is None:
+            return False
+        got = False
+        try:
+            while self.conn.poll(timeout):
+                self.inbox.append(pickle.loads(self.conn.recv_bytes()))
+                got, timeout = True, 0.0
+        except (EOFError, OSError):
+            self.inbox.append({"type": "eof"})
+            self.conn = None
+            got = True
+        return got
 
     def report_error(self, error: BaseException, phase: str, step: int | None = None, total: int | None = None) -> None:
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -399,13 +458,14 @@ class _Worker:
                     return decode_payload(store_take(self.store, key))
             except dist.DistError:
                 return None
-            while self.conn is not None and self.conn.poll(0):
-                try:
-                    message = pickle.loads(self.conn.recv_bytes())
-                except (EOFError, OSError):
-                    return None
-                if message.get("type") == "shutdown":
-                    return {"type": "shutdown"}, {}
+            self.pull_control()
+            kinds = {message.get("type") for message in self.inbox}
+            if "eof" in kinds:
+                return None
+            if "shutdown" in kinds:
+                return {"type": "shutdown"}, {}
+            # Keep what belongs to this or a later command (a session's first call may come early).
+            self.inbox = deque(m for m in self.inbox if session_message_id(m) >= number)
             time.sleep(POLL_S)
 
     def serve(self) -> int:
@@ -422,18 +482,39 @@ class _Worker:
             if header["type"] == "job":
                 if not self.run_job(header, tensors):
                     return EXIT_FAILED
+            elif header["type"] == "session":
+                if not self.run_session(header, tensors):
+                    return EXIT_FAILED
             number += 1
 
     def cancel_requested(self, job_id: int) -> bool:
+        self.pull_control()
         requested = False
-        while self.conn is not None and self.conn.poll(0):
-            try:
-                message = pickle.loads(self.conn.recv_bytes())
-            except (EOFError, OSError):
-                return True  # controller gone: stop with everyone, the watchers end the process
-            if message.get("type") in ("cancel", "shutdown") and message.get("job", job_id) == job_id:
+        kept: deque[dict] = deque()
+        for message in self.inbox:
+            kind = message.get("type")
+            if kind == "eof":
+                requested = True  # controller gone: stop with everyone, the watchers end the process
+                kept.append(message)
+            elif kind in ("cancel", "shutdown") and message.get("job", job_id) == job_id:
                 requested = True
+            elif session_message_id(message) > job_id:
+                kept.append(message)
+        self.inbox = kept
         return requested
+
+    def step_table(self, cancel: bool) -> list[list[float]]:
+        """``[cancel flag, memory in use, peak memory]`` of every rank (index = rank); collective."""
+        flags = torch.tensor(
+            [float(cancel), memory_in_use(self.device), memory_peak(self.device)],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.world_size == 1:
+            return [flags.cpu().tolist()]
+        rows = [torch.empty_like(flags) for _ in range(self.world_size)]
+        dist.all_gather(rows, flags)
+        return torch.stack(rows).cpu().tolist()
 
     def run_job(self, header: dict, tensors: dict) -> bool:
         """Run one job; False when it failed (the controller stops the group)."""
@@ -446,17 +527,7 @@ class _Worker:
             torch.cuda.reset_peak_memory_stats(self.device)
 
         def on_step(step: int, total: int, x) -> None:
-            flags = torch.tensor(
-                [float(self.cancel_requested(job_id)), memory_in_use(self.device), memory_peak(self.device)],
-                dtype=torch.float64,
-                device=self.device,
-            )
-            if self.world_size > 1:
-                rows = [torch.empty_like(flags) for _ in range(self.world_size)]
-                dist.all_gather(rows, flags)
-                table = torch.stack(rows).cpu().tolist()
-            else:
-                table = [flags.cpu().tolist()]
+            table = self.step_table(self.cancel_requested(job_id))
             now = time.perf_counter()
             seconds, state["last"] = now - state["last"], now
             state["step"], state["total"] = step + 1, total
@@ -500,6 +571,103 @@ class _Worker:
                     "seconds": time.perf_counter() - began,
                 }
             )
+        return True
+
+    # -- forward sessions ----------------------------------------------------------------------
+
+    def next_call(self, session_id: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, float] | None:
+        """The next ``(x, t)`` of the session on every rank (rank 0 takes it from the controller and
+        broadcasts it); ``None`` on every rank once the controller ends the session (or is gone)."""
+        if self.rank != 0:
+            while True:
+                head = torch.zeros(2, dtype=torch.float64, device=self.device)
+                dist.broadcast(head, 0)
+                code, t = head.tolist()
+                if code == _CALL_END:
+                    return None
+                if code == _CALL_FORWARD:
+                    x = torch.empty(shape, dtype=torch.float32, device=self.device)
+                    dist.broadcast(x, 0)
+                    return x, t
+        while True:
+            if not self.inbox and self.conn is None:
+                self._broadcast_call(_CALL_END)  # no controller to drive the session
+                return None
+            if not self.inbox and not self.pull_control(SESSION_KEEPALIVE_S):
+                self._broadcast_call(_CALL_KEEPALIVE)
+                continue
+            message = self.inbox.popleft()
+            kind = message.get("type")
+            if kind in ("eof", "shutdown"):
+                self.inbox.appendleft(message)  # the serve loop acts on it after the session
+                self._broadcast_call(_CALL_END)
+                return None
+            if session_message_id(message) != session_id:
+                continue  # late message of an earlier command
+            if kind in ("end", "cancel"):
+                self._broadcast_call(_CALL_END)
+                return None
+            if kind == "forward":
+                x = message["x"].to(self.device, torch.float32)
+                if tuple(x.shape) != tuple(shape):
+                    raise WanDistriFusionError(
+                        f"forward session: latent of shape {list(x.shape)}, the session was opened for {list(shape)}."
+                    )
+                t = float(message["t"])
+                self._broadcast_call(_CALL_FORWARD, t, x)
+                return x, t
+
+    def _broadcast_call(self, code: float, t: float = 0.0, x: torch.Tensor | None = None) -> None:
+        if self.world_size == 1:
+            return
+        dist.broadcast(torch.tensor([code, t], dtype=torch.float64, device=self.device), 0)
+        if x is not None:
+            dist.broadcast(x.contiguous(), 0)
+
+    def run_session(self, header: dict, tensors: dict) -> bool:
+        """Serve one forward session; False when it failed (the controller stops the group)."""
+        from .rank import last_stats
+
+        session_id = header["id"]
+        options = header.get("options") or {}
+        calls = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            job = decode_job(header, tensors)
+            shape = tuple(int(n) for n in options["shape"])
+            flow = session_flow(self.model, self.parallel, self.rank, self.device, job, options)
+            while True:
+                call = self.next_call(session_id, shape)
+                if call is None:
+                    break
+                began = time.perf_counter()
+                with torch.no_grad():
+                    out = flow(*call)
+                table = self.step_table(False)
+                calls += 1
+                if self.rank == 0:
+                    uncond = flow.last_uncond if flow.return_uncond else None
+                    self.send(
+                        {
+                            "type": "prediction",
+                            "session": session_id,
+                            "call": calls,
+                            "flow": out.detach().to("cpu"),
+                            "uncond": None if uncond is None else uncond.detach().to("cpu"),
+                            "seconds_per_step": time.perf_counter() - began,
+                            "memory_per_rank": [int(row[1]) for row in table],
+                            "peak_per_rank": [int(row[2]) for row in table],
+                        }
+                    )
+        except BaseException as error:  # everything goes back to the controller
+            self.report_error(error, "session", calls + 1, header["fields"].get("steps"))
+            return False
+        logger.info("session %d ended after %d calls", session_id, calls)
+        message = {"type": "session_end", "session": session_id, "rank": self.rank, "calls": calls}
+        if self.rank == 0:
+            message["stats"] = last_stats(self.model)
+        self.send(message)
         return True
 
 

@@ -5,7 +5,9 @@ store, starts every local rank as ``python <repo>/distrifusion/worker_main.py`` 
 interpreter that imports the pack under a fixed alias, since ComfyUI's hyphenated folder name is
 not importable), posts jobs into the store for all ranks (local and on other hosts alike) and
 listens on a local authenticated connection for readiness, per-step progress, the result and
-errors. See ``worker.py`` for the protocol. Any dead, failing or hung rank stops the whole group
+errors. Besides whole jobs, a **forward session** lets the controller drive the sampler itself (ComfyUI's
+KSampler samplers): ``with group.forward_session(job) as model: model(x, t)`` runs one guided model
+evaluation on every rank per call. See ``worker.py`` for the protocol. Any dead, failing or hung rank stops the whole group
 and fails the job with :class:`WorkerFailed`; the next :meth:`WorkerGroup.run` starts a fresh group.
 """
 
@@ -26,8 +28,9 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 
@@ -55,6 +58,7 @@ from .worker import (
     memory_in_use,
     memory_peak,
     resolve_device,
+    session_flow,
     store_drop,
     store_put,
 )
@@ -91,15 +95,89 @@ class WorkerFailed(WanDistriFusionError):
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One finished sampler step, reported by rank 0."""
+    """One finished step, reported by rank 0: a job's sampler step, or one call of a forward session."""
 
     step: int
     """Steps done, 1..total."""
     total: int
     seconds_per_step: float
-    """Wall time of this step."""
+    """Wall time of this step (a session call: the ranks' time for it)."""
     memory_per_rank: tuple[int, ...]
     """Bytes in use per rank, index = rank (CUDA: allocated by torch; CPU: resident set)."""
+
+
+class ForwardSession:
+    """Model evaluations driven by the controller: ``session(x, t)`` is the CFG-guided flow prediction of the
+    runtime's model at latent ``x`` ``[1, C, F, H, W]`` (float32) and timestep ``t`` (0..1000), as float32 CPU.
+
+    One call = one step of the runtime (the displaced mode's warm-up and stale-K/V counting, progress events,
+    the step timeout). The cond/uncond batch, the 512-token context padding and ``uncond + cfg * (cond -
+    uncond)`` happen on the ranks (``wanvideo.sampling.GuidedFlow``, as in the job path). Use it as a context
+    manager, from ``runtime.forward_session(job, ...)``; leaving the ``with`` block ends the session on every
+    rank after the same call, also when an exception leaves it, and the runtime stays usable. ``cancelled()``
+    is polled before each call: true raises ``JobCancelled``. An exception raised by ``progress`` propagates
+    out of the call.
+    """
+
+    def __init__(
+        self,
+        job: GenerationJob,
+        shape: tuple[int, ...],
+        progress: ProgressCallback | None,
+        cancelled: Callable[[], bool] | None,
+        return_uncond: bool,
+    ):
+        self.job = job
+        self.shape = tuple(int(n) for n in shape)
+        """The latent shape every call takes."""
+        self.total = job.steps
+        """Expected number of calls (the job's steps), for progress events."""
+        self.calls = 0
+        self.return_uncond = bool(return_uncond) and job.negative is not None
+        self.last_uncond: torch.Tensor | None = None
+        """With ``return_uncond``: the unguided (negative-prompt) flow of the last call."""
+        self._progress = progress
+        self._cancelled = cancelled
+        self._open = False
+
+    def __enter__(self) -> ForwardSession:
+        raise NotImplementedError
+
+    def __exit__(self, *exc) -> None:
+        raise NotImplementedError
+
+    def _evaluate(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor | None, float, tuple[int, ...]]:
+        """(flow, uncond flow or None, seconds, memory per rank) of one call."""
+        raise NotImplementedError
+
+    def _record(self, event: ProgressEvent) -> None:
+        """Keep ``event`` for the runtime's status."""
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The guided flow at ``(x, t)``; see the class docstring."""
+        if not self._open:
+            raise WanDistriFusionError("forward session: it has ended; open a new one with runtime.forward_session().")
+        if tuple(x.shape) != self.shape:
+            raise WanDistriFusionError(
+                f"forward session: latent of shape {list(x.shape)}, but the session was opened for {list(self.shape)}."
+            )
+        if self._cancelled is not None and self._cancelled():
+            raise JobCancelled(
+                f"cancelled after step {self.calls} of {self.total}", self.calls, max(self.total, self.calls)
+            )
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        flow, uncond, seconds, memory = self._evaluate(x, float(t))
+        self.calls += 1
+        self.last_uncond = uncond
+        event = ProgressEvent(self.calls, max(self.total, self.calls), seconds, tuple(memory))
+        self._record(event)
+        if self._progress is not None:
+            self._progress(event)
+        return flow
+
+
+def _session_options(runtime_shape: tuple[int, ...], return_uncond: bool) -> dict:
+    return {"shape": list(runtime_shape), "return_uncond": bool(return_uncond)}
 
 
 @dataclass
@@ -257,47 +335,80 @@ class WorkerGroup:
         (group stopped) when a rank died, failed or hung. An exception from ``progress`` (e.g. ComfyUI's
         interrupt) cancels the job on every rank and is then re-raised.
         """
-        if not self.is_leader:
-            raise WanDistriFusionError(
-                f"rank: this group holds ranks {self.first_rank}..{self.first_rank + self.local_ranks - 1}; "
-                "jobs are submitted on the host that runs rank 0."
-            )
+        self._check_leader()
         with self._run_lock:
-            if not self.alive:
-                self.start()
-            job.validate(text_dim=self._model_config.text_dim if self._model_config else None)
-            self._check_memory(job)
-            if cancelled is not None and cancelled():
-                raise JobCancelled("cancelled before the first step", 0, job.steps)
-            number = self._next_command
-            self._next_command += 1
-            self._progress = {
-                "step": 0,
-                "total": job.steps,
-                "seconds_per_step": None,
-                "memory_per_rank": [],
-                "job": number,
-            }
-            try:
-                store_put(self._store, f"cmd/{number}", encode_job(number, job))
-            except Exception as error:
-                if isinstance(error, WanDistriFusionError):
-                    raise
-                self._fail(None, f"could not post the job to the workers' store ({describe_error(error)})")
+            number = self._begin_command(job, cancelled)
+            self._post(number, encode_job(number, job))
             try:
                 latent = self._wait_job(number, progress, cancelled)
             except KeyboardInterrupt:
                 self._interrupt(number)
                 raise
             finally:
-                self._progress["job"] = None
-                if self._alive:
-                    try:
-                        store_drop(self._store, f"cmd/{number}")
-                    except Exception:
-                        logger.debug("could not drop job %d from the store", number, exc_info=True)
+                self._end_command(number)
             self._jobs_run += 1
             return latent
+
+    def forward_session(
+        self,
+        job: GenerationJob,
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        *,
+        return_uncond: bool = False,
+    ) -> ForwardSession:
+        """A ``ForwardSession`` on every rank for ``job``'s conditioning, cfg, sync frequency and latent size
+        (``job.latent``'s shape, else width/height/length); ``job.steps`` is the expected number of calls.
+
+        ``with group.forward_session(job) as model: flow = model(x, t)``. A dead, failing or hung rank raises
+        ``WorkerFailed`` from the call (the group is stopped; the next session or run restarts it).
+        ``return_uncond`` also returns the negative prompt's flow (``model.last_uncond``), batching cond and
+        uncond even at cfg 1, for ComfyUI's CFG++ samplers.
+        """
+        self._check_leader()
+        return _GroupSession(self, job, progress, cancelled, return_uncond)
+
+    def _check_leader(self) -> None:
+        if not self.is_leader:
+            raise WanDistriFusionError(
+                f"rank: this group holds ranks {self.first_rank}..{self.first_rank + self.local_ranks - 1}; "
+                "jobs are submitted on the host that runs rank 0."
+            )
+
+    def _begin_command(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> int:
+        """Start the group when needed, check ``job`` and reserve its command number (holding the run lock)."""
+        if not self.alive:
+            self.start()
+        job.validate(text_dim=self._model_config.text_dim if self._model_config else None)
+        self._check_memory(job)
+        if cancelled is not None and cancelled():
+            raise JobCancelled("cancelled before the first step", 0, job.steps)
+        number = self._next_command
+        self._next_command += 1
+        self._progress = {
+            "step": 0,
+            "total": job.steps,
+            "seconds_per_step": None,
+            "memory_per_rank": [],
+            "job": number,
+        }
+        return number
+
+    def _post(self, number: int, payload: bytes) -> None:
+        try:
+            store_put(self._store, f"cmd/{number}", payload)
+        except Exception as error:
+            if isinstance(error, WanDistriFusionError):
+                raise
+            self._fail(None, f"could not post the job to the workers' store ({describe_error(error)})")
+
+    def _end_command(self, number: int) -> None:
+        self._progress["job"] = None
+        if self._alive:
+            try:
+                store_drop(self._store, f"cmd/{number}")
+            except Exception:
+                logger.debug("could not drop command %d from the store", number, exc_info=True)
 
     def close(self) -> None:
         """Stop every local rank (asked, then terminated, then killed) and free the store; idempotent."""
@@ -873,6 +984,178 @@ class WorkerGroup:
         return f"world {self.parallel.world_size}, {self.parallel.mode}, local ranks {ranks}"
 
 
+class _GroupSession(ForwardSession):
+    """A forward session on a ``WorkerGroup``: holds its run lock from ``__enter__`` to ``__exit__``."""
+
+    def __init__(self, group: WorkerGroup, job, progress, cancelled, return_uncond):
+        out_dim = group._model_config.out_dim if group._model_config else 16
+        super().__init__(job, job.latent_shape(out_dim), progress, cancelled, return_uncond)
+        self.group = group
+        self.number: int | None = None
+        self._backlog: deque[tuple[int, dict]] = deque()
+        """Messages received but not yet looked at (two ranks' replies may come in one read)."""
+
+    def __enter__(self) -> _GroupSession:
+        group = self.group
+        group._run_lock.acquire()
+        try:
+            self.number = group._begin_command(self.job, self._cancelled)
+            if group._model_config is not None:
+                self.shape = tuple(self.job.latent_shape(group._model_config.out_dim))
+            # The ranks get the latent size, never the latent itself: the controller holds x.
+            payload = encode_job(
+                self.number,
+                replace(self.job, latent=None),
+                kind="session",
+                options=_session_options(self.shape, self.return_uncond),
+            )
+            group._post(self.number, payload)
+        except BaseException:
+            if self.number is not None:
+                group._end_command(self.number)
+            group._run_lock.release()
+            raise
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        group = self.group
+        self._open = False
+        try:
+            if group._alive:
+                try:
+                    stopped = self._end()
+                except WorkerFailed:  # the group was stopped; the next session or run restarts it
+                    if exc is None:
+                        raise
+                    logger.warning("ending the forward session failed after %r", exc, exc_info=True)
+                except BaseException:  # e.g. Ctrl-C while ending: the ranks' state is unknown, stop them
+                    group._teardown(kill=True)
+                    raise
+                else:
+                    if isinstance(exc, JobCancelled):
+                        exc.stopped_steps = stopped
+            if exc is None:
+                group._jobs_run += 1
+        finally:
+            group._end_command(self.number)
+            group._run_lock.release()
+
+    def _evaluate(self, x, t):
+        group, number, call = self.group, self.number, self.calls + 1
+        group._send(0, {"type": "forward", "session": number, "call": call, "x": x, "t": t})
+        message = self._wait(
+            lambda m: m.get("type") == "prediction" and m.get("session") == number and m.get("call") == call,
+            f"during step {call} of {max(self.total, call)}",
+        )[1]
+        return message["flow"], message.get("uncond"), message["seconds_per_step"], message["memory_per_rank"]
+
+    def _record(self, event: ProgressEvent) -> None:
+        self.group._progress.update(
+            step=event.step,
+            total=event.total,
+            seconds_per_step=event.seconds_per_step,
+            memory_per_rank=list(event.memory_per_rank),
+        )
+
+    def _end(self) -> dict[int, int]:
+        """End the session on every rank; the number of calls each local rank served (all equal)."""
+        group, number = self.group, self.number
+        group._send(0, {"type": "end", "session": number})
+        stopped: dict[int, int] = {}
+        while len(stopped) < len(group._ranks):
+            rank, message = self._wait(
+                lambda m: m.get("type") == "session_end" and m.get("session") == number,
+                f"while ending the session after step {self.calls}",
+            )
+            stopped[rank] = message["calls"]
+            if rank == 0:
+                group._last_stats = message.get("stats") or {}
+        if len(set(stopped.values())) > 1:
+            group._fail(None, f"the ranks left the session after different steps {stopped}")
+        return stopped
+
+    def _wait(self, wanted: Callable[[dict], bool], phase: str) -> tuple[int, dict]:
+        """The first ``(rank, message)`` that is ``wanted``; ``WorkerFailed`` when a rank dies, fails or hangs."""
+        group = self.group
+        deadline = time.monotonic() + group.step_timeout_s
+        last_remote_check = time.monotonic()
+        while True:
+            if group._closing:
+                group._fail(None, "the worker group was closed while a forward session was running")
+            if not self._backlog:
+                self._backlog.extend(group._receive(POLL_S))
+            while self._backlog:
+                rank, message = self._backlog.popleft()
+                if message.get("type") == "error":
+                    group._fail_from_report(message, phase)
+                if wanted(message):
+                    return rank, message
+            group._check_processes(phase)
+            now = time.monotonic()
+            if now - last_remote_check > 0.5:
+                last_remote_check = now
+                group._check_remote_ranks()
+            if now > deadline:
+                group._fail(
+                    None,
+                    f"no answer from the workers for step_timeout_s = {group.step_timeout_s:.0f} s {phase} "
+                    "(a rank is hung, or a step takes longer than step_timeout_s allows)",
+                    all_logs=True,
+                )
+
+
+class _LocalSession(ForwardSession):
+    """A forward session on the ``InProcessRunner``'s model."""
+
+    def __init__(self, runner: InProcessRunner, job, progress, cancelled, return_uncond):
+        runner.start()
+        super().__init__(job, job.latent_shape(runner._model.config.out_dim), progress, cancelled, return_uncond)
+        self.runner = runner
+        self.flow = None
+
+    def __enter__(self) -> _LocalSession:
+        runner = self.runner
+        runner._prepare(self.job, self._cancelled)
+        self.flow = session_flow(
+            runner._model,
+            runner.parallel,
+            0,
+            runner._device,
+            self.job,
+            _session_options(self.shape, self.return_uncond),
+        )
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._open, self.flow = False, None
+        if isinstance(exc, JobCancelled):
+            exc.stopped_steps = {0: self.calls}
+        elif exc is None:
+            self.runner._jobs_run += 1
+        else:
+            self.runner._last_error = describe_error(exc)
+
+    def _evaluate(self, x, t):
+        device = self.runner._device
+        began = time.perf_counter()
+        with torch.no_grad():
+            flow = self.flow(x.to(device), t)
+        uncond = self.flow.last_uncond if self.flow.return_uncond else None
+        flow = flow.to("cpu")
+        uncond = None if uncond is None else uncond.to("cpu")
+        return flow, uncond, time.perf_counter() - began, (memory_in_use(device),)
+
+    def _record(self, event: ProgressEvent) -> None:
+        self.runner._progress = {
+            "step": event.step,
+            "total": event.total,
+            "seconds_per_step": event.seconds_per_step,
+            "memory": event.memory_per_rank[0],
+        }
+
+
 def _wait_all(entries: list[_Rank], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for entry in entries:
@@ -974,26 +1257,8 @@ class InProcessRunner:
         """Run ``job`` here; same contract as ``WorkerGroup.run``."""
         from .rank import run_job
 
-        self.start()
-        config = self._model.config
-        job.validate(text_dim=config.text_dim)
-        free = self._free_before_load if self._device.type == "cuda" else None
-        guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
-        self._last_plan = plan_memory(
-            config,
-            self.parallel,
-            job.latent_shape(config.out_dim),
-            self.precision,
-            self.quantization,
-            free,
-            guidance_batch=guidance,
-        )
-        if cancelled is not None and cancelled():
-            raise JobCancelled("cancelled before the first step", 0, job.steps)
-        self._progress = {"step": 0, "total": job.steps, "seconds_per_step": None, "memory": None}
+        self._prepare(job, cancelled)
         last = [time.perf_counter()]
-        if self._device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self._device)
 
         def on_step(step: int, total: int, x) -> None:
             now = time.perf_counter()
@@ -1017,6 +1282,39 @@ class InProcessRunner:
             raise
         self._jobs_run += 1
         return latent.detach().to("cpu")
+
+    def forward_session(
+        self,
+        job: GenerationJob,
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        *,
+        return_uncond: bool = False,
+    ) -> ForwardSession:
+        """Model evaluations driven by the caller, in this process; same contract as ``WorkerGroup.forward_session``."""
+        return _LocalSession(self, job, progress, cancelled, return_uncond)
+
+    def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
+        """Load the model when needed, check ``job`` and its memory, reset the progress."""
+        self.start()
+        config = self._model.config
+        job.validate(text_dim=config.text_dim)
+        free = self._free_before_load if self._device.type == "cuda" else None
+        guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
+        self._last_plan = plan_memory(
+            config,
+            self.parallel,
+            job.latent_shape(config.out_dim),
+            self.precision,
+            self.quantization,
+            free,
+            guidance_batch=guidance,
+        )
+        if cancelled is not None and cancelled():
+            raise JobCancelled("cancelled before the first step", 0, job.steps)
+        self._progress = {"step": 0, "total": job.steps, "seconds_per_step": None, "memory": None}
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
 
     def close(self) -> None:
         """Free the model; idempotent."""

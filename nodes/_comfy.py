@@ -62,3 +62,42 @@ def wan21_latent_format():
     import comfy.latent_formats
 
     return comfy.latent_formats.Wan21()
+
+
+def sampler_names(extra: tuple[str, ...] = ()) -> list[str]:
+    """KSampler's sampler names (then ``extra``); outside ComfyUI, the core's own solver names."""
+    if not comfy_available():
+        from ..wanvideo.sampling import SAMPLERS
+
+        return list(dict.fromkeys([*SAMPLERS, *extra]))
+    import comfy.samplers
+
+    return list(dict.fromkeys([*comfy.samplers.KSampler.SAMPLERS, *extra]))
+
+
+def scheduler_names() -> list[str]:
+    """KSampler's scheduler names; outside ComfyUI, the core's own schedule names."""
+    if not comfy_available():
+        from ..wanvideo.sampling import SCHEDULERS
+
+        return list(SCHEDULERS)
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def prepare_noise(latent: torch.Tensor, seed: int) -> torch.Tensor:
+    """KSampler's starting noise for ``latent`` (CPU, seeded as ComfyUI seeds it)."""
+    import comfy.sample
+
+    return comfy.sample.prepare_noise(latent, seed)
+
+
+def previewer(latent_format):
+    """ComfyUI's latent previewer for the server's ``--preview-method`` (``None`` when previews are off)."""
+    try:
+        import latent_preview
+
+        return latent_preview.get_previewer("cpu", latent_format)
+    except Exception:  # previews are a nicety: never fail a run for them
+        return None

@@ -7,6 +7,7 @@ import os
 
 from ..distrifusion.config import COMM_BACKENDS, KV_DTYPES, PARALLEL_MODES, SPLIT_MODES, ParallelConfig
 from ..distrifusion.status import warn_if_official_missing
+from ..wanvideo.attention import ATTENTION_BACKENDS
 from ..wanvideo.errors import WanDistriFusionError
 from . import _comfy
 from ._widgets import bool_widget, combo_widget, int_widget
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 CATEGORY = "WanVideoWrapper/Official DistriFusion"
 PRECISIONS = ("bf16", "fp16", "fp32")
 QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e5m2")
-ATTENTION_BACKENDS = ("auto", "sdpa")
+GPU_ONLY_ATTENTION = ("flash4", "flash3", "sage")
 MAX_GPUS = 8
 
 
@@ -49,13 +50,18 @@ TOOLTIPS = {
     "world size and cfg != 1); each half splits the video over its ranks.",
     "warmup_steps": "Displaced mode: the first steps run fully synchronous (exact) before stale K/V is used, as in "
     "DistriFusion. More = closer to the single-GPU result, slower.",
-    "attention": "Attention kernel. auto and sdpa both use PyTorch scaled_dot_product_attention, which picks cuDNN / "
-    "Flash / memory-efficient kernels itself.",
+    "attention": "Self-attention kernel on every rank. auto = FlashAttention-4 on Hopper/Blackwell GPUs when it is "
+    "installed, else sdpa. sdpa = PyTorch scaled_dot_product_attention (picks cuDNN / Flash / memory-efficient "
+    "kernels itself; works everywhere, CPU included). flash4 = FlashAttention-4 (pip install flash-attn-4; Hopper or "
+    "Blackwell). flash3 = FlashAttention-3 (built from its hopper/ folder; Hopper). sage = SageAttention (pip install "
+    "sageattention; 8-bit Q/K, slightly approximate). The last three need CUDA GPUs.",
     "kv_dtype": "dtype of the stale K/V buffers the displaced mode keeps and exchanges. auto = compute dtype; "
     "fp8_e4m3fn halves their memory and traffic (14B 720p on 80 GB cards needs it).",
     "comm_backend": "Who exchanges the K/V: official = MIT-HAN-Lab distrifuser's PatchParallelismCommManager (needs "
     "requirements_official_distrifusion.txt), builtin = the pack's own, auto = official when it imports, else "
     "builtin. Same algorithm and results.",
+    "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
+    "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain.",
 }
 
 
@@ -82,6 +88,7 @@ class OfficialDistriFusionModelLoader:
                 "attention": combo_widget(ATTENTION_BACKENDS, "auto", tip["attention"]),
                 "kv_dtype": combo_widget(KV_DTYPES, "auto", tip["kv_dtype"]),
                 "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
+                "compile": bool_widget(False, tip["compile"]),
             },
         }
 
@@ -120,6 +127,7 @@ class OfficialDistriFusionModelLoader:
         attention,
         kv_dtype,
         comm_backend,
+        compile=False,
     ):
         warn_if_official_missing()
         settings = build_settings(
@@ -138,6 +146,7 @@ class OfficialDistriFusionModelLoader:
             attention=attention,
             kv_dtype=kv_dtype,
             comm_backend=comm_backend,
+            compile_blocks=compile,
         )
         RUNTIMES.acquire(settings)
         return (DistriFusionModel(settings),)
@@ -160,6 +169,7 @@ def build_settings(
     attention: str,
     kv_dtype: str,
     comm_backend: str,
+    compile_blocks: bool = False,
     device: str | None = None,
     cuda_devices: int | None = None,
 ) -> RuntimeSettings:
@@ -174,6 +184,11 @@ def build_settings(
     if not 1 <= gpus <= MAX_GPUS:
         raise WanDistriFusionError(f"GPUs: {gpus} is out of range; use 1 to {MAX_GPUS}.")
     device = device or _comfy.comfy_device_type()
+    if device == "cpu" and attention in GPU_ONLY_ATTENTION:
+        raise WanDistriFusionError(
+            f"attention: {attention} runs on CUDA GPUs only and ComfyUI computes on the CPU here (--cpu); choose auto "
+            "or sdpa."
+        )
     available = _comfy.local_cuda_devices() if cuda_devices is None else cuda_devices
     if device == "cuda" and gpus > available:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -203,6 +218,8 @@ def build_settings(
         warmup_steps=warmup_steps,
         kv_dtype=kv_dtype,
         comm_backend=comm_backend,
+        attention_backend=attention,
+        compile_blocks=bool(compile_blocks),
     ).validate()
     path = _comfy.diffusion_model_path(model)
     addr, port = master_address()
@@ -234,7 +251,6 @@ def build_settings(
         device=device,
         local_ranks=gpus,
         first_rank=rank,
-        attention=attention,
         master_addr=addr,
         master_port=port,
     )

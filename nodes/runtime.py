@@ -4,7 +4,6 @@ released when ComfyUI unloads models (Unload Models / ``POST /free``) and when C
 from __future__ import annotations
 
 import atexit
-import inspect
 import logging
 import os
 import threading
@@ -33,13 +32,14 @@ class RuntimeSettings:
     device: str
     local_ranks: int
     first_rank: int
-    attention: str = "auto"
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["parallel"] = self.parallel.to_dict()
+        data["attention"] = self.parallel.attention_backend  # the Status report's runtime line
+        data["compile"] = self.parallel.compile_blocks
         return data
 
 
@@ -82,7 +82,7 @@ class RuntimeRegistry:
                 settings.parallel.world_size,
                 settings.device,
             )
-            runtime = start_runtime(**_start_kwargs(start_runtime, settings))
+            runtime = start_runtime(**_start_kwargs(settings))
             self._runtime, self._settings = runtime, settings
             return runtime
 
@@ -137,8 +137,9 @@ def install_unload_hook(registry: RuntimeRegistry) -> bool:
     return True
 
 
-def _start_kwargs(start_runtime, settings: RuntimeSettings) -> dict:
-    kwargs = {
+def _start_kwargs(settings: RuntimeSettings) -> dict:
+    """``start_runtime``'s arguments; the attention kernel and compile setting travel in ``parallel``."""
+    return {
         "model_path": settings.model_path,
         "precision": settings.precision,
         "quantization": settings.quantization,
@@ -148,12 +149,7 @@ def _start_kwargs(start_runtime, settings: RuntimeSettings) -> dict:
         "first_rank": settings.first_rank,
         "master_addr": settings.master_addr,
         "master_port": settings.master_port,
-        "attention": settings.attention,
     }
-    params = inspect.signature(start_runtime).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _alive(runtime) -> bool:

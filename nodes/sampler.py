@@ -1,15 +1,19 @@
-"""🎯 Official DistriFusion Sampler: native CONDITIONING/LATENT in, ComfyUI's Wan LATENT out."""
+"""🎯 Official DistriFusion Sampler: native CONDITIONING/LATENT in, ComfyUI's Wan LATENT out.
+
+The sampler math is ComfyUI's own (``comfy_sampling``): KSampler's sigmas, noise and samplers run here,
+in the ComfyUI process; each model call goes to the workers through the runtime's forward session.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from ..distrifusion.job import GenerationJob
 from ..wanvideo.errors import WanDistriFusionError
-from ..wanvideo.sampling import SAMPLERS, SCHEDULERS
-from . import _comfy
+from . import _comfy, comfy_sampling
 from ._widgets import combo_widget, float_widget, int_widget, socket
 from .loader import CATEGORY
 from .runtime import MODEL_TYPE, RUNTIMES
@@ -17,6 +21,8 @@ from .runtime import MODEL_TYPE, RUNTIMES
 logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
+DEFAULT_SAMPLER = "uni_pc"
+"""What ComfyUI's own Wan 2.1 templates sample with."""
 MAX_SIZE = 4096
 MAX_LENGTH = 1025
 
@@ -25,13 +31,18 @@ TOOLTIPS = {
     "model": "The worker group from the DistriFusion Model Loader.",
     "positive": "What the video should show: CLIP Text Encode with a Load CLIP of type wan (umT5).",
     "negative": "What to avoid; used when cfg is not 1 (one batched model call per step).",
-    "steps": "Denoising steps; each is one model call on every rank.",
+    "steps": "Denoising steps, as KSampler counts them. Each model call runs on every rank; most samplers make one "
+    "per step (heun, dpm_2 and the 2s/sde variants make two).",
     "cfg": "Classifier-free guidance scale; 1 skips the negative prompt (half the compute).",
-    "shift": "Flow-matching timestep shift (as ModelSamplingSD3): Wan uses about 3 for 480p and 5 for 720p; higher "
-    "spends more steps at high noise.",
-    "seed": "Seed of the starting noise; every rank rebuilds the same noise from it on the CPU.",
-    "sampler": "Solver of the flow ODE.",
-    "scheduler": "How the sigmas are spaced over the steps.",
+    "shift": "Flow-matching timestep shift, exactly as the native ModelSamplingSD3 node's: Wan uses about 3 for 480p "
+    "and 5 for 720p; higher spends more steps at high noise.",
+    "seed": "Seed of the starting noise, drawn as KSampler draws it (same seed, same noise).",
+    "sampler": "KSampler's samplers (euler, uni_pc, dpmpp_2m, ...), run by ComfyUI's own code with the model calls "
+    "on the workers: the same result as native KSampler with ModelSamplingSD3(shift). Plus unipc and dpm++: Wan's "
+    "reference solvers with their own schedules (diffusers' UniPC and DPM-Solver++ 2M, as the official Wan code and "
+    "`cli.py generate`), which differ from ComfyUI's uni_pc and dpmpp_2m.",
+    "scheduler": "How the sigmas are spaced over the steps, computed as KSampler does (ComfyUI's Wan templates use "
+    "simple).",
     "denoise": "1 = from pure noise; below 1 keeps that much of the input latent (video-to-video).",
     "width": "Video width in pixels, a multiple of 16. Ignored when a latent is connected.",
     "height": "Video height in pixels, a multiple of 16. Ignored when a latent is connected.",
@@ -60,8 +71,10 @@ class OfficialDistriFusionSampler:
                 "cfg": float_widget(5.0, 0.0, 100.0, 0.1, tip["cfg"], round=0.01),
                 "shift": float_widget(5.0, 0.0, 100.0, 0.01, tip["shift"]),
                 "seed": int_widget(0, 0, 0xFFFFFFFFFFFFFFFF, tip["seed"], control_after_generate=True),
-                "sampler": combo_widget(SAMPLERS, "unipc", tip["sampler"]),
-                "scheduler": combo_widget(SCHEDULERS, "simple", tip["scheduler"]),
+                "sampler": combo_widget(
+                    _comfy.sampler_names(comfy_sampling.WAN_SOLVERS), DEFAULT_SAMPLER, tip["sampler"]
+                ),
+                "scheduler": combo_widget(_comfy.scheduler_names(), "simple", tip["scheduler"]),
                 "denoise": float_widget(1.0, 0.01, 1.0, 0.01, tip["denoise"]),
                 "width": int_widget(832, 16, MAX_SIZE, tip["width"], step=16),
                 "height": int_widget(480, 16, MAX_SIZE, tip["height"], step=16),
@@ -132,30 +145,57 @@ class OfficialDistriFusionSampler:
             _, _, frames, rows, cols = job.latent.shape
             job.width, job.height, job.length = cols * 8, rows * 8, (frames - 1) * 4 + 1
         job.validate()
+        shape = job.latent_shape(LATENT_CHANNELS)
+        latent_image = job.latent if job.latent is not None else torch.zeros(shape)
+
+        model_sampling = comfy_sampling.model_sampling_sd3(shift)
+        sigmas = comfy_sampling.sampler_sigmas(model_sampling, sampler, scheduler, steps, shift, denoise)
+        noise = _comfy.prepare_noise(latent_image, seed)
 
         runtime = model.runtime()
         activity = RUNTIMES.activity
         bar = _comfy.progress_bar(steps, node_id=unique_id)
-        interrupted = False
+        previewer = _comfy.previewer(latent_format)
+        last = {"memory": None, "time": time.perf_counter()}
 
-        def cancelled() -> bool:
-            return interrupted or mm.processing_interrupted()
+        def on_model_call(event) -> None:
+            last["memory"] = event.memory_per_rank
 
-        def progress(event) -> None:
-            nonlocal interrupted
-            activity.update(event.step, event.total, event.seconds_per_step, event.memory_per_rank)
-            try:
-                bar.update_absolute(event.step, event.total)
-            except mm.InterruptProcessingException:  # the bar's hook is an interrupt point: stop all ranks together
-                interrupted = True
+        def on_step(step: int, denoised, x, total: int) -> None:
+            now = time.perf_counter()
+            activity.update(step + 1, total, now - last["time"], last["memory"])
+            last["time"] = now
+            preview = None
+            if previewer is not None and denoised is not None:
+                preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
+            bar.update_absolute(step + 1, total, preview)  # ComfyUI's interrupt point: raises on Cancel
 
-        activity.begin(steps, job.latent_shape())
+        activity.begin(steps, shape)
         try:
-            samples = runtime.run(job, progress=progress, cancelled=cancelled)
+            with runtime.forward_session(
+                job,
+                progress=on_model_call,
+                cancelled=mm.processing_interrupted,
+                return_uncond=comfy_sampling.needs_uncond(sampler),
+            ) as forward:
+                samples = comfy_sampling.sample(
+                    forward,
+                    model_sampling=model_sampling,
+                    sampler=sampler,
+                    sigmas=sigmas,
+                    noise=noise,
+                    latent_image=latent_image,
+                    cfg=cfg,
+                    seed=seed,
+                    callback=on_step,
+                )
         except JobCancelled as exc:
             activity.finish("cancelled by the user")
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException() from exc
+        except mm.InterruptProcessingException:
+            activity.finish("cancelled by the user")
+            raise
         except Exception as exc:
             activity.finish(exc)
             raise

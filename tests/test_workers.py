@@ -26,6 +26,7 @@ from wan_distrifusion.distrifusion.workers import (
     WorkerGroup,
     start_runtime,
 )
+from wan_distrifusion.wanvideo import sampling
 from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +208,153 @@ def test_in_process_runner_cancels_at_the_step(checkpoint, reference):
     assert runner.status()["world_size"] == 1
     runner.close()
     runner.close()
+
+
+# --- forward sessions: the controller runs the sampler, the ranks evaluate the model -----------------------
+
+
+def drive_euler(runtime, job: GenerationJob, **session_kwargs) -> torch.Tensor:
+    """``job``'s euler run, with the sampler here and every model call through a forward session."""
+    sigmas = sampling.sigma_schedule(job.scheduler, job.steps, job.shift, job.denoise)
+    noise = torch.randn(job.latent_shape(4), generator=torch.Generator("cpu").manual_seed(job.seed))
+    with runtime.forward_session(job, **session_kwargs) as model:
+        return sampling.sample_flow(lambda x, sigma: model(x, sigma * 1000), noise * sigmas[0], sigmas, "euler")
+
+
+@pytest.fixture(scope="module")
+def runner(checkpoint):
+    runner = start_runtime(checkpoint, device="cpu")
+    yield runner
+    runner.close()
+
+
+def test_forward_session_in_process_equals_the_job(runner, reference):
+    events = []
+    assert torch.equal(drive_euler(runner, make_job(), progress=events.append), reference)
+    assert [event.step for event in events] == [1, 2, 3] and all(event.total == 3 for event in events)
+    assert runner.status()["current_step"] == 3
+
+
+def test_forward_session_of_two_equals_in_process_and_reports_every_call(group, reference):
+    events = []
+    latent = drive_euler(group, make_job(), progress=events.append)
+    assert relative_error(latent, reference) < 1e-5
+    assert [event.step for event in events] == [1, 2, 3]
+    assert all(len(event.memory_per_rank) == 2 and min(event.memory_per_rank) > 0 for event in events)
+    assert group.status()["current_step"] == 3
+    assert relative_error(group.run(make_job()), reference) < 1e-5  # the job path still works after a session
+
+
+def test_forward_session_checks_its_input_and_ends(group, runner):
+    for runtime in (group, runner):
+        with runtime.forward_session(make_job()) as model:
+            with pytest.raises(WanDistriFusionError, match="shape"):
+                model(torch.zeros(1, 4, 2, 6, 7), 500.0)
+        with pytest.raises(WanDistriFusionError, match="ended"):
+            model(torch.zeros(1, 4, 2, 6, 8), 500.0)
+
+
+def test_forward_session_returns_the_unguided_flow_on_request(group, runner):
+    job = make_job()
+    x = torch.randn(job.latent_shape(4), generator=torch.Generator().manual_seed(3))
+    cond_only = GenerationJob(**{**vars(make_job()), "negative": None})
+    uncond_only = GenerationJob(**{**vars(make_job()), "positive": job.negative, "negative": None})
+    with runner.forward_session(cond_only) as model:
+        cond = model(x, 700.0)
+    with runner.forward_session(uncond_only) as model:
+        uncond = model(x, 700.0)
+    for runtime in (runner, group):
+        with runtime.forward_session(job, return_uncond=True) as model:
+            guided = model(x, 700.0)
+            assert relative_error(model.last_uncond, uncond) < 1e-5
+        assert relative_error(guided, uncond + job.cfg * (cond - uncond)) < 1e-5
+        with runtime.forward_session(GenerationJob(**{**vars(make_job()), "cfg": 1.0}), return_uncond=True) as model:
+            assert relative_error(model(x, 700.0), cond) < 1e-5  # cfg 1: cond and uncond still batched
+            assert relative_error(model.last_uncond, uncond) < 1e-5
+
+
+def test_forward_session_cancel_between_calls_stops_every_rank_at_the_same_call(group, reference):
+    events = []
+    with pytest.raises(JobCancelled) as caught:
+        drive_euler(group, make_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
+    assert caught.value.step == 2 and caught.value.stopped_steps == {0: 2, 1: 2}
+    assert group.alive
+    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5
+
+
+def test_exception_inside_a_forward_session_ends_it_on_every_rank(group, reference):
+    class Interrupted(Exception):
+        pass
+
+    def progress(event):
+        if event.step == 2:
+            raise Interrupted
+
+    pids = group.status()["pids"]
+    with pytest.raises(Interrupted):
+        drive_euler(group, make_job(steps=200), progress=progress)
+    assert group.alive and group.status()["pids"] == pids
+    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5
+
+
+def test_in_process_forward_session_cancels_between_calls(runner, reference):
+    events = []
+    with pytest.raises(JobCancelled) as caught:
+        drive_euler(runner, make_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
+    assert caught.value.step == 2 and caught.value.stopped_steps == {0: 2}
+    assert torch.equal(drive_euler(runner, make_job()), reference)
+
+
+def test_killed_worker_during_a_forward_session_fails_in_bounded_time_and_the_next_restarts(group, reference):
+    old_pids = group.status()["pids"]
+    killed_at = []
+
+    def progress(event):
+        if event.step == 2 and not killed_at:
+            os.kill(old_pids[1], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    with pytest.raises(WorkerFailed) as caught:
+        drive_euler(group, make_job(steps=200), progress=progress)
+    assert time.monotonic() - killed_at[0] < FAILURE_BOUND_S
+    message = str(caught.value)
+    assert "rank 1 exited with signal 9" in message and "during step 3" in message and "run again" in message
+    assert not group.alive
+    _assert_gone(old_pids)
+
+    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5  # a fresh group
+    assert set(group.status()["pids"]).isdisjoint(old_pids)
+
+
+def test_hung_worker_fails_the_forward_session_after_the_step_timeout(group, reference):
+    pids = group.status()["pids"]
+    group.step_timeout_s = 3.0
+    stopped = []
+
+    def progress(event):
+        if event.step == 1 and not stopped:
+            os.kill(pids[1], signal.SIGSTOP)  # alive but making no progress
+            stopped.append(time.monotonic())
+
+    try:
+        with pytest.raises(WorkerFailed, match="no answer from the workers for step_timeout_s = 3 s"):
+            drive_euler(group, make_job(steps=200), progress=progress)
+        assert time.monotonic() - stopped[0] < 3.0 + 10.0
+    finally:
+        group.step_timeout_s = 30.0
+    _assert_gone(pids)
+    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5
+
+
+def test_forward_session_counts_steps_like_the_job_path_in_displaced_mode(checkpoint):
+    """Each call is one step of the displaced runtime: warm-up then stale K/V, exactly as in a job."""
+    parallel = ParallelConfig(world_size=2, mode="displaced", patch_size=16, warmup_steps=1)
+    with WorkerGroup(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120) as group:
+        job_latent = group.run(make_job(steps=4))
+        assert group.status()["last_job_stats"]["stale_steps"] == 3
+        session_latent = drive_euler(group, make_job(steps=4))
+        assert group.status()["last_job_stats"]["stale_steps"] == 3
+    assert relative_error(session_latent, job_latent) < 1e-6
 
 
 CONTROLLER = """

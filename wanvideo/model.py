@@ -242,7 +242,13 @@ class WanModel(nn.Module):
             block.self_attn.attention_fn = kernel
 
     def compile_blocks(self, backend: str = "inductor") -> None:
-        """``torch.compile`` each block's code before and after self-attention (attention stays eager)."""
+        """``torch.compile`` each block's code before and after self-attention (attention stays eager).
+
+        All blocks share two compiled graphs, but every new latent size or rank slab adds entries to the
+        same cache: the recompile limit is raised so a long-lived worker never silently falls back to eager.
+        """
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
         for block in self.blocks:
             block.before_attention = torch.compile(block.before_attention, backend=backend)
             block.after_attention = torch.compile(block.after_attention, backend=backend)

@@ -305,15 +305,12 @@ def sample(
     """
     _check_choice("sampler", sampler, SAMPLERS)
     sigmas = sigma_schedule(scheduler, steps, shift, denoise)
-    cfg = _check_cfg(cfg)
     seed = _check_seed(seed)
-    text_len = _check_text_len(text_len)
-    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-        raise WanDistriFusionError(
-            f"model_kwargs must be a dict of extra model inputs, got {type(model_kwargs).__name__}."
-        )
     shape = _latent_shape(latent_shape, latent)
     device = torch.device(device)
+    flow = GuidedFlow(
+        model, positive, negative, cfg=cfg, batch=shape[0], text_len=text_len, device=device, model_kwargs=model_kwargs
+    )
 
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
     first_sigma = float(sigmas[0])
@@ -323,35 +320,77 @@ def sample(
         x = first_sigma * noise + (1.0 - first_sigma) * latent.detach().to("cpu", torch.float32)
     x = x.to(device)
 
-    use_cfg = cfg != 1.0 and negative is not None
-    conds = [positive, negative] if use_cfg else [positive]
-    names = ["positive", "negative"] if use_cfg else ["positive"]
-    context = _stack_contexts(conds, names, shape[0], text_len, device)
-    extra = _model_inputs(model_kwargs, repeat=len(conds), device=device)
-    model_batch = context.shape[0]
-
     def velocity(x: Tensor, sigma: float) -> Tensor:
-        t = torch.full((model_batch,), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=device)
-        model_x = torch.cat([x] * len(conds)) if use_cfg else x
-        out = model(model_x, t, context, **extra)
+        return flow(x, sigma * NUM_TRAIN_TIMESTEPS)
+
+    logger.debug(
+        "sampling %s/%s, %d steps, cfg %s (batch %d), shift %s, denoise %s, sigmas %s",
+        sampler, scheduler, len(sigmas) - 1, flow.cfg, flow.model_batch, shift, denoise,
+        [round(s, 4) for s in sigmas.tolist()],
+    )  # fmt: skip
+    with torch.no_grad():
+        x = sample_flow(velocity, x, sigmas, sampler, callback)
+    return x.to("cpu", torch.float32)
+
+
+class GuidedFlow:
+    """The classifier-free-guided flow prediction ``v(x, t)`` of a Wan model: THE place that pads the text
+    contexts and batches [cond; uncond], shared by ``sample`` and the workers' controller-driven sessions.
+
+    Contexts are zero-padded to ``text_len`` tokens once. With ``cfg != 1`` and a ``negative`` (or with
+    ``return_uncond`` and a ``negative``) the model is called once per call on the batch [cond; uncond]
+    (x and t repeated, contexts stacked) and the result is ``uncond + cfg * (cond - uncond)``; otherwise
+    batch 1 with the positive context. ``return_uncond`` also keeps the unguided flow of the last call in
+    ``last_uncond`` (what ComfyUI's CFG++ samplers need).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        positive: Tensor,
+        negative: Tensor | None = None,
+        *,
+        cfg: float = 5.0,
+        batch: int = 1,
+        text_len: int = 512,
+        device: str | torch.device = "cpu",
+        model_kwargs: Mapping[str, Any] | None = None,
+        return_uncond: bool = False,
+    ):
+        self.model = model
+        self.cfg = _check_cfg(cfg)
+        text_len = _check_text_len(text_len)
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise WanDistriFusionError(
+                f"model_kwargs must be a dict of extra model inputs, got {type(model_kwargs).__name__}."
+            )
+        self.device = torch.device(device)
+        self.return_uncond = bool(return_uncond) and negative is not None
+        self.use_cfg = negative is not None and (self.cfg != 1.0 or self.return_uncond)
+        conds = [positive, negative] if self.use_cfg else [positive]
+        names = ["positive", "negative"] if self.use_cfg else ["positive"]
+        self.context = _stack_contexts(conds, names, batch, text_len, self.device)
+        self.extra = _model_inputs(model_kwargs, repeat=len(conds), device=self.device)
+        self.model_batch = self.context.shape[0]
+        self.last_uncond: Tensor | None = None
+
+    def __call__(self, x: Tensor, t: float) -> Tensor:
+        """The guided flow at ``x`` (on ``device``) and timestep ``t`` (0..1000, Wan's ``sigma * 1000``), float32."""
+        timestep = torch.full((self.model_batch,), float(t), dtype=torch.float32, device=self.device)
+        model_x = torch.cat([x, x]) if self.use_cfg else x
+        out = self.model(model_x, timestep, self.context, **self.extra)
         if tuple(out.shape) != tuple(model_x.shape):
             raise WanDistriFusionError(
                 f"The model returned shape {tuple(out.shape)} for latents {tuple(model_x.shape)}: the latent channels "
                 "or size do not fit this checkpoint (check the model and the width/height/length widgets)."
             )
         out = out.float()
-        if not use_cfg:
+        if not self.use_cfg:
             return out
         cond, uncond = out.chunk(2)
-        return uncond + cfg * (cond - uncond)
-
-    logger.debug(
-        "sampling %s/%s, %d steps, cfg %s (batch %d), shift %s, denoise %s, sigmas %s",
-        sampler, scheduler, len(sigmas) - 1, cfg, model_batch, shift, denoise, [round(s, 4) for s in sigmas.tolist()],
-    )  # fmt: skip
-    with torch.no_grad():
-        x = sample_flow(velocity, x, sigmas, sampler, callback)
-    return x.to("cpu", torch.float32)
+        if self.return_uncond:
+            self.last_uncond = uncond
+        return uncond + self.cfg * (cond - uncond)
 
 
 def _stack_contexts(conds: list[Tensor], names: list[str], batch: int, text_len: int, device: torch.device) -> Tensor:

@@ -76,3 +76,67 @@ def test_latent_conversion_is_comfyuis_wan21_format():
     """)
     result = subprocess.run([COMFYUI_PYTHON, "-c", code], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_every_ksampler_sampler_runs_through_the_worker_model():
+    """Each of KSampler's sampler names (and Wan's unipc / dpm++) integrates through ``WorkerModel`` with a
+    stand-in forward session: one callback per step, a finite latent, and the CFG++ samplers get the
+    unguided prediction they read."""
+    code = textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        sys.path.insert(0, {COMFYUI_PATH!r})
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        sys.argv = [sys.argv[0], "--cpu"]
+        import comfy.samplers
+        spec = importlib.util.spec_from_file_location(
+            "ComfyUI-WanVideo-DistriFusion", {str(REPO_ROOT / "__init__.py")!r},
+            submodule_search_locations=[{str(REPO_ROOT)!r}])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = pack
+        spec.loader.exec_module(pack)
+        from importlib import import_module
+        cs = import_module(spec.name + ".nodes.comfy_sampling")
+        nodes_comfy = import_module(spec.name + ".nodes._comfy")
+
+        class Session:  # flow of a made-up "model" whose clean latent is target
+            def __init__(self, uncond):
+                self.last_uncond, self.uncond, self.calls = None, uncond, 0
+            def __call__(self, x, t):
+                self.calls += 1
+                sigma = t / 1000
+                flow = (x - target) / max(sigma, 1e-3)
+                self.last_uncond = flow * 0.9 if self.uncond else None
+                return flow
+
+        target = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+        names = nodes_comfy.sampler_names(cs.WAN_SOLVERS)
+        assert names[: len(comfy.samplers.KSampler.SAMPLERS)] == list(comfy.samplers.KSampler.SAMPLERS)
+        failures = []
+        for name in names:
+            ms = cs.model_sampling_sd3(3.0)
+            sigmas = cs.ksampler_sigmas(ms, name, "simple", 4, 1.0)
+            latent = torch.zeros_like(target)
+            noise = nodes_comfy.prepare_noise(latent, 1)
+            steps = []
+            session = Session(cs.needs_uncond(name))
+            try:
+                out = cs.sample(session, model_sampling=ms, sampler=name, sigmas=sigmas, noise=noise,
+                                latent_image=latent, cfg=2.0, seed=1,
+                                callback=lambda i, x0, x, total: steps.append((i, total)))
+            except Exception as error:
+                failures.append(f"{{name}}: {{type(error).__name__}}: {{error}}")
+                continue
+            if out.shape != target.shape or not torch.isfinite(out).all():
+                failures.append(f"{{name}}: bad output")
+            total = len(sigmas) - 1
+            if name not in ("dpm_adaptive", "dpm_fast") and [i for i, _ in steps] != list(range(total)):
+                failures.append(f"{{name}}: callbacks {{steps}} for {{total}} steps")
+            if session.calls < total and name != "dpm_adaptive":
+                failures.append(f"{{name}}: {{session.calls}} model calls for {{total}} steps")
+        assert not failures, failures
+        assert len(cs.ksampler_sigmas(cs.model_sampling_sd3(3.0), "uni_pc", "simple", 4, 1.0)) == 5
+        print("ok", len(names))
+    """)
+    result = subprocess.run([COMFYUI_PYTHON, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:] + result.stdout[-2000:]

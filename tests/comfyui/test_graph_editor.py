@@ -109,6 +109,7 @@ def test_our_nodes_created_from_the_library_have_every_widget(editor):
         "attention",
         "kv_dtype",
         "comm_backend",
+        "compile",
     ]
     assert loader["values"]["patch_size"] == 64 and loader["values"]["gpus"] == 1
     assert loader["outputs"] == ["model:DISTRIFUSION_WAN_MODEL"]

@@ -45,17 +45,19 @@ LOADER_WIDGETS = {
     "parallel_mode": ("displaced", ["displaced", "sync", "ulysses"]),
     "cfg_parallel": (False, None),
     "warmup_steps": (4, 0, 100, 1),
-    "attention": ("auto", ["auto", "sdpa"]),
+    "attention": ("auto", ["auto", "sdpa", "flash4", "flash3", "sage"]),
     "kv_dtype": ("auto", ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"]),
     "comm_backend": ("auto", ["auto", "builtin", "official"]),
+    "compile": (False, None),
 }
 SAMPLER_WIDGETS = {
     "steps": (30, 1, 10000, 1),
     "cfg": (5.0, 0.0, 100.0, 0.1),
     "shift": (5.0, 0.0, 100.0, 0.01),
     "seed": (0, 0, 0xFFFFFFFFFFFFFFFF, None),
-    "sampler": ("unipc", ["euler", "unipc", "dpm++"]),
-    "scheduler": ("simple", None),
+    # KSampler's names (checked in full against ComfyUI's lists below), plus Wan's reference solvers
+    "sampler": ("uni_pc", ["euler", "uni_pc", "uni_pc_bh2", "dpmpp_2m", "euler_cfg_pp", "unipc", "dpm++"]),
+    "scheduler": ("simple", ["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "kl_optimal"]),
     "denoise": (1.0, 0.01, 1.0, 0.01),
     "width": (832, 16, 4096, 16),
     "height": (480, 16, 4096, 16),
@@ -87,6 +89,7 @@ def loader_inputs(**overrides) -> dict:
         "attention": "auto",
         "kv_dtype": "auto",
         "comm_backend": "auto",
+        "compile": False,
     }
     inputs.update(overrides)
     return inputs
@@ -144,6 +147,10 @@ def test_object_info_has_three_nodes_with_every_widget(comfy):
     assert sampler["required"]["negative"][0] == "CONDITIONING"
     assert sampler["required"]["model"][0] == "DISTRIFUSION_WAN_MODEL"
     assert sampler["optional"]["latent"][0] == "LATENT"
+    # every sampler and scheduler name KSampler offers, in KSampler's order
+    ksampler = info["KSampler"]["input"]["required"]
+    assert sampler["required"]["sampler"][0][: len(ksampler["sampler_name"][0])] == ksampler["sampler_name"][0]
+    assert sampler["required"]["scheduler"][0] == ksampler["scheduler"][0]
     assert info[LOADER]["output"] == ["DISTRIFUSION_WAN_MODEL"]
     assert info[SAMPLER]["output"] == ["LATENT"]
     assert info[STATUS]["output"] == ["STRING"] and info[STATUS]["output_node"] is True
@@ -200,6 +207,7 @@ def test_workflow_templates_list_our_examples(comfy):
         ("sampler", {"length": 80}, "custom_validation_failed", "length: 80 frames must be of the form 4k+1"),
         ("loader", {"gpus": 9}, "value_bigger_than_max", "gpus"),
         ("loader", {"split_mode": "diagonal"}, "value_not_in_list", "split_mode"),
+        ("sampler", {"sampler": "no_such_sampler"}, "value_not_in_list", "sampler"),
     ],
 )
 def test_bad_widget_values_are_rejected_naming_the_widget(comfy, where, inputs, kind, needle):
@@ -218,6 +226,7 @@ def test_bad_widget_values_are_rejected_naming_the_widget(comfy, where, inputs, 
         ({"gpus": 2, "world_size": 1}, "world size: 1 is smaller than GPUs (2)"),
         ({"gpus": 2, "cfg_parallel": True, "world_size": 3}, "CFG parallel: needs an even world size"),
         ({"gpus": 1, "world_size": 2}, "world size: 2 ranks but 1 here, so ranks 1..1 join from other hosts"),
+        ({"attention": "flash4"}, "attention: flash4 runs on CUDA GPUs only"),
     ],
 )
 def test_bad_settings_fail_the_loader_with_the_fix(comfy, inputs, needle):
@@ -275,8 +284,30 @@ def test_empty_latent_is_not_normalised(comfy):
     assert torch.equal(a, b)
 
 
-def test_same_latent_as_native_ksampler_one_rank(comfy):
-    check_same_latent_as_native_ksampler(comfy, {})
+def test_saved_latent_equals_the_clis_for_euler(comfy, wan21_format):
+    """The Sampler's euler (ComfyUI's) equals the CLI's job path (``run_job``, Wan's euler) here. (4 steps: ComfyUI's
+    ``simple`` picks sigmas from its 1000-entry table, the CLI's spaces them evenly; they agree when 1000 % steps
+    == 0.)"""
+    sampler = sampler_inputs(sampler="euler", steps=4)
+    entry = comfy.run(base_prompt(sampler=sampler, prefix="distrifusion/cli_euler"))
+    saved = load_latent(output_files(comfy, entry, "save", "latents")[0])
+    expected = reference_latent(comfy.base, wan21_format, sampler, latent_seed=None, size=SIZE)
+    assert relative_error(saved, expected) < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc"])
+def test_same_latent_as_native_ksampler_one_rank(comfy, sampler):
+    check_same_latent_as_native_ksampler(comfy, {}, sampler)
+
+
+def test_cfg_pp_sampler_gets_the_unguided_prediction(comfy):
+    """ComfyUI's CFG++ samplers read the negative prompt's own prediction: the ranks return it too."""
+    check_same_latent_as_native_ksampler(comfy, {}, "dpmpp_2m_cfg_pp", cfg=1.5)
+
+
+def test_same_latent_as_native_ksampler_from_a_latent_with_denoise(comfy):
+    """KSampler's denoise truncation, noise scaling and Wan21 process_in/out of a non-empty input latent."""
+    check_same_latent_as_native_ksampler(comfy, {}, "dpmpp_2m", scheduler="karras", denoise=0.6, latent_seed=4)
 
 
 # --- two CPU ranks (worker processes, gloo) -----------------------------------------------------
@@ -302,8 +333,9 @@ def test_two_cpu_ranks_match_one_rank_and_round_trip_the_latent(comfy, wan21_for
     assert status["partition_tokens"] and sum(status["partition_tokens"]) == 2 * 8 * 8
 
 
-def test_same_latent_as_native_ksampler_two_ranks(comfy):
-    check_same_latent_as_native_ksampler(comfy, TWO_RANKS)
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc"])
+def test_same_latent_as_native_ksampler_two_ranks(comfy, sampler):
+    check_same_latent_as_native_ksampler(comfy, TWO_RANKS, sampler)
 
 
 def test_status_node_and_route(comfy):
@@ -453,31 +485,45 @@ def test_example_api_workflows_run_with_tiny_stand_ins(comfy, name):
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def check_same_latent_as_native_ksampler(comfy, loader: dict, ours: str = "euler", native: str = "euler") -> None:
-    """Native Load Diffusion Model + ModelSamplingSD3 + KSampler on the same tiny checkpoint, seed, steps,
-    cfg, shift and scheduler agree with our Loader + Sampler to fp32 round-off."""
-    settings = {"seed": 5, "steps": 4, "cfg": 4.0, "scheduler": "simple"}
-    prompt = base_prompt(loader_inputs(**loader), sampler_inputs(sampler=ours, shift=3.0, **settings), "conform/ours")
+def check_same_latent_as_native_ksampler(
+    comfy,
+    loader: dict,
+    sampler: str = "euler",
+    *,
+    cfg: float = 4.0,
+    scheduler: str = "simple",
+    denoise: float = 1.0,
+    latent_seed: int | None = None,
+) -> None:
+    """Native Load Diffusion Model + ModelSamplingSD3 + KSampler on the same tiny checkpoint, seed, steps, cfg,
+    shift, sampler, scheduler and denoise (and input latent) agree with our Loader + Sampler to fp32 round-off."""
+    settings = {"seed": 5, "steps": 4, "cfg": cfg, "scheduler": scheduler, "denoise": denoise}
+    ours = sampler_inputs(sampler=sampler, shift=3.0, **settings)
+    if latent_seed is None:
+        source = {"class_type": "EmptyHunyuanLatentVideo", "inputs": {**SIZE, "batch_size": 1}}
+    else:
+        source = {"class_type": "DistriFusionTestLatent", "inputs": {"seed": latent_seed, **SIZE}}
+        ours["latent"] = ["source", 0]
+    prompt = base_prompt(loader_inputs(**loader), ours, f"conform/ours_{sampler}")
     prompt.update(
         {
             "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL, "weight_dtype": "default"}},
             "shift": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["unet", 0], "shift": 3.0}},
-            "empty": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {**SIZE, "batch_size": 1}},
+            "source": source,
             "ksampler": {
                 "class_type": "KSampler",
                 "inputs": {
                     "model": ["shift", 0],
                     "positive": ["pos", 0],
                     "negative": ["neg", 0],
-                    "latent_image": ["empty", 0],
-                    "sampler_name": native,
-                    "denoise": 1.0,
+                    "latent_image": ["source", 0],
+                    "sampler_name": sampler,
                     **settings,
                 },
             },
             "save_native": {
                 "class_type": "SaveLatent",
-                "inputs": {"samples": ["ksampler", 0], "filename_prefix": "conform/native"},
+                "inputs": {"samples": ["ksampler", 0], "filename_prefix": f"conform/native_{sampler}"},
             },
         }
     )
