@@ -26,7 +26,7 @@ PACKAGE_ALIAS = "wan_distrifusion"
 
 
 def register_package() -> None:
-    """The repo root as package ``wan_distrifusion`` (as tests/conftest.py does in the parent)."""
+    """The repo root as package ``wan_distrifusion`` (tests/conftest.py calls it for the test session)."""
     if PACKAGE_ALIAS in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(
