@@ -6,8 +6,6 @@ Importing this package has no side effects beyond defining the mappings: no CUDA
 
 import sys
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
 WEB_DIRECTORY = "./web"
 
 
@@ -21,6 +19,14 @@ def _register_routes() -> None:
     register(prompt_server.routes)
 
 
-_register_routes()
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    _register_routes()
+else:
+    # Imported bare as ``__init__``: pytest does that to the repo root when the clone's folder name is not an
+    # identifier (ComfyUI-WanVideo-DistriFusion). The pack only works as a package; the tests use an alias.
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
