@@ -1,0 +1,118 @@
+"""Everything about a run that can be checked before a worker starts, each failure naming the widget and the fix.
+
+The ranks check the same things again when they build their ``ParallelWan`` (``attention.check_heads``,
+``partition.partition_tokens``), but a failure there costs a group start (the weights loaded on every GPU) and
+then the group itself. These checks need only the widgets, this machine and the checkpoint's headers:
+
+    config = check_before_start(path, parallel, device="cuda", local_ranks=2)   # Loader / WorkerGroup.start
+    check_job(config, parallel, job)                                          # Sampler / WorkerGroup.run
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.loading import inspect_wan_checkpoint
+from ..wanvideo.model import WanConfig
+from .attention import check_heads
+from .config import ParallelConfig
+from .job import GenerationJob
+from .partition import partition_tokens
+
+DEVICES = ("cuda", "cpu")
+
+
+def visible_cuda_devices() -> int:
+    """CUDA devices this process can use (0 without a CUDA build or driver)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_devices(device: str, local_ranks: int, *, cuda_devices: int | None = None) -> None:
+    """The GPUs asked for on this host exist (``cuda_devices``: the count to assume, default what torch sees)."""
+    if device not in DEVICES:
+        raise WanDistriFusionError(f"device: {device!r} is unknown; choose cuda or cpu.")
+    if device != "cuda":
+        return
+    count = visible_cuda_devices() if cuda_devices is None else cuda_devices
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    if count == 0:
+        raise WanDistriFusionError(
+            f"device: no CUDA device is visible to this Python{where}; run on the CPU (device cpu, ComfyUI started "
+            "with --cpu) or install a CUDA build of torch and check the driver."
+        )
+    if local_ranks > count:
+        raise WanDistriFusionError(
+            f"GPUs: {local_ranks} requested on this host but {count} CUDA device(s) are visible{where}; lower GPUs "
+            f"to {count}, or raise world size above GPUs and start the other ranks on other hosts with "
+            "`python cli.py worker`."
+        )
+
+
+def check_topology(parallel: ParallelConfig, local_ranks: int | None = None, first_rank: int = 0) -> int:
+    """The parallel widgets agree with each other and with this host's ranks; returns the local rank count."""
+    parallel.validate()
+    world = parallel.world_size
+    if not 0 <= first_rank < world:
+        raise WanDistriFusionError(
+            f"rank: first rank {first_rank} is outside the world of {world} ranks; use 0 to {world - 1} (keep 0 on "
+            "the host that runs ComfyUI)."
+        )
+    local_ranks = world - first_rank if local_ranks is None else local_ranks
+    if local_ranks < 1:
+        raise WanDistriFusionError(f"GPUs: {local_ranks} is out of range; use 1 to {world - first_rank}.")
+    if local_ranks > world - first_rank:
+        raise WanDistriFusionError(
+            f"world size: {world} is smaller than this host's ranks {first_rank}..{first_rank + local_ranks - 1}; "
+            f"set world size to at least {first_rank + local_ranks} (0 = GPUs) or lower GPUs."
+        )
+    return local_ranks
+
+
+def check_model(model_path: str | os.PathLike, parallel: ParallelConfig) -> WanConfig:
+    """The checkpoint is a readable Wan DiT (headers only) whose heads the parallel mode can split; its config."""
+    config = inspect_wan_checkpoint(Path(model_path).expanduser()).config
+    if parallel.world_size > 1:
+        check_heads(parallel.mode, config.num_heads, parallel.patch_parallel_degree, parallel.cfg_parallel)
+    return config
+
+
+def check_before_start(
+    model_path: str | os.PathLike,
+    parallel: ParallelConfig,
+    *,
+    device: str = "cuda",
+    local_ranks: int | None = None,
+    first_rank: int = 0,
+    cuda_devices: int | None = None,
+) -> WanConfig:
+    """Everything a worker group needs that is known before it starts; returns the checkpoint's ``WanConfig``."""
+    local_ranks = check_topology(parallel, local_ranks, first_rank)
+    check_devices(device, local_ranks, cuda_devices=cuda_devices)
+    return check_model(model_path, parallel)
+
+
+def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -> None:
+    """``job`` fits the model (conditioning width, latent channels) and the topology (every rank gets tokens)."""
+    job.validate(text_dim=config.text_dim)
+    if job.latent is not None:
+        shape = tuple(job.latent.shape)
+        if len(shape) != 5 or shape[1] != config.out_dim:
+            raise WanDistriFusionError(
+                f"latent: expected [1, {config.out_dim}, frames, height/8, width/8], got {list(shape)}; connect a "
+                "Wan 2.1 video latent (Empty Hunyuan/Wan latent or a Wan VAE encode)."
+            )
+    shape = job.latent_shape(config.out_dim)
+    grid = tuple(size // patch for size, patch in zip(shape[2:], config.patch_size))
+    if min(grid) < 1:
+        raise WanDistriFusionError(
+            f"latent: {list(shape)} is smaller than one {config.patch_size} patch; use at least 16 x 16 pixels."
+        )
+    parallel.validate()
+    if parallel.world_size > 1:
+        overlap = parallel.overlap_tokens() if parallel.mode == "displaced" else 0
+        partition_tokens(grid, parallel.split_mode, parallel.patch_size, parallel.patch_parallel_degree, overlap)
