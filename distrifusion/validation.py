@@ -42,8 +42,8 @@ def check_devices(device: str, local_ranks: int, *, cuda_devices: int | None = N
     where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
     if count == 0:
         raise WanDistriFusionError(
-            f"device: no CUDA device is visible to this Python{where}; run on the CPU (device cpu, ComfyUI started "
-            "with --cpu) or install a CUDA build of torch and check the driver."
+            f"GPUs: {local_ranks} requested on this host but no CUDA device is visible to this Python{where}; run "
+            "on the CPU (device cpu, ComfyUI started with --cpu) or install a CUDA build of torch and check the driver."
         )
     if local_ranks > count:
         raise WanDistriFusionError(

@@ -42,6 +42,7 @@ from ..wanvideo.model import WanConfig
 from .config import ParallelConfig
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
+from .validation import check_before_start, check_job
 from .worker import (
     AUTHKEY_ENV,
     EXIT_CONTROLLER_GONE,
@@ -312,6 +313,13 @@ class WorkerGroup:
             if self._ranks:
                 self._teardown(kill=True)
             self._closing = False
+            check_before_start(
+                self.model_path,
+                self.parallel,
+                device=self.device,
+                local_ranks=self.local_ranks,
+                first_rank=self.first_rank,
+            )
             _register_atexit(self)
             try:
                 self._launch()
@@ -377,9 +385,10 @@ class WorkerGroup:
 
     def _begin_command(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> int:
         """Start the group when needed, check ``job`` and reserve its command number (holding the run lock)."""
+        job.validate()
         if not self.alive:
             self.start()
-        job.validate(text_dim=self._model_config.text_dim if self._model_config else None)
+        check_job(self._model_config, self.parallel, job)
         self._check_memory(job)
         if cancelled is not None and cancelled():
             raise JobCancelled("cancelled before the first step", 0, job.steps)
@@ -1296,9 +1305,10 @@ class InProcessRunner:
 
     def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
         """Load the model when needed, check ``job`` and its memory, reset the progress."""
+        job.validate()
         self.start()
         config = self._model.config
-        job.validate(text_dim=config.text_dim)
+        check_job(config, self.parallel, job)
         free = self._free_before_load if self._device.type == "cuda" else None
         guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
         self._last_plan = plan_memory(

@@ -2,9 +2,8 @@
 
 Every case runs with ``workers.subprocess`` replaced by a guard that fails the test if a worker process would
 be spawned, and checks with psutil that this process got no new child. ``distrifusion/validation.py`` holds the
-checks that need the checkpoint's headers or the job (heads for Ulysses, partitions, conditioning width); the
-cases marked ``xfail(strict=True)`` show where the runtime does not call it yet (it starts the workers first):
-they turn into failures once it does, and the marks go. A property test over the widget space checks that any
+checks that need the checkpoint's headers or the job (heads for Ulysses, partitions, conditioning width), which
+the runtime runs before it starts or uses its workers. A property test over the widget space checks that any
 combination is either refused up front with a clear error, or runs and equals the single-process result.
 """
 
@@ -163,7 +162,7 @@ RUNTIME_CASES = {
     "more GPUs than present": (
         lambda f: start_runtime(f["good"], parallel=parallel(world_size=MORE_GPUS_THAN_PRESENT), device="cuda"),
         "GPUs",
-        r"need \d+ GPUs but \d+ are visible; lower GPUs",
+        r"requested on this host but (no CUDA device is|\d+ CUDA device\(s\) are) visible",
     ),
     "GPUs more than the world size": (
         lambda f: WorkerGroup(f["good"], parallel=parallel(), device="cpu", local_ranks=3),
@@ -199,9 +198,7 @@ RUNTIME_CASES = {
     ),
 }
 
-NOT_CHECKED_BEFORE_SPAWN = "distrifusion/workers.py starts the workers before this check (report: call validation.py)"
-
-RUNTIME_CASES_NOT_YET = {
+RUNTIME_CASES_CHECKED_FROM_FILE = {
     "ulysses with heads not divisible": (
         lambda f: WorkerGroup(f["good"], parallel=parallel(world_size=3, mode="ulysses"), device="cpu").start(),
         "parallel mode",
@@ -233,11 +230,10 @@ def test_runtime_refuses_before_spawning(case, files, no_spawn):
     assert re.search(pattern, assert_clear(caught.value, widget)), str(caught.value)
 
 
-@pytest.mark.xfail(raises=WorkerSpawned, strict=True, reason=NOT_CHECKED_BEFORE_SPAWN)
-@pytest.mark.parametrize("case", list(RUNTIME_CASES_NOT_YET))
-def test_runtime_refuses_before_spawning_not_yet(case, files, monkeypatch):
+@pytest.mark.parametrize("case", list(RUNTIME_CASES_CHECKED_FROM_FILE))
+def test_runtime_checks_the_file_and_job_before_spawning(case, files, monkeypatch):
     guard_spawning(monkeypatch)
-    call, widget, pattern = RUNTIME_CASES_NOT_YET[case]
+    call, widget, pattern = RUNTIME_CASES_CHECKED_FROM_FILE[case]
     with pytest.raises(WanDistriFusionError) as caught:
         call(files)
     assert re.search(pattern, assert_clear(caught.value, widget)), str(caught.value)
@@ -253,7 +249,7 @@ BEFORE_START_CASES = {
         "GPUs",
         r"4 requested on this host but 2 CUDA device\(s\) are visible.*; lower GPUs to 2",
     ),
-    "no GPU at all": (dict(parallel=parallel(), device="cuda", cuda_devices=0), "good", "device", r"device cpu"),
+    "no GPU at all": (dict(parallel=parallel(), device="cuda", cuda_devices=0), "good", "GPUs", r"device cpu"),
     "world size smaller than GPUs": (
         dict(parallel=parallel(world_size=2), device="cpu", local_ranks=3),
         "good",
@@ -469,13 +465,11 @@ def test_running_group_refuses_a_bad_job_and_keeps_its_ranks(overrides, widget, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(raises=workers.WorkerFailed, strict=True, reason=NOT_CHECKED_BEFORE_SPAWN)
 def test_running_group_refuses_a_partition_without_tokens_and_keeps_its_ranks(running_group):
     pids = running_group.status()["pids"]
     with pytest.raises(WanDistriFusionError) as caught:
         running_group.run(make_job(height=16))  # one token row for two ranks
-    if isinstance(caught.value, workers.WorkerFailed):  # today: the ranks fail it, and the group is stopped
-        raise caught.value
+    assert not isinstance(caught.value, workers.WorkerFailed), str(caught.value)
     assert_clear(caught.value, "split mode")
     assert running_group.alive and running_group.status()["pids"] == pids
 
