@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 
+import psutil
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
@@ -809,9 +810,20 @@ class WorkerGroup:
                 self._fail(
                     None,
                     f"no progress from the workers for step_timeout_s = {self.step_timeout_s:.0f} s {self._phase()} "
-                    "(a rank is hung, or a step takes longer than step_timeout_s allows)",
+                    f"(a rank is hung, or a step takes longer than step_timeout_s allows; {self._rank_states()})",
                     all_logs=True,
                 )
+
+    def _rank_states(self) -> str:
+        """Each local rank's process state, so a stopped or zombie rank is named in a hang message."""
+        states = []
+        for rank, entry in sorted(self._ranks.items()):
+            try:
+                state = psutil.Process(entry.process.pid).status() if entry.process else "not started"
+            except psutil.Error:
+                state = "gone"
+            states.append(f"rank {rank} {state}")
+        return "local ranks: " + ", ".join(states) if states else "no local ranks"
 
     def _collect_cancelled(self, number: int, stopped: dict[int, int]) -> dict[int, int]:
         deadline = time.monotonic() + CANCEL_COLLECT_S
@@ -1109,7 +1121,7 @@ class _GroupSession(ForwardSession):
                 group._fail(
                     None,
                     f"no answer from the workers for step_timeout_s = {group.step_timeout_s:.0f} s {phase} "
-                    "(a rank is hung, or a step takes longer than step_timeout_s allows)",
+                    f"(a rank is hung, or a step takes longer than step_timeout_s allows; {group._rank_states()})",
                     all_logs=True,
                 )
 

@@ -324,6 +324,7 @@ def test_stopped_rank_fails_the_job_after_the_step_timeout_and_leaves_nothing(gr
     message = str(caught.value)
     assert f"no progress from the workers for step_timeout_s = {STEP_TIMEOUT_S:.0f} s during step" in message
     assert "a rank is hung" in message and "run again to restart it" in message
+    assert "rank 0 stopped" in message, message  # the stopped rank is named
     assert_nothing_left(before)
     assert STEP_TIMEOUT_S <= detect < STEP_TIMEOUT_S + HANG_MARGIN_S, f"took {detect:.2f} s to notice"
     next_job = next_job_works(group, reference, before["pids"])

@@ -134,7 +134,7 @@ def test_exception_in_progress_cancels_all_ranks_then_propagates(group, referenc
 
 
 def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(group, reference):
-    old_pids = group.status()["pids"]
+    old_pids = group.start().status()["pids"]  # an earlier test may have left it stopped
     others = {p.pid for p in psutil.Process().children(recursive=True)} - set(old_pids)  # e.g. a ComfyUI fixture
     killed_at = []
 
@@ -161,7 +161,7 @@ def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(g
 
 
 def test_hung_worker_fails_the_job_after_the_step_timeout(group):
-    pids = group.status()["pids"]
+    pids = group.start().status()["pids"]  # an earlier test may have left it stopped
     group.step_timeout_s = 3.0
     stopped = []
 
@@ -308,7 +308,7 @@ def test_in_process_forward_session_cancels_between_calls(runner, reference):
 
 
 def test_killed_worker_during_a_forward_session_fails_in_bounded_time_and_the_next_restarts(group, reference):
-    old_pids = group.status()["pids"]
+    old_pids = group.start().status()["pids"]  # an earlier test may have left it stopped
     killed_at = []
 
     def progress(event):
@@ -329,7 +329,7 @@ def test_killed_worker_during_a_forward_session_fails_in_bounded_time_and_the_ne
 
 
 def test_hung_worker_fails_the_forward_session_after_the_step_timeout(group, reference):
-    pids = group.status()["pids"]
+    pids = group.start().status()["pids"]  # an earlier test may have left it stopped
     group.step_timeout_s = 3.0
     stopped = []
 
