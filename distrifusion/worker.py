@@ -6,8 +6,10 @@ ComfyUI start-up). Two channels:
 - the **rendezvous store** (torch ``TCPStore`` at ``MASTER_ADDR:MASTER_PORT``, hosted by the
   controller of rank 0): group settings (``group``), numbered commands ``cmd/<n>`` (a job, a forward
   session or a shutdown) that *every* rank reads, local or on another host, and ``ready/<rank>`` /
-  ``error/<rank>`` reports. The store is not authenticated, so its payloads are JSON + safetensors,
-  never pickle. A rank that loses the store (controller gone) exits.
+  ``error/<rank>`` reports, and each rank's heartbeat ``alive/<rank>`` (a counter it adds 1 to every
+  second; the controller fails the job when a rank on another host stops counting). The store is not
+  authenticated, so its payloads are JSON + safetensors, never pickle. A rank that loses the store
+  (controller gone, or no answer for ``STORE_LOST_S``: link cut) exits.
 - the **control connection** (local ranks only; ``multiprocessing.connection`` with a random
   authkey from the environment): pickled dicts. Worker -> controller: ``hello``, ``ready``,
   ``progress`` (rank 0, every step), ``result`` (rank 0), ``cancelled``, ``prediction`` (rank 0, every
@@ -66,6 +68,11 @@ STORE_CHUNK_BYTES = 4 << 20
 """TCPStore refuses values over 8 MiB; larger payloads are split into chunks."""
 POLL_S = 0.05
 STORE_WATCH_S = 1.0
+"""Every rank adds 1 to ``alive/<rank>`` in the store this often: its heartbeat, and its check that the store is there."""
+STORE_LOST_S = 30.0
+"""A rank whose store round-trip has not come back for this long exits (a cut link leaves the TCP connection
+hanging instead of failing it); ``cli.py worker`` then waits for the next group. Override with ``STORE_LOST_ENV``."""
+STORE_LOST_ENV = "WAN_DISTRIFUSION_STORE_LOST_S"
 SESSION_KEEPALIVE_S = 10.0
 """Rank 0 wakes the other ranks this often while the controller is between session calls, so their
 broadcast never runs into the collective timeout."""
@@ -165,6 +172,15 @@ def connect_store(host: str, port: int, *, is_master: bool, timeout_s: float):
     """The raw TCPStore (controller: ``is_master``) and our prefixed view of it."""
     raw = dist.TCPStore(host, port, None, is_master, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     return raw, dist.PrefixStore(STORE_PREFIX, raw)
+
+
+def store_lost_s() -> float:
+    """``STORE_LOST_S``, or the positive number of seconds in the ``STORE_LOST_ENV`` environment variable."""
+    try:
+        value = float(os.environ.get(STORE_LOST_ENV, ""))
+    except ValueError:
+        return STORE_LOST_S
+    return value if value > 0 else STORE_LOST_S
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,21 +379,45 @@ class _Worker:
         threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
     def watch_store(self) -> None:
-        """Exit when the rendezvous store (the controller of rank 0) goes away, even mid-collective."""
+        """Exit when the rendezvous store (the controller of rank 0) goes away, even mid-collective.
+
+        Every ``STORE_WATCH_S`` the watch adds 1 to ``alive/<rank>`` (the controller's heartbeat of a rank on
+        another host); an error exits at once, and a watchdog exits when no round-trip came back for
+        ``store_lost_s()`` (a cut link blocks the call instead of failing it).
+        """
         raw, store = connect_store(self.args.master_addr, self.args.master_port, is_master=False, timeout_s=30)
+        key = f"alive/{self.rank}"
+        lost_after = store_lost_s()
+        last_ok = [time.monotonic()]
 
         def loop() -> None:
             while True:
-                time.sleep(STORE_WATCH_S)
                 try:
-                    store.check(["group"])
+                    store.add(key, 1)
                 except Exception:
                     logger.warning(
                         "rendezvous store at %s:%d is gone; exiting", self.args.master_addr, self.args.master_port
                     )
                     os._exit(EXIT_CONTROLLER_GONE)
+                last_ok[0] = time.monotonic()
+                time.sleep(STORE_WATCH_S)
+
+        def watchdog() -> None:
+            while True:
+                time.sleep(min(1.0, lost_after / 4))
+                silent = time.monotonic() - last_ok[0]
+                if silent > lost_after:
+                    logger.warning(
+                        "no answer from the rendezvous store at %s:%d for %.0f s (link cut or controller host down); "
+                        "exiting",
+                        self.args.master_addr,
+                        self.args.master_port,
+                        silent,
+                    )
+                    os._exit(EXIT_CONTROLLER_GONE)
 
         threading.Thread(target=loop, name="store-watch", daemon=True).start()
+        threading.Thread(target=watchdog, name="store-watchdog", daemon=True).start()
         self._watch_store = raw  # keep the connection open
 
     # -- start ---------------------------------------------------------------------------------

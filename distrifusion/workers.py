@@ -73,6 +73,12 @@ TERMINATE_GRACE_S = 3.0
 POLL_S = 0.1
 LOG_TAIL_LINES = 12
 CANCEL_COLLECT_S = 2.0
+REMOTE_HEARTBEAT_TIMEOUT_S = 10.0
+"""A ready rank on another host whose heartbeat (``alive/<rank>``, counted every second) stood still this long
+fails the job: the link is cut or the host is down (a cut link stalls the collectives without an error)."""
+LOG_DIR_PREFIX = "wan-distrifusion-"
+"""Rank log folders are ``<temp>/wan-distrifusion-<controller pid>-<random>``; those of dead controllers are
+removed by the next group's start."""
 
 ProgressCallback = Callable[["ProgressEvent"], None]
 
@@ -234,6 +240,7 @@ class WorkerGroup:
         step_timeout_s: float = 600.0,
         start_timeout_s: float = 600.0,
         threads_per_rank: int | None = None,
+        remote_timeout_s: float = REMOTE_HEARTBEAT_TIMEOUT_S,
     ):
         self.parallel = (parallel or ParallelConfig()).validate()
         world = self.parallel.world_size
@@ -268,6 +275,12 @@ class WorkerGroup:
         self.step_timeout_s = float(step_timeout_s)
         self.start_timeout_s = float(start_timeout_s)
         self.threads_per_rank = threads_per_rank
+        self.remote_timeout_s = float(remote_timeout_s)
+        if not self.remote_timeout_s > 0:
+            raise WanDistriFusionError(
+                f"remote timeout: {remote_timeout_s!r} s is not positive; use about 10 s (the ranks beat every second)."
+            )
+        """How long a ready rank on another host may go without a heartbeat before the job fails."""
 
         self._run_lock = threading.Lock()
         self._state_lock = threading.RLock()
@@ -283,6 +296,8 @@ class WorkerGroup:
         self._accept_thread: threading.Thread | None = None
         self._remote_infos: dict[int, dict] = {}
         """Ready reports of ranks on other hosts, read from the store once."""
+        self._heartbeats: dict[int, tuple[int, float]] = {}
+        """Ranks on other hosts: (last ``alive/<rank>`` count, monotonic time it was first seen)."""
         self._last_stats: dict = {}
         self._authkey = b""
         self._log_dir: Path | None = None
@@ -491,7 +506,8 @@ class WorkerGroup:
     # -- starting ------------------------------------------------------------------------------
 
     def _launch(self) -> None:
-        self._log_dir = Path(tempfile.mkdtemp(prefix="wan-distrifusion-"))
+        remove_orphaned_log_dirs()
+        self._log_dir = Path(tempfile.mkdtemp(prefix=f"{LOG_DIR_PREFIX}{os.getpid()}-"))
         self._authkey = secrets.token_bytes(32)
         self._next_command = 1
         self._model_config = None
@@ -703,6 +719,7 @@ class WorkerGroup:
         for rank in self._remote_ranks():
             if rank not in self._remote_infos and self._store.check([f"ready/{rank}"]):
                 self._remote_infos[rank] = json.loads(self._store.get(f"ready/{rank}"))
+                self._heartbeats[rank] = (self._store.add(f"alive/{rank}", 0), time.monotonic())
                 logger.info("remote rank %d ready on %s", rank, self._remote_infos[rank].get("host"))
 
     def _check_remote_ranks(self, starting: bool = False) -> None:
@@ -717,6 +734,27 @@ class WorkerGroup:
                 raise
             except Exception:
                 logger.debug("could not read rank %d's error report", rank, exc_info=True)
+        if not starting:  # while starting, a rank that has not joined yet is the start timeout's business
+            self._check_heartbeats()
+
+    def _check_heartbeats(self) -> None:
+        """Fail when a ready rank on another host stopped counting its heartbeat for ``remote_timeout_s``."""
+        now = time.monotonic()
+        for rank, (count, since) in list(self._heartbeats.items()):
+            try:
+                current = self._store.add(f"alive/{rank}", 0)
+            except Exception:
+                logger.debug("could not read rank %d's heartbeat", rank, exc_info=True)
+                continue
+            if current != count:
+                self._heartbeats[rank] = (current, now)
+            elif now - since > self.remote_timeout_s:
+                host = self._remote_infos.get(rank, {}).get("host") or "?"
+                self._fail(
+                    rank,
+                    f"rank {rank} on host {host} stopped answering for {now - since:.0f} s {self._phase()} "
+                    f"(link cut or host down; remote_timeout_s = {self.remote_timeout_s:.0f} s)",
+                )
 
     # -- running -------------------------------------------------------------------------------
 
@@ -992,6 +1030,7 @@ class WorkerGroup:
             self._store = None
             self._raw_store = None  # the last reference: the store server stops, remote ranks exit
             self._remote_infos = {}
+            self._heartbeats = {}
             self._ranks = {}
             if self._log_dir is not None:
                 shutil.rmtree(self._log_dir, ignore_errors=True)
@@ -1220,6 +1259,25 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def remove_orphaned_log_dirs(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the rank log folders (``wan-distrifusion-<pid>-*`` in ``folder``, default the temp dir) of
+    controllers that are no longer running (e.g. SIGKILLed); returns the folders removed."""
+    removed = []
+    try:
+        candidates = list(Path(folder or tempfile.gettempdir()).glob(f"{LOG_DIR_PREFIX}*-*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        pid = path.name[len(LOG_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or psutil.pid_exists(int(pid)) or not path.is_dir():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            logger.info("removed the log folder %s of a controller that is gone (pid %s)", path, pid)
+            removed.append(path)
+    return removed
+
+
 def _ranges(ranks: list) -> str:
     return ", ".join(str(r) for r in ranks if r is not None) or "none"
 
@@ -1400,6 +1458,7 @@ def start_runtime(
     master_port: int | None = None,
     step_timeout_s: float = 600.0,
     start_timeout_s: float = 600.0,
+    remote_timeout_s: float = REMOTE_HEARTBEAT_TIMEOUT_S,
 ) -> WorkerGroup | InProcessRunner:
     """A started runtime: ``InProcessRunner`` for world size 1, else a ``WorkerGroup``."""
     parallel = (parallel or ParallelConfig()).validate()
@@ -1417,6 +1476,7 @@ def start_runtime(
         master_port,
         step_timeout_s,
         start_timeout_s,
+        remote_timeout_s=remote_timeout_s,
     )
     return group.start()
 

@@ -415,19 +415,24 @@ def test_killed_controller_mid_step_leaves_no_rank_and_the_next_controller_works
     assert not descendants(keep=set(group.status()["pids"]) | PREEXISTING)
     assert port_closed(info["port"])
     assert shared_memory() <= shm
-    # The dead controller could not remove its log folder (rank logs, a few KiB): say so when it is left.
+    # The dead controller could not remove its log folder (rank logs, a few KiB); it names the dead controller's
+    # pid, and the next group started on this machine removes it.
     log_dir = Path(info["log_dir"])
-    leftover = "log folder left" if log_dir.exists() else "nothing left"
-    if log_dir.exists():
-        sizes = sum(f.stat().st_size for f in log_dir.iterdir())
-        assert sizes < 1 << 20
-        shutil.rmtree(log_dir)  # ours: the folder the controller reported
-    next_job = float("nan")
-    if where == "thread":  # once is enough: a new group on this machine starts and runs
+    assert log_dir.name.startswith(f"{workers.LOG_DIR_PREFIX}{controller.pid}-"), log_dir
+    assert log_dir.exists(), "a SIGKILLed controller cannot remove its log folder"
+    assert sum(f.stat().st_size for f in log_dir.iterdir()) < 1 << 20
+    try:
         began = time.monotonic()
         with new_group(checkpoint) as fresh:
-            assert relative_error(fresh.run(make_job()), reference) < 1e-5
-        next_job = time.monotonic() - began
+            assert not log_dir.exists(), f"the next group's start left the dead controller's log folder {log_dir}"
+            assert Path(fresh.status()["log_dir"]).exists()  # ours (this pid is alive): kept
+            assert Path(group.status()["log_dir"]).exists()
+            if where == "thread":  # once is enough: the new group also runs
+                assert relative_error(fresh.run(make_job()), reference) < 1e-5
+        next_job = time.monotonic() - began if where == "thread" else float("nan")
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    leftover = "log folder removed by the next group's start"
     MEASURED.append(
         (
             f"controller SIGKILLed mid-step (group started in {where})",
