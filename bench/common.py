@@ -63,14 +63,9 @@ def import_package():
 
 
 def pkg(name: str):
-    """Import ``wan_distrifusion.<name>``; ``None`` if the module does not exist (yet)."""
+    """Import ``wan_distrifusion.<name>`` (the repo root registered under that alias)."""
     import_package()
-    try:
-        return importlib.import_module(f"{PACKAGE_ALIAS}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith(f"{PACKAGE_ALIAS}.{name.split('.')[0]}"):
-            return None
-        raise
+    return importlib.import_module(f"{PACKAGE_ALIAS}.{name}")
 
 
 def safe_env() -> None:

@@ -518,10 +518,8 @@ class Worker:
             kv_dtype=case["kv_dtype"],
         )
 
-    def plan_gib(self, pconfig, batch: int) -> float | None:
+    def plan_gib(self, pconfig, batch: int) -> float:
         plan_mod = C.pkg("distrifusion.memory_plan")
-        if plan_mod is None:
-            return None
         c, f, h, w = C.SHAPES[self.shape]
         plan = plan_mod.plan_memory(
             self.cfg, pconfig, (1, c, f, h, w), "bf16", "disabled", None, guidance_batch=batch, check=False

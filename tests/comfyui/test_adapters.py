@@ -9,6 +9,21 @@ import textwrap
 
 from comfy_harness import COMFYUI_PATH, COMFYUI_PYTHON, REPO_ROOT
 
+PACK_IN_COMFYUI = textwrap.dedent(f"""
+    import importlib.util, sys, torch
+    from importlib import import_module
+    sys.path.insert(0, {COMFYUI_PATH!r})
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    sys.argv = [sys.argv[0], "--cpu"]
+    PACK = "ComfyUI-WanVideo-DistriFusion"
+    spec = importlib.util.spec_from_file_location(
+        PACK, {str(REPO_ROOT / "__init__.py")!r}, submodule_search_locations=[{str(REPO_ROOT)!r}])
+    sys.modules[PACK] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[PACK])
+""")
+"""Code that imports ComfyUI (``--cpu``) and then this pack under a hyphenated name, as ComfyUI does."""
+
 
 def test_pack_imports_without_comfyui_and_without_side_effects():
     code = textwrap.dedent(f"""
@@ -36,36 +51,24 @@ def test_pack_imports_without_comfyui_and_without_side_effects():
 
 
 def test_latent_conversion_is_comfyuis_wan21_format():
-    code = textwrap.dedent(f"""
-        import importlib.util, sys, torch
-        sys.path.insert(0, {COMFYUI_PATH!r})
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        sys.argv = [sys.argv[0], "--cpu"]
+    code = PACK_IN_COMFYUI + textwrap.dedent("""
         import comfy.latent_formats
-        spec = importlib.util.spec_from_file_location(
-            "ComfyUI-WanVideo-DistriFusion", {str(REPO_ROOT / "__init__.py")!r},
-            submodule_search_locations=[{str(REPO_ROOT)!r}])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = pack
-        spec.loader.exec_module(pack)
-        from importlib import import_module
-        sampler = import_module(spec.name + ".nodes.sampler")
+        sampler = import_module(PACK + ".nodes.sampler")
         wan21 = comfy.latent_formats.Wan21()
 
         comfy_latent = torch.randn(1, 16, 3, 8, 10) * 2 + 0.5
-        model_space = sampler.latent_to_model_space({{"samples": comfy_latent}}, wan21)
+        model_space = sampler.latent_to_model_space({"samples": comfy_latent}, wan21)
         assert torch.equal(model_space, wan21.process_in(comfy_latent))
         back = sampler.latent_from_model_space(model_space, wan21)
         assert torch.allclose(back, comfy_latent, atol=1e-5), (back - comfy_latent).abs().max()
 
         empty = torch.zeros(1, 16, 21, 60, 104)  # EmptyHunyuanLatentVideo 832x480x81: left as zeros
-        assert torch.count_nonzero(sampler.latent_to_model_space({{"samples": empty}}, wan21)) == 0
-        widened = sampler.latent_to_model_space({{"samples": torch.zeros(1, 4, 60, 104)}}, wan21)  # image latent
+        assert torch.count_nonzero(sampler.latent_to_model_space({"samples": empty}, wan21)) == 0
+        widened = sampler.latent_to_model_space({"samples": torch.zeros(1, 4, 60, 104)}, wan21)  # image latent
         assert widened.shape == (1, 16, 1, 60, 104) and torch.count_nonzero(widened) == 0
-        for bad, needle in (({{"samples": torch.ones(1, 4, 2, 8, 8)}}, "4 channels"),
-                            ({{"samples": torch.zeros(2, 16, 2, 8, 8)}}, "batch size 2"),
-                            ({{"samples": torch.zeros(1, 16, 2, 8, 8), "noise_mask": torch.ones(1)}}, "noise mask")):
+        for bad, needle in (({"samples": torch.ones(1, 4, 2, 8, 8)}, "4 channels"),
+                            ({"samples": torch.zeros(2, 16, 2, 8, 8)}, "batch size 2"),
+                            ({"samples": torch.zeros(1, 16, 2, 8, 8), "noise_mask": torch.ones(1)}, "noise mask")):
             try:
                 sampler.latent_to_model_space(bad, wan21)
             except ValueError as error:
@@ -82,22 +85,10 @@ def test_every_ksampler_sampler_runs_through_the_worker_model():
     """Each of KSampler's sampler names (and Wan's unipc / dpm++) integrates through ``WorkerModel`` with a
     stand-in forward session: one callback per step, a finite latent, and the CFG++ samplers get the
     unguided prediction they read."""
-    code = textwrap.dedent(f"""
-        import importlib.util, sys, torch
-        sys.path.insert(0, {COMFYUI_PATH!r})
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        sys.argv = [sys.argv[0], "--cpu"]
+    code = PACK_IN_COMFYUI + textwrap.dedent("""
         import comfy.samplers
-        spec = importlib.util.spec_from_file_location(
-            "ComfyUI-WanVideo-DistriFusion", {str(REPO_ROOT / "__init__.py")!r},
-            submodule_search_locations=[{str(REPO_ROOT)!r}])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = pack
-        spec.loader.exec_module(pack)
-        from importlib import import_module
-        cs = import_module(spec.name + ".nodes.comfy_sampling")
-        nodes_comfy = import_module(spec.name + ".nodes._comfy")
+        cs = import_module(PACK + ".nodes.comfy_sampling")
+        nodes_comfy = import_module(PACK + ".nodes._comfy")
 
         class Session:  # flow of a made-up "model" whose clean latent is target
             def __init__(self, uncond):
@@ -125,15 +116,15 @@ def test_every_ksampler_sampler_runs_through_the_worker_model():
                                 latent_image=latent, cfg=2.0, seed=1,
                                 callback=lambda i, x0, x, total: steps.append((i, total)))
             except Exception as error:
-                failures.append(f"{{name}}: {{type(error).__name__}}: {{error}}")
+                failures.append(f"{name}: {type(error).__name__}: {error}")
                 continue
             if out.shape != target.shape or not torch.isfinite(out).all():
-                failures.append(f"{{name}}: bad output")
+                failures.append(f"{name}: bad output")
             total = len(sigmas) - 1
             if name not in ("dpm_adaptive", "dpm_fast") and [i for i, _ in steps] != list(range(total)):
-                failures.append(f"{{name}}: callbacks {{steps}} for {{total}} steps")
+                failures.append(f"{name}: callbacks {steps} for {total} steps")
             if session.calls < total and name != "dpm_adaptive":
-                failures.append(f"{{name}}: {{session.calls}} model calls for {{total}} steps")
+                failures.append(f"{name}: {session.calls} model calls for {total} steps")
         assert not failures, failures
         assert len(cs.ksampler_sigmas(cs.model_sampling_sd3(3.0), "uni_pc", "simple", 4, 1.0)) == 5
         print("ok", len(names))
