@@ -166,7 +166,8 @@ def build_diffusers(cfg, state_dict: dict[str, torch.Tensor], device, dtype=torc
 
 
 def build_ours(cfg, original_sd: dict[str, torch.Tensor], device, dtype=torch.bfloat16, quantization: str = "disabled"):
-    """Our ``WanModel`` through the loader's state-dict entry point (``load_wan_model``'s dtypes, fp8 storage).
+    """Our ``WanModel`` through the loader's state-dict entry point (``load_wan_model``'s dtypes, fp8 storage),
+    projections fused as the runtime runs it.
 
     Tensors already in the target dtype and device are shared, not copied, so diffusers' model and ours can
     hold one copy of the weights.
@@ -177,6 +178,7 @@ def build_ours(cfg, original_sd: dict[str, torch.Tensor], device, dtype=torch.bf
     )
     if model.config != cfg:
         raise RuntimeError(f"loader read config {model.config}, expected {cfg}")
+    model.fuse_projections()  # as the runtime's ``load_rank_model`` does
     return model.eval().requires_grad_(False)
 
 

@@ -47,6 +47,7 @@ CLIP_STEPS = 50
 PRODUCT_WARMUP = 4  # ParallelConfig.warmup_steps default: synchronous steps at the start of a clip
 SINGLE_S = {"1.3B": 0.65, "14B": 12.7, "tiny": 0.01}  # one H100, bf16, batch 1 (design notes): for estimates
 SETUP_S = {"1.3B": 6.0, "14B": 25.0, "tiny": 1.0}
+COMPILE_S = {"1.3B": 40.0, "14B": 60.0, "tiny": 5.0}  # --compile: a few shapes per phase (inductor's cache helps later)
 PHASE_OVERHEAD_S = 30.0
 MODEL_SHAPE = {"1.3B": "480p81", "14B": "720p81", "tiny": "tiny"}
 
@@ -174,7 +175,11 @@ def make_phases(args) -> list[Phase]:
     return phases
 
 
-def select(phases: list[Phase], budget: float, scale: float) -> float:
+def setup_s(model: str, compile_blocks: bool) -> float:
+    return SETUP_S[model] + (COMPILE_S[model] if compile_blocks else 0.0)
+
+
+def select(phases: list[Phase], budget: float, scale: float, compile_blocks: bool = False) -> float:
     """Greedy by priority: mark cases ``chosen`` while the estimated total fits; returns the estimate."""
     everything = sorted((c.priority, i, j) for i, p in enumerate(phases) for j, c in enumerate(p.cases))
     total, used_phases, used_models = 0.0, set(), set()
@@ -189,7 +194,7 @@ def select(phases: list[Phase], budget: float, scale: float) -> float:
         if i not in used_phases:
             cost += PHASE_OVERHEAD_S
         if (i, case.model) not in used_models:
-            cost += SETUP_S[case.model]
+            cost += setup_s(case.model, compile_blocks)
         if total + cost <= budget:
             total += cost
             case.extra["chosen"] = True
@@ -215,7 +220,7 @@ def launch(args) -> int:
     rec.results.update(args={k: v for k, v in vars(args).items()}, phases=[], rows=[], fidelity=[], skipped=[])
     phases = make_phases(args)
     scale = 1.0
-    estimate = select(phases, args.budget_s, scale)
+    estimate = select(phases, args.budget_s, scale, args.compile)
     rec.say(f"multi_gpu: {len(phases)} phases, budget {args.budget_s:.0f} s, planned ~{estimate:.0f} s")
     for phase in phases:
         chosen = [f"{c.model} {c.name} ~{c.est_s:.0f}s" for c in phase.cases if c.extra.get("chosen")]
@@ -225,13 +230,15 @@ def launch(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="wdf-multi-"))
     for index, phase in enumerate(phases):
         remaining = end - time.monotonic()
-        select(phases[index:], remaining, scale)
+        select(phases[index:], remaining, scale, args.compile)
         chosen = [c for c in phase.cases if c.extra.get("chosen")]
         if not chosen:
             rec.say(f"-- {phase.label}: skipped (nothing fits the {remaining:.0f} s left)")
             continue
         allot = (
-            PHASE_OVERHEAD_S + sum(SETUP_S[m] for m in {c.model for c in chosen}) + sum(c.est_s for c in chosen) * scale
+            PHASE_OVERHEAD_S
+            + sum(setup_s(m, args.compile) for m in {c.model for c in chosen})
+            + sum(c.est_s for c in chosen) * scale
         )
         deadline = time.monotonic() + min(remaining, allot * 1.3 + 20)
         rec.say(
@@ -278,6 +285,8 @@ def run_phase(args, phase: Phase, chosen: list[Case], work: Path, index: int, de
         fidelity_steps=args.fidelity_steps,
         fidelity_warmup=args.fidelity_warmup,
         attention=args.attention,
+        compile=args.compile,
+        ours_attention=args.ours_attention,
         models=[m for m in args.models if any(c.model == m for c in chosen)],
         cases=[dict(c.__dict__, extra={k: v for k, v in c.extra.items() if k != "chosen"}) for c in chosen],
         results=str(work / f"phase{index}.jsonl"),
@@ -452,6 +461,9 @@ class Worker:
         t0 = time.monotonic()
         self.sd = C.random_state_dict(self.cfg, seed=self.spec["seed"], device=self.device, dtype=self.dtype)
         self.ours = C.build_ours(self.cfg, self.sd, self.device, self.dtype)
+        self.ours.set_attention_backend(self.spec["ours_attention"])
+        if self.spec["compile"]:
+            self.ours.compile_blocks()
         self.peer = None
         self.inputs = {b: C.make_inputs(self.cfg, self.shape, b, device=self.device, dtype=self.dtype) for b in (1, 2)}
         C.synchronize(self.device)
@@ -899,6 +911,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fidelity-steps", type=int, default=None, help="sampler steps of the fidelity runs (default 8)")
     p.add_argument("--fidelity-warmup", type=int, default=None, help="synchronous steps first (default 2)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "cudnn", "flash", "efficient", "math"])
+    p.add_argument("--compile", action="store_true", help="ours with torch.compile'd blocks (the Loader's compile)")
+    p.add_argument("--ours-attention", default="sdpa", help="our attention backend (auto, sdpa, flash4, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print the plan (what fits the budget) and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -39,6 +39,7 @@ SHARE_MODES = ("displaced", "displaced-fp8kv", "displaced-rt", "sync-rt", "ulyss
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1.3B only")
+    p.add_argument("--models", default="1.3B,14B", help="comma list, run in this order (1.3B, 14B)")
     p.add_argument("--tiny", action="store_true", help="toy model and shapes (CPU check of all code paths)")
     p.add_argument("--out", help="folder for single_gpu.json and single_gpu.log")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "cudnn", "flash", "efficient", "math"])
@@ -68,12 +69,15 @@ def plan(args) -> list[dict]:
     """What to run: (preset, shape, batches, warm-up, repetitions, share layers)."""
     if args.tiny:
         return [dict(preset="tiny", shape="tiny_odd", batches=[1, 2], warmup=1, reps=2, share_layers=None)]
-    cases = [dict(preset="1.3B", shape="480p81", batches=[1, 2], warmup=2, reps=5, share_layers=None)]
-    if not args.quick:
-        cases.append(
-            dict(preset="14B", shape="720p81", batches=[1], warmup=1, reps=3, share_layers=args.share_layers or 10)
-        )
-    return cases
+    cases = {
+        "1.3B": dict(preset="1.3B", shape="480p81", batches=[1, 2], warmup=2, reps=5, share_layers=None),
+        "14B": dict(preset="14B", shape="720p81", batches=[1], warmup=1, reps=3, share_layers=args.share_layers or 10),
+    }
+    models = ["1.3B"] if args.quick else [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in cases]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(cases)}")
+    return [cases[m] for m in models]
 
 
 class Bench:
@@ -180,12 +184,19 @@ class Bench:
                         ours.compile_blocks()
                         ours._bench_compiled = True
                     ours.set_attention_backend("flash4")
+                began = time.perf_counter()
                 with torch.no_grad(), C.sdpa_backend(self.args.attention):
                     err = C.rel_err(ours(x, t, ctx), ref)
+                first_call_s = time.perf_counter() - began  # includes compiling for this shape
                 results[name] = dict(
-                    self.timed(lambda a=(x, t, ctx): ours(*a), case["warmup"], case["reps"]), rel_err=err
+                    self.timed(lambda a=(x, t, ctx): ours(*a), case["warmup"], case["reps"]),
+                    rel_err=err,
+                    first_call_s=first_call_s,
                 )
-                self.rec.say(f"   ours {name}: {results[name]['median_s']:.4f} s (rel err vs diffusers {err:.2e})")
+                self.rec.say(
+                    f"   ours {name}: {results[name]['median_s']:.4f} s (rel err vs diffusers {err:.2e}; "
+                    f"first call {first_call_s:.1f} s)"
+                )
             except Exception as error:  # a missing wheel or a compile failure must not stop the bench
                 results[name] = dict(error=f"{type(error).__name__}: {error}")
                 self.rec.say(f"   ours {name}: skipped ({results[name]['error'][:200]})")
@@ -301,9 +312,15 @@ class Bench:
         rec, device = self.rec, self.device
         bf16_bytes = C.tensor_bytes(ours)
         x, t, ctx = C.make_inputs(cfg, shape, 1, device=device, dtype=self.dtype)
-        del ours  # the caller's reference keeps it; its weights are shared with ``sd`` anyway
         quantized = C.build_ours(cfg, sd, device, self.dtype, quantization="fp8_e4m3fn")
         fp8_bytes = C.tensor_bytes(quantized)
+        # Same setup as the bf16 model it is compared with (compiled or not, same attention kernel).
+        kernel = ours.blocks[0].self_attn.attention_fn
+        for block in quantized.blocks:
+            block.self_attn.attention_fn = kernel
+        if getattr(ours, "_bench_compiled", False):
+            quantized.compile_blocks()
+        fp8_matmul = any(getattr(m, "use_fp8_matmul", False) for m in quantized.modules())
         with torch.no_grad(), C.sdpa_backend(self.args.attention):
             err = C.rel_err(quantized(x, t, ctx), ref_out)
         res = self.timed(lambda f=quantized, a=(x, t, ctx): f(*a), case["warmup"] - 1, case["reps"])
@@ -317,12 +334,16 @@ class Bench:
             fp8=res,
             speed_ratio=res["median_s"] / single_s,
             rel_err_vs_bf16=err,
+            fp8_matmul=fp8_matmul,
+            compiled=getattr(ours, "_bench_compiled", False),
+            attention=getattr(kernel, "__name__", str(kernel)),
         )
         rec.results["fp8"].append(row)
         rec.say(
             f"   fp8 weights: {row['weights_fp8_gib']:.2f} GiB vs {row['weights_bf16_gib']:.2f} GiB "
             f"({row['memory_ratio']:.2f}x), {res['median_s']:.4f} s vs {single_s:.4f} s ({row['speed_ratio']:.2f}x), "
-            f"rel err vs bf16 {err:.2e}"
+            f"rel err vs bf16 {err:.2e}; scaled fp8 matmul {'on' if fp8_matmul else 'off'}, "
+            f"compiled {row['compiled']}, attention {row['attention']}"
         )
         rec.save()
         del quantized

@@ -235,9 +235,11 @@ def device_memory(device: torch.device) -> tuple[int, int]:
 def load_rank_model(
     path: str, precision: str, quantization: str, device: torch.device, parallel: ParallelConfig
 ) -> torch.nn.Module:
-    """Load the weights from the file on this rank's device, with the group's attention kernel and compile setting."""
+    """Load the weights from the file on this rank's device, projections fused, with the group's attention
+    kernel and compile setting."""
     model = load_wan_model(path, dtype=PRECISIONS[precision], quantization=quantization, device=device)
     model.eval()
+    model.fuse_projections()
     model.set_attention_backend(parallel.attention_backend)
     if parallel.compile_blocks:
         model.compile_blocks()

@@ -30,7 +30,8 @@ def _flash4() -> AttentionFn:
     from flash_attn.cute import flash_attn_func
 
     def flash4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = flash_attn_func(q, k, v)
+        # v may be a strided view of the fused qkv projection; the CuTe kernels expect dense tensors.
+        out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
     return flash4_attention
@@ -40,7 +41,7 @@ def _flash3() -> AttentionFn:
     from flash_attn_interface import flash_attn_func
 
     def flash3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = flash_attn_func(q, k, v)
+        out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
     return flash3_attention
@@ -50,7 +51,7 @@ def _sage() -> AttentionFn:
     from sageattention import sageattn
 
     def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return sageattn(q, k, v, tensor_layout="NHD")
+        return sageattn(q.contiguous(), k.contiguous(), v.contiguous(), tensor_layout="NHD")
 
     return sage_attention
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from .errors import WanDistriFusionError
+from .fp8 import Fp8Linear, enable_fp8_matmul, quantize_fp8
 from .model import WanConfig, WanLayerNorm, WanModel, WanRMSNorm
 
 logger = logging.getLogger(__name__)
@@ -107,18 +107,6 @@ def to_diffusers_key(key: str) -> str:
     return key
 
 
-class Fp8Linear(nn.Linear):
-    """``nn.Linear`` whose weight is stored in fp8 with one per-tensor scale and upcast to the input dtype per call."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.register_buffer("scale_weight", torch.ones((), device=device))
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.to(x.dtype) * self.scale_weight.to(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
-
-
 @dataclass(frozen=True)
 class WanCheckpointInfo:
     """What a checkpoint holds, read from its header only (no tensor data)."""
@@ -141,7 +129,8 @@ def load_wan_model(
     """Build a ``WanModel`` from a Wan ``.safetensors`` file (or a folder of shards), ready for inference.
 
     ``dtype`` is the compute dtype (``torch.float32``/``bfloat16``/``float16`` or "fp32"/"bf16"/"fp16");
-    ``quantization`` stores the blocks' Linear weights in fp8 (``fp8_e4m3fn``/``fp8_e5m2``), upcast per layer.
+    ``quantization`` stores the blocks' Linear weights in fp8 (``fp8_e4m3fn``/``fp8_e5m2``): multiplied in fp8 on
+    GPUs with fp8 tensor cores (``fp8_e4m3fn``; see ``fp8.enable_fp8_matmul``), else upcast per layer.
     """
     compute_dtype = resolve_precision(dtype)
     storage_dtype = resolve_quantization(quantization)
@@ -230,6 +219,8 @@ def _build_model(
             state[name] = checkpoint.read(name, value_dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.compute_dtype = compute_dtype
+    if storage_dtype is not None:
+        enable_fp8_matmul(model)
     return model.eval()
 
 
@@ -261,15 +252,6 @@ def _use_fp8_linears(model: WanModel) -> None:
 def _keeps_fp32(name: str, module: nn.Module) -> bool:
     """Modulation tables and the Wan norms' weights are tiny and kept in fp32 (as diffusers does)."""
     return name.endswith("modulation") or isinstance(module, WanLayerNorm | WanRMSNorm)
-
-
-def _quantize_fp8(value: Tensor, storage_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per-tensor scaled fp8: ``value ≈ fp8 * scale`` with the largest magnitude mapped to the format's max."""
-    value = value.float()
-    fp8_max = torch.finfo(storage_dtype).max
-    amax = value.abs().amax()
-    scale = torch.where(amax > 0, amax / fp8_max, torch.ones_like(amax))
-    return (value / scale).clamp(-fp8_max, fp8_max).to(storage_dtype), scale
 
 
 class _Checkpoint:
@@ -515,7 +497,7 @@ class _Checkpoint:
         value = tensor.to(device=device, dtype=torch.float32)
         if scale is not None:
             value = value * scale.to(device)
-        return _quantize_fp8(value, storage_dtype)
+        return quantize_fp8(value, storage_dtype)
 
 
 class _StateDictHandle:

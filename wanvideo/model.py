@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionFn, resolve_attention, sdpa_attention
+from .fp8 import concat_linears
 
 CLIP_TOKENS = 257
 
@@ -80,8 +81,8 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight.type_as(x)
+        # One fused kernel on GPUs (statistics in fp32), like Wan's ``x.float()`` normalisation rounded back.
+        return F.rms_norm(x, x.shape[-1:], eps=self.eps) * self.weight.type_as(x)
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -106,14 +107,23 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps=eps)
         self.norm_k = WanRMSNorm(dim, eps=eps)
         self.attention_fn: AttentionFn = sdpa_attention
+        self.qkv: nn.Linear | None = None
+
+    def fuse_projections(self) -> None:
+        """Replace ``q``/``k``/``v`` by one ``qkv`` Linear (one GEMM reading ``x`` once instead of three)."""
+        self.qkv = concat_linears([self.q, self.k, self.v])
+        del self.q, self.k, self.v
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k (normed, rotated) and v, ``[B, L, H, D]``."""
         heads = (self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
-        v = self.v(x).unflatten(-1, heads)
-        return q, k, v
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope)
+        k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope)
+        return q, k, v.unflatten(-1, heads)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         return self.o(self.attention_fn(*self.project(x, rope)).flatten(2))
@@ -137,14 +147,24 @@ class WanCrossAttention(nn.Module):
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = WanRMSNorm(dim, eps=eps)
+        self.kv: nn.Linear | None = None
+
+    def fuse_projections(self) -> None:
+        """Replace the text ``k``/``v`` by one ``kv`` Linear."""
+        self.kv = concat_linears([self.k, self.v])
+        del self.k, self.v
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         heads = (self.num_heads, self.head_dim)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         if self.image:
             image_context, context = context[:, :CLIP_TOKENS], context[:, CLIP_TOKENS:]
-        k = self.norm_k(self.k(context)).unflatten(-1, heads)
-        v = self.v(context).unflatten(-1, heads)
+        if self.kv is not None:
+            k, v = self.kv(context).chunk(2, dim=-1)
+        else:
+            k, v = self.k(context), self.v(context)
+        k = self.norm_k(k).unflatten(-1, heads)
+        v = v.unflatten(-1, heads)
         out = sdpa_attention(q, k, v)
         if self.image:
             k_img = self.norm_k_img(self.k_img(image_context)).unflatten(-1, heads)
@@ -240,6 +260,16 @@ class WanModel(nn.Module):
         kernel = resolve_attention(backend, self.patch_embedding.weight.device)
         for block in self.blocks:
             block.self_attn.attention_fn = kernel
+
+    def fuse_projections(self) -> None:
+        """Fuse each block's self-attention q/k/v and cross-attention k/v Linears (fewer, larger GEMMs).
+
+        For inference after loading: the state dict then has ``qkv``/``kv`` keys instead of the original names.
+        """
+        for block in self.blocks:
+            if block.self_attn.qkv is None:
+                block.self_attn.fuse_projections()
+                block.cross_attn.fuse_projections()
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """``torch.compile`` each block's code before and after self-attention (attention stays eager).
