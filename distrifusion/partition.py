@@ -1,8 +1,11 @@
 """Which tokens of Wan's (frames, rows, cols) token grid each rank owns and computes.
 
 Slabs are cut on patch boundaries (``patch_size_px / 16`` token rows) or on latent frames, balanced by
-token count; uneven slabs are the normal case (480p has 30 token rows and 21 latent frames). In the
-displaced mode a rank also computes a halo of its neighbours' tokens fresh (``overlap_tokens``).
+token count; uneven slabs are the normal case (480p has 30 token rows and 21 latent frames). A spatial
+split whose row slabs differ in size hands the larger slabs to different ranks frame by frame, so token
+counts even out over the frames (720p: 45 token rows over 4 ranks is 12/11/11/11 rows per frame, but
+237/236/236/236 row-frames per rank over 21 frames). In the displaced mode a rank also computes a halo of its
+neighbours' tokens fresh (``overlap_tokens``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ class RankTokens:
     rank: int
     frames: tuple[int, int]
     """Own latent frames ``[start, stop)``."""
-    rows: tuple[int, int]
-    """Own token rows ``[start, stop)`` (all columns)."""
+    rows_per_frame: tuple[tuple[int, int], ...]
+    """Own token rows ``[start, stop)`` (all columns) in each own frame, in frame order."""
     own_index: Tensor
     """Flat ids of the tokens this rank owns (its output), ascending."""
     computed_index: Tensor
     """``own_index`` followed by the halo ids (neighbours' tokens recomputed fresh), ascending each."""
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """Own token rows of the first own frame (the same in every frame unless slabs rotate)."""
+        return self.rows_per_frame[0]
 
     @property
     def num_own(self) -> int:
@@ -87,20 +95,42 @@ def partition_tokens(
 
     frame_ranges = _split_axis(frames, 1, frame_parts)
     row_ranges = _split_axis(rows, patch_rows, row_parts)
+    if frame_parts == 1:
+        slab_of_rank = _rotate_slabs([stop - start for start, stop in row_ranges], frames)
+    else:
+        slab_of_rank = [list(range(row_parts))] * frames
     ids = torch.arange(frames * rows * cols).view(frames, rows, cols)
     halo_frames = overlap_tokens if frame_parts > 1 else 0
     halo_rows = overlap_tokens if row_parts > 1 else 0
     parts = []
     for rank in range(world_size):
         f0, f1 = frame_ranges[rank // row_parts]
-        r0, r1 = row_ranges[rank % row_parts]
-        own = ids[f0:f1, r0:r1].reshape(-1)
+        rows_per_frame = tuple(row_ranges[slab_of_rank[f][rank % row_parts]] for f in range(f0, f1))
+        mine = torch.zeros(frames, rows, dtype=torch.bool)
         box = torch.zeros(frames, rows, dtype=torch.bool)
-        box[max(0, f0 - halo_frames) : f1 + halo_frames, max(0, r0 - halo_rows) : r1 + halo_rows] = True
-        box[f0:f1, r0:r1] = False
+        for f, (r0, r1) in zip(range(f0, f1), rows_per_frame):
+            mine[f, r0:r1] = True
+            box[max(0, f - halo_frames) : f + halo_frames + 1, max(0, r0 - halo_rows) : r1 + halo_rows] = True
+        box &= ~mine
+        own = ids[mine].reshape(-1)
         halo = ids[box].reshape(-1)
-        parts.append(RankTokens(rank, (f0, f1), (r0, r1), own, torch.cat([own, halo])))
+        parts.append(RankTokens(rank, (f0, f1), rows_per_frame, own, torch.cat([own, halo])))
     return parts
+
+
+def _rotate_slabs(sizes: list[int], frames: int) -> list[list[int]]:
+    """For each frame, the row slab each rank owns: larger slabs go to the ranks with the fewest rows so far
+    (ties keep rank order, so equal slabs never move)."""
+    totals = [0] * len(sizes)
+    largest_first = sorted(range(len(sizes)), key=lambda slab: -sizes[slab])
+    plan = []
+    for _ in range(frames):
+        slab_of_rank = [0] * len(sizes)
+        for slab, rank in zip(largest_first, sorted(range(len(sizes)), key=lambda r: totals[r])):
+            slab_of_rank[rank] = slab
+            totals[rank] += sizes[slab]
+        plan.append(slab_of_rank)
+    return plan
 
 
 def partition_summary(parts: list[RankTokens]) -> list[dict]:
@@ -110,6 +140,7 @@ def partition_summary(parts: list[RankTokens]) -> list[dict]:
             "rank": p.rank,
             "frames": list(p.frames),
             "rows": list(p.rows),
+            "rows_rotate_over_frames": len(set(p.rows_per_frame)) > 1,
             "own_tokens": p.num_own,
             "halo_tokens": p.num_halo,
         }

@@ -27,13 +27,16 @@ TOOLTIPS = {
     "and diffusers key layouts load; the size is read from the weights.",
     "precision": "Compute dtype on every rank. bf16 is the usual choice on recent GPUs; fp32 is exact but twice the "
     "memory and much slower.",
-    "quantization": "Weight storage. fp8 halves the weights' memory (14B: ~14 GB instead of ~28 GB per rank); each "
-    "layer is upcast to the compute dtype when it runs.",
+    "quantization": "Weight storage. fp8 halves the weights' memory (14B: ~14 GB instead of ~28 GB per rank). "
+    "fp8_e4m3fn on GPUs with fp8 tensor cores (RTX 40xx, L40, H100/H200, Blackwell) multiplies in fp8 (scaled matmul, "
+    "activations scaled per token), faster than bf16; elsewhere, and for fp8_e5m2, each layer is upcast to the "
+    "compute dtype when it runs.",
     "gpus": "Local GPUs to use, one worker process each (GPUs 0..N-1 of this machine). 1 runs in the ComfyUI process "
     "without workers. With ComfyUI started with --cpu: this many CPU processes (gloo).",
     "patch_size": "Granularity of the split in pixels: the video is cut into slabs on multiples of this and the slabs "
-    "are balanced over the ranks. A multiple of 16 for Wan (8x VAE x 2x2 patchify); smaller balances uneven sizes "
-    "better.",
+    "are balanced over the ranks. A multiple of 16 for Wan (8x VAE x 2x2 patchify). When the slabs of a frame differ "
+    "in size (720p has 45 token rows), the larger ones go to different ranks frame by frame, so every rank gets "
+    "about the same number of tokens.",
     "patch_overlap": "Displaced mode only: pixels of each neighbouring slab a rank also recomputes fresh, so attention "
     "to the nearest tokens is never stale. Rounded up to whole 16 px tokens. 0 is pure DistriFusion (fastest).",
     "split_mode": "How the token grid is cut across ranks: spatial = by token rows (high resolution), temporal = by "
