@@ -179,6 +179,16 @@ def build_ours(cfg, original_sd: dict[str, torch.Tensor], device, dtype=torch.bf
     if model.config != cfg:
         raise RuntimeError(f"loader read config {model.config}, expected {cfg}")
     model.fuse_projections()  # as the runtime's ``load_rank_model`` does
+    # Point the caller's unfused q/k/v entries at slices of the fused weights, so the originals are freed
+    # (peak memory then matches the product's) and a diffusers model built later still shares one copy.
+    if quantization == "disabled":
+        dim = cfg.dim
+        for i, block in enumerate(model.blocks):
+            fused = {"self_attn": (block.self_attn.qkv, "qkv"), "cross_attn": (block.cross_attn.kv, "kv")}
+            for attn, (linear, names) in fused.items():
+                for j, name in enumerate(names):
+                    for kind in ("weight", "bias"):
+                        original_sd[f"blocks.{i}.{attn}.{name}.{kind}"] = getattr(linear, kind)[j * dim : (j + 1) * dim]
     return model.eval().requires_grad_(False)
 
 

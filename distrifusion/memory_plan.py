@@ -22,7 +22,7 @@ from .config import ParallelConfig
 GIB = 1024**3
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3fn": 1}
-RESERVE_BYTES = 1 * GIB
+RESERVE_BYTES = GIB // 2
 """Allocator fragmentation, cuBLAS workspaces and communicator buffers."""
 
 
@@ -180,7 +180,7 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
     activation = batch_per_rank * (tokens_local * per_token + tokens_total * dim) * act  # + full-grid patch embedding
 
     stale_kv = attention = 0
-    if world > 1:
+    if degree > 1:  # CFG parallel alone (2 ranks, one per guidance half) exchanges no K/V
         if parallel.mode == "displaced":
             stale_kv = 2 * layers * tokens_total * dim * kv * batch_per_rank
             attention = batch_per_rank * (2 * tokens_total * dim * act + 2 * tokens_local * dim * kv)
