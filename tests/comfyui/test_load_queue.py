@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import psutil
-from test_nodes_api import TWO_RANKS, base_prompt, loader_inputs, sampler_inputs
+from comfy_harness import TWO_RANKS, base_prompt, loader_inputs, sampler_inputs
 
 PROMPTS = 20
 WARMUP = 3

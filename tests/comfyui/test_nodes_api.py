@@ -15,14 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_harness import (
+    DECODE_SIZE,
     LOADER,
     PACK_FOLDER,
     RANDOM_VAE,
     SAMPLER,
+    SIZE,
     STATUS,
     TINY_MODEL,
     TINY_MODEL_4_HEADS,
+    TWO_RANKS,
+    base_prompt,
+    loader_inputs,
     reference_latent,
+    sampler_inputs,
 )
 
 CATEGORY = "WanVideoWrapper/Official DistriFusion"
@@ -64,65 +70,6 @@ SAMPLER_WIDGETS = {
     "length": (81, 1, 1025, 4),
     "sync_frequency": (0, 0, 1000, 1),
 }
-
-# Shapes kept tiny: 128 x 128 px, 5 frames -> latent [1, 16, 2, 16, 16], 128 tokens. The random Wan VAE is
-# slow on a CPU (~16 s per 64 x 64 clip), so prompts that decode use 32 x 32 px.
-SIZE = {"width": 128, "height": 128, "length": 5}
-DECODE_SIZE = {"width": 32, "height": 32, "length": 5}
-TWO_RANKS = {"gpus": 2, "parallel_mode": "sync"}
-
-
-def loader_inputs(**overrides) -> dict:
-    inputs = {
-        "model": TINY_MODEL,
-        "precision": "fp32",
-        "quantization": "disabled",
-        "gpus": 1,
-        "patch_size": 32,
-        "patch_overlap": 0,
-        "split_mode": "spatial",
-        "world_size": 0,
-        "rank": 0,
-        "parallel_mode": "sync",
-        "cfg_parallel": False,
-        "warmup_steps": 1,
-        "attention": "auto",
-        "kv_dtype": "auto",
-        "comm_backend": "auto",
-        "compile": False,
-    }
-    inputs.update(overrides)
-    return inputs
-
-
-def sampler_inputs(**overrides) -> dict:
-    inputs = {
-        "model": ["loader", 0],
-        "positive": ["pos", 0],
-        "negative": ["neg", 0],
-        "steps": 3,
-        "cfg": 4.0,
-        "shift": 3.0,
-        "seed": 7,
-        "sampler": "euler",
-        "scheduler": "simple",
-        "denoise": 1.0,
-        "sync_frequency": 0,
-        **SIZE,
-    }
-    inputs.update(overrides)
-    return inputs
-
-
-def base_prompt(loader: dict | None = None, sampler: dict | None = None, prefix: str = "distrifusion/latent") -> dict:
-    """Test conditioning x2 -> our Loader -> our Sampler -> core SaveLatent."""
-    return {
-        "pos": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 1, "tokens": 12, "width": 4096}},
-        "neg": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 2, "tokens": 5, "width": 4096}},
-        "loader": {"class_type": LOADER, "inputs": loader or loader_inputs()},
-        "sampler": {"class_type": SAMPLER, "inputs": sampler or sampler_inputs()},
-        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": prefix}},
-    }
 
 
 def output_files(comfy, entry: dict, node: str, key: str) -> list[Path]:
