@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parallel_harness import rel_err, run_ranks, tiny_model
 from safetensors.torch import save_file
-from tiny_wan import random_model, tiny_config, write_checkpoint
+from tiny_wan import random_model, tiny_config, tiny_job, write_checkpoint
 from wan_distrifusion.distrifusion import workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
@@ -133,20 +133,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_job(**overrides) -> GenerationJob:
-    generator = torch.Generator().manual_seed(11)
-    fields = dict(
-        positive=torch.randn(1, 8, 32, generator=generator),
-        negative=torch.randn(1, 8, 32, generator=generator),
-        width=64,
-        height=48,
-        length=5,
-        steps=2,
-        cfg=5.0,
-        seed=7,
-        sampler="euler",
-    )
-    fields.update(overrides)
-    return GenerationJob(**fields)
+    return tiny_job(**{"steps": 2, **overrides})
 
 
 def parallel(**overrides) -> ParallelConfig:

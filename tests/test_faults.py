@@ -28,11 +28,11 @@ import psutil
 import pytest
 import torch
 from measured import descendants, report_table
-from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
+from tiny_wan import relative_error, tiny_job
 from wan_distrifusion.distrifusion import workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
-from wan_distrifusion.distrifusion.workers import InProcessRunner, WorkerFailed, WorkerGroup, start_runtime
+from wan_distrifusion.distrifusion.workers import WorkerFailed, WorkerGroup
 from wan_distrifusion.wanvideo import sampling
 
 pytestmark = pytest.mark.slow
@@ -52,40 +52,10 @@ MEASURED: list[tuple[str, str, float, float, float]] = []
 """(scenario, outcome, seconds to detect, seconds until no process is left, seconds of the next job incl. restart)."""
 
 
-def make_job(steps: int = 3, seed: int = 7) -> GenerationJob:
-    generator = torch.Generator().manual_seed(11)
-    return GenerationJob(
-        positive=torch.randn(1, 8, 32, generator=generator),
-        negative=torch.randn(1, 8, 32, generator=generator),
-        width=64,
-        height=48,  # 3 token rows: 2 or 3 ranks at 16 px patches
-        length=5,
-        steps=steps,
-        cfg=5.0,
-        seed=seed,
-        sampler="euler",
-    )
-
-
 def new_group(checkpoint: Path, world_size: int = 2, **kwargs) -> WorkerGroup:
     parallel = ParallelConfig(world_size=world_size, mode="sync", patch_size=16)
     kwargs = {"step_timeout_s": 30.0, "start_timeout_s": 120.0, **kwargs}
     return WorkerGroup(checkpoint, parallel=parallel, device="cpu", **kwargs)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("wan") / "tiny.safetensors", random_model(tiny_config(), seed=3))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint) -> torch.Tensor:
-    runner = start_runtime(checkpoint, device="cpu")
-    assert isinstance(runner, InProcessRunner)
-    try:
-        return runner.run(make_job())
-    finally:
-        runner.close()
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +167,7 @@ def snapshot_of(group: WorkerGroup) -> dict:
 
 def next_job_works(group, reference: torch.Tensor, old_pids: list[int]) -> float:
     began = time.monotonic()
-    latent = group.run(make_job())
+    latent = group.run(tiny_job())
     seconds = time.monotonic() - began
     assert relative_error(latent, reference) < 1e-5
     assert set(group.status()["pids"]).isdisjoint(old_pids), "the next job should run on a fresh group"
@@ -237,9 +207,9 @@ def test_sigkilled_rank_fails_the_job_fast_and_leaves_nothing(world_size, victim
 
         with pytest.raises(WorkerFailed) as caught:
             if path == "job":
-                runtime.run(make_job(steps=200), progress=progress)
+                runtime.run(tiny_job(steps=200), progress=progress)
             else:
-                drive_euler(runtime, make_job(steps=200), progress=progress)
+                drive_euler(runtime, tiny_job(steps=200), progress=progress)
         detect = time.monotonic() - killed_at[0]
         cleanup = wait_until_clean(before["pids"], before["port"])
         message = str(caught.value)
@@ -279,7 +249,7 @@ def test_rank_out_of_memory_fails_the_job_naming_it_and_leaves_nothing(
         before = snapshot_of(runtime)
         monkeypatch.delenv("WDF_FAULT")  # the restarted group runs plain workers
         with pytest.raises(WorkerFailed) as caught:
-            runtime.run(make_job(steps=200))
+            runtime.run(tiny_job(steps=200))
         detect = time.time() - float(stamp.read_text())
         cleanup = wait_until_clean(before["pids"], before["port"])
         message = str(caught.value)
@@ -313,7 +283,7 @@ def test_stopped_rank_fails_the_job_after_the_step_timeout_and_leaves_nothing(gr
 
     try:
         with pytest.raises(WorkerFailed) as caught:
-            group.run(make_job(steps=200), progress=progress)
+            group.run(tiny_job(steps=200), progress=progress)
         detect = time.monotonic() - stopped_at[0]
         cleanup = wait_until_clean(before["pids"], before["port"])
     finally:
@@ -428,7 +398,7 @@ def test_killed_controller_mid_step_leaves_no_rank_and_the_next_controller_works
             assert Path(fresh.status()["log_dir"]).exists()  # ours (this pid is alive): kept
             assert Path(group.status()["log_dir"]).exists()
             if where == "thread":  # once is enough: the new group also runs
-                assert relative_error(fresh.run(make_job()), reference) < 1e-5
+                assert relative_error(fresh.run(tiny_job()), reference) < 1e-5
         next_job = time.monotonic() - began if where == "thread" else float("nan")
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 from measured import descendants, report_table
-from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
+from tiny_wan import relative_error, tiny_job
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
@@ -25,21 +25,6 @@ WARMUP = 3
 RSS_GROWTH_BYTES = 24 << 20
 """Per process, after warm-up: the CPU allocator and gloo's buffers settle within a few MiB."""
 FD_GROWTH = 0
-
-
-def make_job(seed: int) -> GenerationJob:
-    generator = torch.Generator().manual_seed(11)
-    return GenerationJob(
-        positive=torch.randn(1, 8, 32, generator=generator),
-        negative=torch.randn(1, 8, 32, generator=generator),
-        width=64,
-        height=48,
-        length=5,
-        steps=2,
-        cfg=5.0,
-        seed=seed,
-        sampler="euler",
-    )
 
 
 def drive_euler(group, job: GenerationJob) -> torch.Tensor:
@@ -75,11 +60,6 @@ def preexisting():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("wan") / "tiny.safetensors", random_model(tiny_config(), seed=3))
-
-
-@pytest.fixture(scope="module")
 def measured(request):
     return report_table(
         request.config,
@@ -105,7 +85,7 @@ def _mib(values) -> str:
 def expected(checkpoint) -> dict[int, torch.Tensor]:
     reference = start_runtime(checkpoint, device="cpu")
     try:
-        return {seed: reference.run(make_job(seed)) for seed in range(WARMUP + ROUNDS)}
+        return {seed: reference.run(tiny_job(steps=2, seed=seed)) for seed in range(WARMUP + ROUNDS)}
     finally:
         reference.close()
 
@@ -123,11 +103,11 @@ def test_back_to_back_runs_do_not_grow_anything(path, group, expected, measured)
     pids = group.status()["pids"]
     jobs_run = group.status()["jobs_run"]
     for seed in range(WARMUP):
-        assert relative_error(run(make_job(seed)), expected[seed]) < 1e-5
+        assert relative_error(run(tiny_job(steps=2, seed=seed)), expected[seed]) < 1e-5
     before = footprint(group)
     began = time.monotonic()
     for seed in range(WARMUP, WARMUP + ROUNDS):
-        assert relative_error(run(make_job(seed)), expected[seed]) < 1e-5
+        assert relative_error(run(tiny_job(steps=2, seed=seed)), expected[seed]) < 1e-5
     per_round = (time.monotonic() - began) / ROUNDS
     after = footprint(group)
     assert group.status()["pids"] == pids and group.status()["jobs_run"] == jobs_run + WARMUP + ROUNDS
@@ -162,7 +142,7 @@ def test_restarting_the_group_does_not_grow_the_controller(group, expected, meas
     began = time.monotonic()
     for _ in range(RESTARTS):
         group.start()
-        assert relative_error(group.run(make_job(0)), expected[0]) < 1e-5
+        assert relative_error(group.run(tiny_job(steps=2, seed=0)), expected[0]) < 1e-5
         group.close()
     per_round = (time.monotonic() - began) / RESTARTS
     after = (controller.num_fds(), controller.num_threads(), threading.active_count(), controller.memory_info().rss)

@@ -14,13 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
+from tiny_wan import relative_error, tiny_job
 from wan_distrifusion.distrifusion import bootstrap
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.worker import decode_job, decode_payload, encode_job
 from wan_distrifusion.distrifusion.workers import (
-    InProcessRunner,
     JobCancelled,
     WorkerFailed,
     WorkerGroup,
@@ -33,36 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FAILURE_BOUND_S = 30.0
 
 pytestmark = pytest.mark.slow
-
-
-def make_job(steps: int = 3, seed: int = 7) -> GenerationJob:
-    generator = torch.Generator().manual_seed(11)
-    return GenerationJob(
-        positive=torch.randn(1, 8, 32, generator=generator),
-        negative=torch.randn(1, 8, 32, generator=generator),
-        width=64,
-        height=48,  # 3 token rows over 2 ranks: an uneven split
-        length=5,
-        steps=steps,
-        cfg=5.0,
-        seed=seed,
-        sampler="euler",
-    )
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("wan") / "tiny.safetensors", random_model(tiny_config(), seed=3))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint) -> torch.Tensor:
-    runner = start_runtime(checkpoint, device="cpu")
-    assert isinstance(runner, InProcessRunner)
-    try:
-        return runner.run(make_job())
-    finally:
-        runner.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +63,7 @@ def _alive(pid: int) -> bool:
 
 def test_group_of_two_equals_in_process_and_reports_every_step(group, reference):
     events = []
-    latent = group.run(make_job(), progress=events.append)
+    latent = group.run(tiny_job(), progress=events.append)
     assert relative_error(latent, reference) < 1e-5
     assert [event.step for event in events] == [1, 2, 3]
     assert all(event.total == 3 and len(event.memory_per_rank) == 2 for event in events)
@@ -110,13 +79,13 @@ def test_group_of_two_equals_in_process_and_reports_every_step(group, reference)
 def test_cancel_stops_every_rank_at_the_same_step_and_the_group_is_reusable(group, reference):
     events = []
     with pytest.raises(JobCancelled) as caught:
-        group.run(make_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
+        group.run(tiny_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
     cancel = caught.value
     assert 2 <= cancel.step < 200
     assert cancel.stopped_steps == {0: cancel.step, 1: cancel.step}
     assert events[-1].step == cancel.step
     assert group.alive
-    assert relative_error(group.run(make_job()), reference) < 1e-5
+    assert relative_error(group.run(tiny_job()), reference) < 1e-5
 
 
 def test_exception_in_progress_cancels_all_ranks_then_propagates(group, reference):
@@ -128,9 +97,9 @@ def test_exception_in_progress_cancels_all_ranks_then_propagates(group, referenc
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        group.run(make_job(steps=200), progress=progress)
+        group.run(tiny_job(steps=200), progress=progress)
     assert group.alive
-    assert relative_error(group.run(make_job()), reference) < 1e-5
+    assert relative_error(group.run(tiny_job()), reference) < 1e-5
 
 
 def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(group, reference):
@@ -144,7 +113,7 @@ def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(g
             killed_at.append(time.monotonic())
 
     with pytest.raises(WorkerFailed) as caught:
-        group.run(make_job(steps=200), progress=progress)
+        group.run(tiny_job(steps=200), progress=progress)
     elapsed = time.monotonic() - killed_at[0]
     assert elapsed < FAILURE_BOUND_S
     message = str(caught.value)
@@ -155,7 +124,7 @@ def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(g
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in others]
     assert not [p for p in left if p.status() != psutil.STATUS_ZOMBIE]
 
-    latent = group.run(make_job())  # starts a fresh group
+    latent = group.run(tiny_job())  # starts a fresh group
     assert relative_error(latent, reference) < 1e-5
     assert set(group.status()["pids"]).isdisjoint(old_pids)
 
@@ -172,7 +141,7 @@ def test_hung_worker_fails_the_job_after_the_step_timeout(group):
 
     try:
         with pytest.raises(WorkerFailed, match="no progress from the workers for step_timeout_s = 3 s"):
-            group.run(make_job(steps=200), progress=progress)
+            group.run(tiny_job(steps=200), progress=progress)
         assert time.monotonic() - stopped[0] < 3.0 + 10.0
     finally:
         group.step_timeout_s = 30.0
@@ -180,7 +149,7 @@ def test_hung_worker_fails_the_job_after_the_step_timeout(group):
 
 
 def test_worker_error_comes_back_with_its_traceback(group, checkpoint):
-    job = make_job()
+    job = tiny_job()
     job.extra["model_kwargs"] = {"no_such_argument": 1}  # every rank's model call raises TypeError
     with pytest.raises(WorkerFailed) as caught:
         group.run(job)
@@ -193,7 +162,7 @@ def test_close_is_idempotent_and_leaves_no_process(checkpoint, reference):
         checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu", start_timeout_s=120
     )
     with group:
-        assert relative_error(group.run(make_job()), reference) < 1e-5
+        assert relative_error(group.run(tiny_job()), reference) < 1e-5
         pids = group.status()["pids"]
     group.close()
     assert not group.alive
@@ -204,9 +173,9 @@ def test_in_process_runner_cancels_at_the_step(checkpoint, reference):
     runner = start_runtime(checkpoint, device="cpu")
     events = []
     with pytest.raises(JobCancelled) as caught:
-        runner.run(make_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
+        runner.run(tiny_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
     assert caught.value.step == 2
-    assert relative_error(runner.run(make_job()), reference) < 1e-5
+    assert relative_error(runner.run(tiny_job()), reference) < 1e-5
     assert runner.status()["world_size"] == 1
     runner.close()
     runner.close()
@@ -232,24 +201,24 @@ def runner(checkpoint):
 
 def test_forward_session_in_process_equals_the_job(runner, reference):
     events = []
-    assert torch.equal(drive_euler(runner, make_job(), progress=events.append), reference)
+    assert torch.equal(drive_euler(runner, tiny_job(), progress=events.append), reference)
     assert [event.step for event in events] == [1, 2, 3] and all(event.total == 3 for event in events)
     assert runner.status()["current_step"] == 3
 
 
 def test_forward_session_of_two_equals_in_process_and_reports_every_call(group, reference):
     events = []
-    latent = drive_euler(group, make_job(), progress=events.append)
+    latent = drive_euler(group, tiny_job(), progress=events.append)
     assert relative_error(latent, reference) < 1e-5
     assert [event.step for event in events] == [1, 2, 3]
     assert all(len(event.memory_per_rank) == 2 and min(event.memory_per_rank) > 0 for event in events)
     assert group.status()["current_step"] == 3
-    assert relative_error(group.run(make_job()), reference) < 1e-5  # the job path still works after a session
+    assert relative_error(group.run(tiny_job()), reference) < 1e-5  # the job path still works after a session
 
 
 def test_forward_session_checks_its_input_and_ends(group, runner):
     for runtime in (group, runner):
-        with runtime.forward_session(make_job()) as model:
+        with runtime.forward_session(tiny_job()) as model:
             with pytest.raises(WanDistriFusionError, match="shape"):
                 model(torch.zeros(1, 4, 2, 6, 7), 500.0)
         with pytest.raises(WanDistriFusionError, match="ended"):
@@ -257,10 +226,10 @@ def test_forward_session_checks_its_input_and_ends(group, runner):
 
 
 def test_forward_session_returns_the_unguided_flow_on_request(group, runner):
-    job = make_job()
+    job = tiny_job()
     x = torch.randn(job.latent_shape(4), generator=torch.Generator().manual_seed(3))
-    cond_only = GenerationJob(**{**vars(make_job()), "negative": None})
-    uncond_only = GenerationJob(**{**vars(make_job()), "positive": job.negative, "negative": None})
+    cond_only = GenerationJob(**{**vars(tiny_job()), "negative": None})
+    uncond_only = GenerationJob(**{**vars(tiny_job()), "positive": job.negative, "negative": None})
     with runner.forward_session(cond_only) as model:
         cond = model(x, 700.0)
     with runner.forward_session(uncond_only) as model:
@@ -270,7 +239,7 @@ def test_forward_session_returns_the_unguided_flow_on_request(group, runner):
             guided = model(x, 700.0)
             assert relative_error(model.last_uncond, uncond) < 1e-5
         assert relative_error(guided, uncond + job.cfg * (cond - uncond)) < 1e-5
-        with runtime.forward_session(GenerationJob(**{**vars(make_job()), "cfg": 1.0}), return_uncond=True) as model:
+        with runtime.forward_session(GenerationJob(**{**vars(tiny_job()), "cfg": 1.0}), return_uncond=True) as model:
             assert relative_error(model(x, 700.0), cond) < 1e-5  # cfg 1: cond and uncond still batched
             assert relative_error(model.last_uncond, uncond) < 1e-5
 
@@ -278,10 +247,10 @@ def test_forward_session_returns_the_unguided_flow_on_request(group, runner):
 def test_forward_session_cancel_between_calls_stops_every_rank_at_the_same_call(group, reference):
     events = []
     with pytest.raises(JobCancelled) as caught:
-        drive_euler(group, make_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
+        drive_euler(group, tiny_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
     assert caught.value.step == 2 and caught.value.stopped_steps == {0: 2, 1: 2}
     assert group.alive
-    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5
+    assert relative_error(drive_euler(group, tiny_job()), reference) < 1e-5
 
 
 def test_exception_inside_a_forward_session_ends_it_on_every_rank(group, reference):
@@ -294,17 +263,17 @@ def test_exception_inside_a_forward_session_ends_it_on_every_rank(group, referen
 
     pids = group.status()["pids"]
     with pytest.raises(Interrupted):
-        drive_euler(group, make_job(steps=200), progress=progress)
+        drive_euler(group, tiny_job(steps=200), progress=progress)
     assert group.alive and group.status()["pids"] == pids
-    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5
+    assert relative_error(drive_euler(group, tiny_job()), reference) < 1e-5
 
 
 def test_in_process_forward_session_cancels_between_calls(runner, reference):
     events = []
     with pytest.raises(JobCancelled) as caught:
-        drive_euler(runner, make_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
+        drive_euler(runner, tiny_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
     assert caught.value.step == 2 and caught.value.stopped_steps == {0: 2}
-    assert torch.equal(drive_euler(runner, make_job()), reference)
+    assert torch.equal(drive_euler(runner, tiny_job()), reference)
 
 
 def test_killed_worker_during_a_forward_session_fails_in_bounded_time_and_the_next_restarts(group, reference):
@@ -317,14 +286,14 @@ def test_killed_worker_during_a_forward_session_fails_in_bounded_time_and_the_ne
             killed_at.append(time.monotonic())
 
     with pytest.raises(WorkerFailed) as caught:
-        drive_euler(group, make_job(steps=200), progress=progress)
+        drive_euler(group, tiny_job(steps=200), progress=progress)
     assert time.monotonic() - killed_at[0] < FAILURE_BOUND_S
     message = str(caught.value)
     assert "rank 1 exited with signal 9" in message and "during step 3" in message and "run again" in message
     assert not group.alive
     _assert_gone(old_pids)
 
-    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5  # a fresh group
+    assert relative_error(drive_euler(group, tiny_job()), reference) < 1e-5  # a fresh group
     assert set(group.status()["pids"]).isdisjoint(old_pids)
 
 
@@ -340,21 +309,21 @@ def test_hung_worker_fails_the_forward_session_after_the_step_timeout(group, ref
 
     try:
         with pytest.raises(WorkerFailed, match="no answer from the workers for step_timeout_s = 3 s"):
-            drive_euler(group, make_job(steps=200), progress=progress)
+            drive_euler(group, tiny_job(steps=200), progress=progress)
         assert time.monotonic() - stopped[0] < 3.0 + 10.0
     finally:
         group.step_timeout_s = 30.0
     _assert_gone(pids)
-    assert relative_error(drive_euler(group, make_job()), reference) < 1e-5
+    assert relative_error(drive_euler(group, tiny_job()), reference) < 1e-5
 
 
 def test_forward_session_counts_steps_like_the_job_path_in_displaced_mode(checkpoint):
     """Each call is one step of the displaced runtime: warm-up then stale K/V, exactly as in a job."""
     parallel = ParallelConfig(world_size=2, mode="displaced", patch_size=16, warmup_steps=1)
     with WorkerGroup(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120) as group:
-        job_latent = group.run(make_job(steps=4))
+        job_latent = group.run(tiny_job(steps=4))
         assert group.status()["last_job_stats"]["stale_steps"] == 3
-        session_latent = drive_euler(group, make_job(steps=4))
+        session_latent = drive_euler(group, tiny_job(steps=4))
         assert group.status()["last_job_stats"]["stale_steps"] == 3
     assert relative_error(session_latent, job_latent) < 1e-6
 
@@ -426,7 +395,7 @@ def test_workers_exit_when_the_controller_dies(hyphenated_controller):
 
 
 def test_job_payload_round_trips_without_pickle():
-    job = make_job()
+    job = tiny_job()
     job.latent = torch.randn(1, 4, 2, 6, 8)
     job.extra = {"clip_fea": torch.randn(1, 3, 5), "note": {"a": [1, 2]}}
     header, tensors = decode_payload(encode_job(5, job))
@@ -453,7 +422,7 @@ def test_group_settings_are_checked_before_anything_starts(checkpoint, tmp_path)
         checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", first_rank=1, master_port=29999
     )
     with pytest.raises(WanDistriFusionError, match="rank 0"):
-        follower.run(make_job())
+        follower.run(tiny_job())
 
 
 def test_bootstrap_registers_the_alias_once(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
+from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.wanvideo.loading import COMFYUI_PREFIX, to_diffusers_key
 from wan_distrifusion.wanvideo.model import WanConfig, WanModel
 
@@ -84,3 +85,21 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     """``|actual - expected| / |expected|`` over the whole tensor, in fp64."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm()).item()
+
+
+def tiny_job(**overrides) -> GenerationJob:
+    """The worker tests' job for tiny models: 64 x 48 px (3 token rows: an uneven split over 2 ranks), 5 frames,
+    3 euler steps, CFG 5, seed 7, fixed random text contexts; any field overridable."""
+    generator = torch.Generator().manual_seed(11)
+    fields = dict(
+        positive=torch.randn(1, 8, 32, generator=generator),
+        negative=torch.randn(1, 8, 32, generator=generator),
+        width=64,
+        height=48,
+        length=5,
+        steps=3,
+        cfg=5.0,
+        seed=7,
+        sampler="euler",
+    )
+    return GenerationJob(**{**fields, **overrides})
