@@ -57,6 +57,11 @@ def _fp8_linear_upcast(linear: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, linear.weight.float() * linear.scale_weight, linear.bias.float())
 
 
+def test_the_row_wise_probe_runs_where_scaled_matmul_exists():
+    assert fp8.rowwise_scaled_mm_works("cpu")  # PyTorch's CPU kernel has row-wise scales
+    assert not fp8.has_fp8_matmul("cpu")  # but only GPUs with fp8 tensor cores use it
+
+
 def test_enable_fp8_matmul_only_for_e4m3_on_gpus_with_fp8_tensor_cores(monkeypatch):
     generator = torch.Generator().manual_seed(2)
     layers = torch.nn.ModuleList(

@@ -8,6 +8,7 @@ everywhere else the weight is upcast to the compute dtype per call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -28,11 +29,24 @@ def quantize_fp8(value: Tensor, storage_dtype: torch.dtype) -> tuple[Tensor, Ten
 
 
 def has_fp8_matmul(device: torch.device | str) -> bool:
-    """Whether ``device`` is a GPU with fp8 tensor cores (and this PyTorch exposes ``_scaled_mm``)."""
+    """Whether ``device`` is a GPU with fp8 tensor cores on which this PyTorch runs ``scaled_fp8_linear``."""
     device = torch.device(device)
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.cuda.get_device_capability(device) >= (8, 9) and rowwise_scaled_mm_works(str(device))
+
+
+@functools.cache
+def rowwise_scaled_mm_works(device: str) -> bool:
+    """One tiny row-wise scaled fp8 matmul on ``device``: some GPU / PyTorch pairs with fp8 tensor cores
+    support only per-tensor scales, and they then keep the upcast path instead of failing mid-job."""
+    try:
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        ones = torch.ones(16, 1, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def scaled_fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
