@@ -29,8 +29,8 @@ TOOLTIPS = {
     "memory and much slower.",
     "quantization": "Weight storage. fp8 halves the weights' memory (14B: ~14 GB instead of ~28 GB per rank). "
     "fp8_e4m3fn on GPUs with fp8 tensor cores (RTX 40xx, L40, H100/H200, Blackwell) multiplies in fp8 (scaled matmul, "
-    "activations scaled per token), faster than bf16; elsewhere, and for fp8_e5m2, each layer is upcast to the "
-    "compute dtype when it runs.",
+    "activations scaled per token; checked once per GPU), faster than bf16; elsewhere, and for fp8_e5m2, each layer "
+    "is upcast to the compute dtype when it runs.",
     "gpus": "Local GPUs to use, one worker process each (GPUs 0..N-1 of this machine). 1 runs in the ComfyUI process "
     "without workers. With ComfyUI started with --cpu: this many CPU processes (gloo).",
     "patch_size": "Granularity of the split in pixels: the video is cut into slabs on multiples of this and the slabs "
