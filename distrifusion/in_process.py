@@ -1,0 +1,246 @@
+"""World size 1: the runtime's interface (``run``, ``forward_session``, ``status``) with the model in this process,
+no workers and no process group. ``workers.start_runtime`` returns it for one rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.loading import PRECISIONS, resolve_quantization
+from .config import ParallelConfig
+from .job import GenerationJob
+from .memory_plan import MemoryPlan, plan_memory
+from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent, session_options
+from .validation import check_job
+from .worker import (
+    StopAtStep,
+    describe_error,
+    device_memory,
+    device_name,
+    find_in_chain,
+    load_rank_model,
+    memory_in_use,
+    memory_peak,
+    resolve_device,
+    session_flow,
+)
+
+
+class InProcessRunner:
+    """World size 1: the same interface as ``WorkerGroup``, with the model in this process."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        precision: str = "fp32",
+        quantization: str = "disabled",
+        parallel: ParallelConfig | None = None,
+        device: str = "cuda",
+        **_unused,
+    ):
+        self.parallel = (parallel or ParallelConfig()).validate()
+        if self.parallel.world_size != 1:
+            raise WanDistriFusionError(
+                f"world size: the in-process runner runs 1 rank, not {self.parallel.world_size}."
+            )
+        if precision not in PRECISIONS:
+            raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
+        resolve_quantization(quantization)
+        path = Path(model_path).expanduser().resolve()
+        if not path.exists():
+            raise WanDistriFusionError(f"model: {path} does not exist; pick a Wan checkpoint (.safetensors).")
+        self.model_path, self.precision, self.quantization, self.device = path, precision, quantization, device
+        self._model = None
+        self._device: torch.device | None = None
+        self._free_before_load: int | None = None
+        self._progress = {"step": 0, "total": 0, "seconds_per_step": None, "memory": None}
+        self._last_error: str | None = None
+        self._last_plan: MemoryPlan | None = None
+        self._jobs_run = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._model is not None
+
+    def start(self) -> InProcessRunner:
+        if self._model is not None:
+            return self
+        index = torch.cuda.current_device() if self.device == "cuda" and torch.cuda.is_available() else 0
+        self._device = resolve_device(self.device, index)
+        self._free_before_load = device_memory(self._device)[0]
+        self._model = load_rank_model(self.model_path, self.precision, self.quantization, self._device, self.parallel)
+        return self
+
+    def run(
+        self,
+        job: GenerationJob,
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Run ``job`` here; same contract as ``WorkerGroup.run``."""
+        from .rank import run_job
+
+        self._prepare(job, cancelled)
+        last = [time.perf_counter()]
+
+        def on_step(step: int, total: int, x) -> None:
+            now = time.perf_counter()
+            seconds, last[0] = now - last[0], now
+            memory = memory_in_use(self._device)
+            self._progress = {"step": step + 1, "total": total, "seconds_per_step": seconds, "memory": memory}
+            if progress is not None:
+                progress(ProgressEvent(step + 1, total, seconds, (memory,)))
+            if cancelled is not None and cancelled():
+                raise StopAtStep(step + 1, total)
+
+        try:
+            latent = run_job(self._model, self.parallel, 0, self._device, job, on_step)
+        except BaseException as error:
+            stop = find_in_chain(error, StopAtStep)
+            if stop is not None:
+                raise JobCancelled(
+                    f"cancelled after step {stop.step} of {stop.total}", stop.step, stop.total, {0: stop.step}
+                ) from None
+            self._last_error = describe_error(error)
+            raise
+        self._jobs_run += 1
+        return latent.detach().to("cpu")
+
+    def forward_session(
+        self,
+        job: GenerationJob,
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        *,
+        return_uncond: bool = False,
+    ) -> ForwardSession:
+        """Model evaluations driven by the caller, in this process; same contract as ``WorkerGroup.forward_session``."""
+        return _LocalSession(self, job, progress, cancelled, return_uncond)
+
+    def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
+        """Load the model when needed, check ``job`` and its memory, reset the progress."""
+        job.validate()
+        self.start()
+        config = self._model.config
+        check_job(config, self.parallel, job)
+        free = self._free_before_load if self._device.type == "cuda" else None
+        guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
+        self._last_plan = plan_memory(
+            config,
+            self.parallel,
+            job.latent_shape(config.out_dim),
+            self.precision,
+            self.quantization,
+            free,
+            guidance_batch=guidance,
+        )
+        if cancelled is not None and cancelled():
+            raise JobCancelled("cancelled before the first step", 0, job.steps)
+        self._progress = {"step": 0, "total": job.steps, "seconds_per_step": None, "memory": None}
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+    def close(self) -> None:
+        """Free the model; idempotent."""
+        device, self._model = self._device, None
+        if device is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def status(self) -> dict:
+        device = self._device
+        info = {
+            "rank": 0,
+            "local": True,
+            "pid": os.getpid(),
+            "device": str(device) if device else None,
+            "device_name": device_name(device) if device else None,
+            "memory_bytes": memory_in_use(device) if device and self._model is not None else None,
+            "peak_bytes": memory_peak(device) if device else None,
+            "ready": self._model is not None,
+        }
+        return {
+            "runtime": "in-process",
+            "alive": self.alive,
+            "world_size": 1,
+            "first_rank": 0,
+            "local_ranks": 1,
+            "ranks": [info],
+            "pids": [info["pid"]],
+            "device_names": [info["device_name"]],
+            "memory_per_rank": [self._progress["memory"] or info["memory_bytes"]],
+            "current_step": self._progress["step"],
+            "total_steps": self._progress["total"],
+            "seconds_per_step": self._progress["seconds_per_step"],
+            "jobs_run": self._jobs_run,
+            "last_error": self._last_error,
+            "comm_backend": "none",
+            "comm_manager": self.parallel.comm_backend,
+            "parallel": self.parallel.to_dict(),
+            "precision": self.precision,
+            "quantization": self.quantization,
+            "device": self.device,
+            "memory_plan": self._last_plan.summary() if self._last_plan else None,
+        }
+
+    def __enter__(self) -> InProcessRunner:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _LocalSession(ForwardSession):
+    """A forward session on the ``InProcessRunner``'s model."""
+
+    def __init__(self, runner: InProcessRunner, job, progress, cancelled, return_uncond):
+        runner.start()
+        super().__init__(job, job.latent_shape(runner._model.config.out_dim), progress, cancelled, return_uncond)
+        self.runner = runner
+        self.flow = None
+
+    def __enter__(self) -> _LocalSession:
+        runner = self.runner
+        runner._prepare(self.job, self._cancelled)
+        self.flow = session_flow(
+            runner._model,
+            runner.parallel,
+            0,
+            runner._device,
+            self.job,
+            session_options(self.shape, self.return_uncond),
+        )
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._open, self.flow = False, None
+        if isinstance(exc, JobCancelled):
+            exc.stopped_steps = {0: self.calls}
+        elif exc is None:
+            self.runner._jobs_run += 1
+        else:
+            self.runner._last_error = describe_error(exc)
+
+    def _evaluate(self, x, t):
+        device = self.runner._device
+        began = time.perf_counter()
+        with torch.no_grad():
+            flow = self.flow(x.to(device), t)
+        uncond = self.flow.last_uncond if self.flow.return_uncond else None
+        flow = flow.to("cpu")
+        uncond = None if uncond is None else uncond.to("cpu")
+        return flow, uncond, time.perf_counter() - began, (memory_in_use(device),)
+
+    def _record(self, event: ProgressEvent) -> None:
+        self.runner._progress = {
+            "step": event.step,
+            "total": event.total,
+            "seconds_per_step": event.seconds_per_step,
+            "memory": event.memory_per_rank[0],
+        }
