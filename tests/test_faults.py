@@ -28,12 +28,10 @@ import psutil
 import pytest
 import torch
 from measured import descendants, report_table
-from tiny_wan import relative_error, tiny_job
+from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion import workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
-from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.workers import WorkerFailed, WorkerGroup
-from wan_distrifusion.wanvideo import sampling
 
 pytestmark = pytest.mark.slow
 
@@ -172,14 +170,6 @@ def next_job_works(group, reference: torch.Tensor, old_pids: list[int]) -> float
     assert relative_error(latent, reference) < 1e-5
     assert set(group.status()["pids"]).isdisjoint(old_pids), "the next job should run on a fresh group"
     return seconds
-
-
-def drive_euler(runtime, job: GenerationJob, **session_kwargs) -> torch.Tensor:
-    """``job``'s euler run with the sampler here and every model call through a forward session (ComfyUI's path)."""
-    sigmas = sampling.sigma_schedule(job.scheduler, job.steps, job.shift, job.denoise)
-    noise = torch.randn(job.latent_shape(4), generator=torch.Generator("cpu").manual_seed(job.seed))
-    with runtime.forward_session(job, **session_kwargs) as model:
-        return sampling.sample_flow(lambda x, sigma: model(x, sigma * 1000), noise * sigmas[0], sigmas, "euler")
 
 
 # --- a rank killed ---------------------------------------------------------------------------------------

@@ -12,11 +12,9 @@ import psutil
 import pytest
 import torch
 from measured import descendants, report_table
-from tiny_wan import relative_error, tiny_job
+from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion.config import ParallelConfig
-from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
-from wan_distrifusion.wanvideo import sampling
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +23,6 @@ WARMUP = 3
 RSS_GROWTH_BYTES = 24 << 20
 """Per process, after warm-up: the CPU allocator and gloo's buffers settle within a few MiB."""
 FD_GROWTH = 0
-
-
-def drive_euler(group, job: GenerationJob) -> torch.Tensor:
-    sigmas = sampling.sigma_schedule(job.scheduler, job.steps, job.shift, job.denoise)
-    noise = torch.randn(job.latent_shape(4), generator=torch.Generator("cpu").manual_seed(job.seed))
-    with group.forward_session(job) as model:
-        return sampling.sample_flow(lambda x, sigma: model(x, sigma * 1000), noise * sigmas[0], sigmas, "euler")
 
 
 def footprint(group: WorkerGroup) -> dict:

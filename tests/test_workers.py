@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from tiny_wan import relative_error, tiny_job
+from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion import bootstrap
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
@@ -25,7 +25,6 @@ from wan_distrifusion.distrifusion.workers import (
     WorkerGroup,
     start_runtime,
 )
-from wan_distrifusion.wanvideo import sampling
 from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +128,9 @@ def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(g
     assert set(group.status()["pids"]).isdisjoint(old_pids)
 
 
-def test_hung_worker_fails_the_job_after_the_step_timeout(group):
+def _hang_a_rank_mid_run(group, run, message: str) -> None:
+    """SIGSTOP rank 1 after the first step of ``run(job, progress)``: it must fail with ``message`` within the
+    3 s step timeout plus a margin, and leave no process behind."""
     pids = group.start().status()["pids"]  # an earlier test may have left it stopped
     group.step_timeout_s = 3.0
     stopped = []
@@ -140,12 +141,17 @@ def test_hung_worker_fails_the_job_after_the_step_timeout(group):
             stopped.append(time.monotonic())
 
     try:
-        with pytest.raises(WorkerFailed, match="no progress from the workers for step_timeout_s = 3 s"):
-            group.run(tiny_job(steps=200), progress=progress)
+        with pytest.raises(WorkerFailed, match=message):
+            run(tiny_job(steps=200), progress)
         assert time.monotonic() - stopped[0] < 3.0 + 10.0
     finally:
         group.step_timeout_s = 30.0
     _assert_gone(pids)
+
+
+def test_hung_worker_fails_the_job_after_the_step_timeout(group):
+    run = lambda job, progress: group.run(job, progress=progress)  # noqa: E731
+    _hang_a_rank_mid_run(group, run, "no progress from the workers for step_timeout_s = 3 s")
 
 
 def test_worker_error_comes_back_with_its_traceback(group, checkpoint):
@@ -182,14 +188,6 @@ def test_in_process_runner_cancels_at_the_step(checkpoint, reference):
 
 
 # --- forward sessions: the controller runs the sampler, the ranks evaluate the model -----------------------
-
-
-def drive_euler(runtime, job: GenerationJob, **session_kwargs) -> torch.Tensor:
-    """``job``'s euler run, with the sampler here and every model call through a forward session."""
-    sigmas = sampling.sigma_schedule(job.scheduler, job.steps, job.shift, job.denoise)
-    noise = torch.randn(job.latent_shape(4), generator=torch.Generator("cpu").manual_seed(job.seed))
-    with runtime.forward_session(job, **session_kwargs) as model:
-        return sampling.sample_flow(lambda x, sigma: model(x, sigma * 1000), noise * sigmas[0], sigmas, "euler")
 
 
 @pytest.fixture(scope="module")
@@ -298,22 +296,8 @@ def test_killed_worker_during_a_forward_session_fails_in_bounded_time_and_the_ne
 
 
 def test_hung_worker_fails_the_forward_session_after_the_step_timeout(group, reference):
-    pids = group.start().status()["pids"]  # an earlier test may have left it stopped
-    group.step_timeout_s = 3.0
-    stopped = []
-
-    def progress(event):
-        if event.step == 1 and not stopped:
-            os.kill(pids[1], signal.SIGSTOP)  # alive but making no progress
-            stopped.append(time.monotonic())
-
-    try:
-        with pytest.raises(WorkerFailed, match="no answer from the workers for step_timeout_s = 3 s"):
-            drive_euler(group, tiny_job(steps=200), progress=progress)
-        assert time.monotonic() - stopped[0] < 3.0 + 10.0
-    finally:
-        group.step_timeout_s = 30.0
-    _assert_gone(pids)
+    run = lambda job, progress: drive_euler(group, job, progress=progress)  # noqa: E731
+    _hang_a_rank_mid_run(group, run, "no answer from the workers for step_timeout_s = 3 s")
     assert relative_error(drive_euler(group, tiny_job()), reference) < 1e-5
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.wanvideo import sampling
 from wan_distrifusion.wanvideo.loading import COMFYUI_PREFIX, to_diffusers_key
 from wan_distrifusion.wanvideo.model import WanConfig, WanModel
 
@@ -103,3 +104,11 @@ def tiny_job(**overrides) -> GenerationJob:
         sampler="euler",
     )
     return GenerationJob(**{**fields, **overrides})
+
+
+def drive_euler(runtime, job: GenerationJob, **session_kwargs) -> Tensor:
+    """``job``'s euler run with the sampler here and every model call through a forward session (ComfyUI's path)."""
+    sigmas = sampling.sigma_schedule(job.scheduler, job.steps, job.shift, job.denoise)
+    noise = torch.randn(job.latent_shape(4), generator=torch.Generator("cpu").manual_seed(job.seed))
+    with runtime.forward_session(job, **session_kwargs) as model:
+        return sampling.sample_flow(lambda x, sigma: model(x, sigma * 1000), noise * sigmas[0], sigmas, "euler")
