@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttentionFn, resolve_attention, sdpa_attention
+from .attention import AttentionFn, resolve_attention, sdpa_attention, sdpa_backend_order
 from .fp8 import concat_linears
 
 CLIP_TOKENS = 257
@@ -324,8 +324,9 @@ class WanModel(nn.Module):
                 clip_fea = torch.zeros(x.shape[0], CLIP_TOKENS, self.config.image_dim, device=x.device)
             context = torch.cat([self.img_emb(clip_fea.to(compute_dtype)), context], dim=1)
 
-        for block in self.blocks:
-            tokens = block(tokens, time_modulation, context, (cos, sin))
+        with sdpa_backend_order(x.device):
+            for block in self.blocks:
+                tokens = block(tokens, time_modulation, context, (cos, sin))
         out = self.head(tokens, time_embedding)
         if token_index is not None:
             return out
