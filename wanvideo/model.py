@@ -66,11 +66,15 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.de
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of ``x`` ``[B, L, H, D]`` by per-token angles ``[L, D/2]``."""
+    """Rotate adjacent channel pairs of ``x`` ``[B, L, H, D]`` by per-token angles ``[L, D/2]`` (in fp32)."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel
+        real, imag = pairs[..., 0], pairs[..., 1]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    else:  # eager: one complex multiply instead of six broadcast kernels and a stack
+        rotation = torch.complex(cos, sin)[None, :, None, :]
+        rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * rotation)
     return rotated.flatten(-2).type_as(x)
 
 
@@ -90,9 +94,12 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+        # Statistics in fp32 either way: PyTorch's half-precision kernel accumulates in fp32 and rounds once,
+        # as Wan's ``x.float()`` form does, without two extra passes over the activations.
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class WanSelfAttention(nn.Module):
@@ -198,14 +205,14 @@ class WanBlock(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         modulation = (self.modulation.float() + time_modulation).to(x.dtype)
         shift_msa, scale_msa = modulation[:, 0, None], modulation[:, 1, None]
-        q, k, v = self.self_attn.project(self.norm1(x) * (1 + scale_msa) + shift_msa, rope)
+        q, k, v = self.self_attn.project(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), rope)
         return q, k, v, modulation
 
     def after_attention(self, x: Tensor, attention: Tensor, modulation: Tensor, context: Tensor) -> Tensor:
         gate_msa, shift_ffn, scale_ffn, gate_ffn = (modulation[:, i, None] for i in range(2, 6))
-        x = x + self.self_attn.o(attention.flatten(2)) * gate_msa
+        x = torch.addcmul(x, self.self_attn.o(attention.flatten(2)), gate_msa)
         x = x + self.cross_attn(self.norm3(x), context)
-        return x + self.ffn(self.norm2(x) * (1 + scale_ffn) + shift_ffn) * gate_ffn
+        return torch.addcmul(x, self.ffn(torch.addcmul(shift_ffn, self.norm2(x), 1 + scale_ffn)), gate_ffn)
 
 
 class WanHead(nn.Module):
@@ -217,7 +224,7 @@ class WanHead(nn.Module):
 
     def forward(self, x: Tensor, time_embedding: Tensor) -> Tensor:
         shift, scale = (self.modulation.float() + time_embedding.float()[:, None]).to(x.dtype).unbind(1)
-        return self.head(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
+        return self.head(torch.addcmul(shift[:, None], self.norm(x), 1 + scale[:, None]))
 
 
 class WanImageEmbedding(nn.Module):
