@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available, else cpu")
     gen.add_argument("--mode", default="displaced", help="displaced, sync or ulysses (default displaced)")
     gen.add_argument("--split", default="spatial", help="spatial, temporal or spatiotemporal (default spatial)")
-    gen.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two rank groups")
+    gen.add_argument(
+        "--cfg-parallel", action="store_true", help="cond and uncond on two rank groups (needs --cfg other than 1)"
+    )
     gen.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps first (default 4)")
     gen.add_argument("--sync-frequency", type=int, default=0, help="displaced: every k-th step exact (0 = never)")
     gen.add_argument("--patch-size", type=int, default=64, help="partition granularity in pixels (default 64)")
