@@ -422,10 +422,9 @@ def worker(args: argparse.Namespace) -> int:
         on_event=lambda line: print(line, flush=True),
     )
     if code:
-        print(
-            f"error: master address: could not join the group at {args.master_addr}:{args.master_port} (why above); "
-            "start rank 0 there first (`cli.py generate` or ComfyUI), or raise --start-timeout.",
-            file=sys.stderr,
+        raise _module("wanvideo.errors").WanDistriFusionError(
+            f"master address: could not join the group at {args.master_addr}:{args.master_port} (why above); "
+            "start rank 0 there first (`cli.py generate` or ComfyUI), or raise --start-timeout."
         )
     return code
 
