@@ -51,11 +51,11 @@ class GenerationJob:
             raise WanDistriFusionError(f"steps: {self.steps} must be at least 1.")
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
             raise WanDistriFusionError(
-                f"cfg: {self.cfg} is not a finite number of 0 or more; use e.g. 5.0 (1 turns the negative prompt off)."
+                f"cfg: {self.cfg} must be a finite number, 0 or more; use e.g. 5.0 (1 turns the negative prompt off)."
             )
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise WanDistriFusionError(
-                f"shift: {self.shift} is not a finite number above 0; use about 3.0 for 480p and 5.0 for 720p."
+                f"shift: {self.shift} must be a finite number above 0; use about 3.0 for 480p and 5.0 for 720p."
             )
         if not 0.0 < self.denoise <= 1.0:
             raise WanDistriFusionError(f"denoise: {self.denoise} must be in (0, 1].")

@@ -171,9 +171,10 @@ def check_host_memory(
             if ranks > 1 and fitting >= 1
             else "lower the resolution or the length, or use quantization fp8_e4m3fn"
         )
+        who = f"world size: {ranks} CPU ranks on this host need" if ranks > 1 else "memory: this job needs"
         raise WanDistriFusionError(
-            f"world size: {ranks} CPU rank{'s' if ranks > 1 else ''} on this host need about {_gib(needed)} of RAM "
-            f"({_gib(plan.total_bytes)} each: {plan.breakdown()}) but {_gib(available)} is available; {fix}."
+            f"{who} about {_gib(needed)} of RAM ({_gib(plan.total_bytes)} each: {plan.breakdown()}) but "
+            f"{_gib(available)} is available; {fix}."
         )
     cores = _usable_cores() if cores is None else cores
     if ranks > cores:
