@@ -200,9 +200,8 @@ def check_out(path: str) -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise errors.WanDistriFusionError(
-            f"out: {existing} is a file, so {out.parent} cannot be a folder; choose another path for --out."
-        )
+        problem = "not a folder" if existing == out.parent else f"so {out.parent} cannot be a folder"
+        raise errors.WanDistriFusionError(f"out: {existing} is a file, {problem}; choose another path for --out.")
     try:
         probe, name = tempfile.mkstemp(dir=existing, prefix=".wan-distrifusion-probe-")
         os.close(probe)
