@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available, else cpu")
     gen.add_argument("--mode", default="displaced", help="displaced, sync or ulysses (default displaced)")
     gen.add_argument("--split", default="spatial", help="spatial, temporal or spatiotemporal (default spatial)")
-    gen.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two rank groups")
+    gen.add_argument(
+        "--cfg-parallel", action="store_true", help="cond and uncond on two rank groups (needs --cfg other than 1)"
+    )
     gen.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps first (default 4)")
     gen.add_argument("--sync-frequency", type=int, default=0, help="displaced: every k-th step exact (0 = never)")
     gen.add_argument("--patch-size", type=int, default=64, help="partition granularity in pixels (default 64)")
@@ -169,19 +171,110 @@ def _load_latent(path: str):
     return tensors["latent"].float()
 
 
+def _take_latent_size(job, given: dict) -> None:
+    """The size of ``job.latent`` becomes the job's; a ``--width/--height/--length`` that differs is refused."""
+    errors = _module("wanvideo.errors")
+    if job.latent.dim() != 5:
+        return  # the runtime's check names the shape it expects
+    _, _, frames, rows, cols = job.latent.shape
+    real = {"width": cols * 8, "height": rows * 8, "length": (frames - 1) * 4 + 1}
+    conflicts = [f"--{name} {given[name]}" for name in real if given[name] is not None and given[name] != real[name]]
+    if conflicts:
+        raise errors.WanDistriFusionError(
+            f"latent: {list(job.latent.shape)} is {real['width']}x{real['height']} px, {real['length']} frames, "
+            f"but {', '.join(conflicts)} was given; drop --width/--height/--length (the latent sets the size) or "
+            f"set them to {real['width']}, {real['height']} and {real['length']}."
+        )
+    job.width, job.height, job.length = real["width"], real["height"], real["length"]
+
+
+def check_out(path: str) -> Path:
+    """``--out`` is a file path in a folder this process can write (made when the job is done if missing)."""
+    errors = _module("wanvideo.errors")
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise errors.WanDistriFusionError(
+            f"out: {out} is a folder; give a file path such as {out / 'clip.safetensors'}."
+        )
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "not a folder" if existing == out.parent else f"so {out.parent} cannot be a folder"
+        raise errors.WanDistriFusionError(f"out: {existing} is a file, {problem}; choose another path for --out.")
+    try:
+        probe, name = tempfile.mkstemp(dir=existing, prefix=".wan-distrifusion-probe-")
+        os.close(probe)
+        os.unlink(name)
+    except OSError as error:
+        raise errors.WanDistriFusionError(
+            f"out: cannot write in {existing} ({error.strerror or error}); choose a folder you can write to for --out."
+        ) from error
+    return out
+
+
+def save_latent(latent, out: Path, metadata: dict) -> None:
+    """Write beside ``out`` and rename, so ``out`` is never half written; when that fails, keep the latent in
+    the temp folder and say where it is."""
+    from safetensors.torch import save_file
+
+    errors = _module("wanvideo.errors")
+    tensors = {"latent": latent.contiguous()}
+    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, out)
+        return
+    except Exception as error:  # OSError, safetensors' SafetensorError: keep the finished job
+        problem = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    partial.unlink(missing_ok=True)
+    try:
+        handle, kept = tempfile.mkstemp(prefix=f"{out.stem}-", suffix=".safetensors")
+        os.close(handle)
+        save_file(tensors, kept, metadata=metadata)
+    except Exception as error:
+        raise errors.WanDistriFusionError(
+            f"out: could not write {out} ({problem}), nor a copy in {tempfile.gettempdir()} ({error}); the latent "
+            "is lost: free some disk space or choose another --out and run again."
+        ) from error
+    raise errors.WanDistriFusionError(
+        f"out: could not write {out} ({problem}); the finished latent was saved to {kept} instead: move it where "
+        "you want it."
+    )
+
+
+def check_before_starting(args, job, parallel, config, device: str, precision: str) -> None:
+    """What ``generate`` checks once the model's shape is known, before a rank starts: the job against the model
+    and the topology, CFG parallel's use, and on the CPU this host's RAM for its ranks."""
+    validation = _module("distrifusion.validation")
+    memory_plan = _module("distrifusion.memory_plan")
+    validation.check_job(config, parallel, job)
+    validation.check_guidance(parallel, job)
+    if device == "cpu":
+        ranks = 1 if parallel.world_size == 1 else (args.local_ranks or parallel.world_size)
+        guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
+        shape = job.latent_shape(config.out_dim)
+        plan = memory_plan.plan_memory(
+            config, parallel, shape, precision, args.quantization, guidance_batch=guidance, check=False
+        )
+        memory_plan.check_host_memory(plan, ranks)
+
+
 def generate(args: argparse.Namespace) -> int:
     import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     config_module = _module("distrifusion.config")
     job_module = _module("distrifusion.job")
     loading = _module("wanvideo.loading")
+    validation = _module("distrifusion.validation")
     workers = _module("distrifusion.workers")
 
     began = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    given_size = {name: getattr(args, name) for name in ("width", "height", "length")}
     defaults = REAL_DEFAULTS if args.model else TINY_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -216,16 +309,21 @@ def generate(args: argparse.Namespace) -> int:
         sync_frequency=args.sync_frequency,
     )
     job.validate()  # settings first: a bad flag fails before anything starts
+    validation.check_solver(job)
     if args.latent:
         job.latent = _load_latent(args.latent)
+        _take_latent_size(job, given_size)
+    out = check_out(args.out)
+    workers.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
-    with tempfile.TemporaryDirectory(prefix="wan-distrifusion-cli-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"{workers.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
         if args.model:
             model_path = Path(args.model).expanduser()
         else:
             print(TINY_NOTICE, flush=True)
             model_path = build_tiny_checkpoint(Path(scratch), seed=0)
-        text_dim = loading.inspect_wan_checkpoint(model_path).config.text_dim
+        config = loading.inspect_wan_checkpoint(model_path).config
+        text_dim = config.text_dim
         if args.context:
             job.positive, job.negative = _load_context(args.context)
         else:
@@ -234,6 +332,7 @@ def generate(args: argparse.Namespace) -> int:
                 f"no --context given: seeded random text context ({job.positive.shape[1]} tokens x {text_dim}, seed {args.seed})"
             )
         job.validate(text_dim=text_dim)
+        check_before_starting(args, job, parallel, config, device, precision)
 
         where = (
             f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)"
@@ -273,8 +372,6 @@ def generate(args: argparse.Namespace) -> int:
         finally:
             runtime.close()
 
-    out = Path(args.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "model": str(args.model or "tiny random Wan"),
         "settings": json.dumps(
@@ -297,7 +394,7 @@ def generate(args: argparse.Namespace) -> int:
             }
         ),
     }
-    save_file({"latent": latent.contiguous()}, str(out), metadata=metadata)
+    save_latent(latent, out, metadata)
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
         f"(start {started - began:.1f} s, sampling {sampled - started:.1f} s, "
@@ -311,7 +408,7 @@ def worker(args: argparse.Namespace) -> int:
 
     workers = _module("distrifusion.workers")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return workers.serve_remote_ranks(
+    code = workers.serve_remote_ranks(
         args.model,
         first_rank=args.rank,
         world_size=args.world_size,
@@ -323,6 +420,12 @@ def worker(args: argparse.Namespace) -> int:
         once=args.once,
         on_event=lambda line: print(line, flush=True),
     )
+    if code:
+        raise _module("wanvideo.errors").WanDistriFusionError(
+            f"master address: could not join the group at {args.master_addr}:{args.master_port} (why above); "
+            "start rank 0 there first (`cli.py generate` or ComfyUI), or raise --start-timeout."
+        )
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,14 @@ class GenerationJob:
             )
         if self.steps < 1:
             raise WanDistriFusionError(f"steps: {self.steps} must be at least 1.")
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            raise WanDistriFusionError(
+                f"cfg: {self.cfg} must be a finite number, 0 or more; use e.g. 5.0 (1 turns the negative prompt off)."
+            )
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise WanDistriFusionError(
+                f"shift: {self.shift} must be a finite number above 0; use about 3.0 for 480p and 5.0 for 720p."
+            )
         if not 0.0 < self.denoise <= 1.0:
             raise WanDistriFusionError(f"denoise: {self.denoise} must be in (0, 1].")
         if self.sync_frequency < 0:

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.model import WanConfig
 from .config import ParallelConfig
+
+logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -149,6 +154,58 @@ def plan_memory(
             f"{_gib(plan.device_free_bytes)} free ({plan.breakdown()}); {fix}."
         )
     return plan
+
+
+def check_host_memory(
+    plan: MemoryPlan, ranks: int, available_bytes: int | None = None, cores: int | None = None
+) -> None:
+    """On the CPU every rank is a process in this host's RAM: refuse ``ranks`` copies of ``plan`` that do not fit
+    ``available_bytes`` (default: what the host has available now); warn when the ranks outnumber the cores."""
+    available = host_available_bytes() if available_bytes is None else available_bytes
+    needed = ranks * plan.total_bytes
+    if needed > available:
+        fitting = available // plan.total_bytes
+        fix = (
+            f"lower world size to {fitting} or fewer ranks on this host (the others can run on other hosts with "
+            "`cli.py worker`)"
+            if ranks > 1 and fitting >= 1
+            else "lower the resolution or the length, or use quantization fp8_e4m3fn"
+        )
+        who = f"world size: {ranks} CPU ranks on this host need" if ranks > 1 else "memory: this job needs"
+        raise WanDistriFusionError(
+            f"{who} about {_gib(needed)} of RAM ({_gib(plan.total_bytes)} each: {plan.breakdown()}) but "
+            f"{_gib(available)} is available; {fix}."
+        )
+    cores = _usable_cores() if cores is None else cores
+    if ranks > cores:
+        logger.warning(
+            "%d CPU ranks on %d cores: the ranks take turns on the cores, so each step is slower than with %d ranks",
+            ranks,
+            cores,
+            cores,
+        )
+
+
+def host_available_bytes() -> int:
+    """RAM this process can still use: the system's available memory, capped by a cgroup v2 limit when set."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _estimate(config, parallel, shape, precision, quantization, free, guidance_batch) -> MemoryPlan:

@@ -6,6 +6,8 @@ then the group itself. These checks need only the widgets, this machine and the 
 
     config = check_before_start(path, parallel, device="cuda", local_ranks=2)   # Loader / WorkerGroup.start
     check_job(config, parallel, job)                                          # Sampler / WorkerGroup.run
+    check_guidance(parallel, job)                                             # Sampler / cli.py
+    check_solver(job)                                                         # cli.py (the ranks' own sampler)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import inspect_wan_checkpoint
 from ..wanvideo.model import WanConfig
+from ..wanvideo.sampling import SAMPLERS, SCHEDULERS, sigma_schedule
 from .attention import check_heads
 from .config import ParallelConfig
 from .job import GenerationJob
@@ -116,3 +119,32 @@ def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -
     if parallel.world_size > 1:
         overlap = parallel.overlap_tokens() if parallel.mode == "displaced" else 0
         partition_tokens(grid, parallel.split_mode, parallel.patch_size, parallel.patch_parallel_degree, overlap)
+
+
+def check_guidance(parallel: ParallelConfig, job: GenerationJob, *, return_uncond: bool = False) -> None:
+    """CFG parallel has work for both halves of the ranks: a negative prompt run beside the positive one.
+
+    With cfg 1 (and no sampler that needs the unguided prediction, ``return_uncond``) or no negative prompt,
+    each model call is one batch item, and the half that would run the negative prompt would sit idle.
+    """
+    if not parallel.cfg_parallel or parallel.world_size < 2:
+        return
+    if job.negative is None:
+        why = "there is no negative prompt"
+    elif job.cfg == 1.0 and not return_uncond:
+        why = "cfg is 1, so the negative prompt is not run"
+    else:
+        return
+    half = parallel.world_size // 2
+    raise WanDistriFusionError(
+        f"CFG parallel: {why}, and {half} of the {parallel.world_size} ranks would sit idle; set cfg above 1 with a "
+        "negative prompt, or turn CFG parallel off (all ranks then split the video)."
+    )
+
+
+def check_solver(job: GenerationJob) -> None:
+    """``job``'s sampler and scheduler are ones the ranks' own sampler runs (``cli.py``, ``WorkerGroup.run``)."""
+    for setting, value, choices in (("sampler", job.sampler, SAMPLERS), ("scheduler", job.scheduler, SCHEDULERS)):
+        if value not in choices:
+            raise WanDistriFusionError(f"{setting}: {value!r} is unknown; choose one of {', '.join(choices)}.")
+    sigma_schedule(job.scheduler, job.steps, job.shift, job.denoise)  # also refuses a denoise too small for the steps

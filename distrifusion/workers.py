@@ -1095,15 +1095,17 @@ def _describe_exit(code: int) -> str:
 
 
 def remove_orphaned_log_dirs(folder: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the rank log folders (``wan-distrifusion-<pid>-*`` in ``folder``, default the temp dir) of
-    controllers that are no longer running (e.g. SIGKILLed); returns the folders removed."""
+    """Remove the rank log folders (``wan-distrifusion-<pid>-*`` in ``folder``, default the temp dir) and
+    ``cli.py``'s scratch folders (``wan-distrifusion-cli-<pid>-*``) of controllers that are no longer running
+    (e.g. SIGKILLed); returns the folders removed."""
     removed = []
     try:
         candidates = list(Path(folder or tempfile.gettempdir()).glob(f"{LOG_DIR_PREFIX}*-*"))
     except OSError:
         return removed
     for path in candidates:
-        pid = path.name[len(LOG_DIR_PREFIX) :].split("-", 1)[0]
+        owner = path.name[len(LOG_DIR_PREFIX) :].removeprefix("cli-")  # cli.py's scratch: wan-distrifusion-cli-<pid>-*
+        pid = owner.split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or psutil.pid_exists(int(pid)) or not path.is_dir():
             continue
         shutil.rmtree(path, ignore_errors=True)
@@ -1169,10 +1171,12 @@ def serve_remote_ranks(
     """Host ranks ``first_rank..`` of a group whose rank 0 runs elsewhere (``cli.py worker``).
 
     The ranks get the group's settings and jobs from the controller's rendezvous store; when that
-    group ends they are started again to join the next one (unless ``once``). Returns an exit code.
+    group ends they are started again to join the next one (unless ``once``). Returns an exit code: with
+    ``once``, 1 when the ranks could not join.
     """
     say = on_event or logger.info
     parallel = ParallelConfig(world_size=world_size)
+    joined = False
     while True:
         group = WorkerGroup(
             model_path,
@@ -1189,6 +1193,7 @@ def serve_remote_ranks(
                 f"waiting for the controller at {master_addr}:{master_port} (ranks {first_rank}..{first_rank + local_ranks - 1})"
             )
             group.start()
+            joined = True
             say("joined the group; serving jobs")
             while group.alive:
                 for rank, message in group._receive(0.5):
@@ -1201,5 +1206,5 @@ def serve_remote_ranks(
         finally:
             group.close()
         if once:
-            return 0
+            return 0 if joined else 1
         time.sleep(2.0)

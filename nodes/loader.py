@@ -1,4 +1,5 @@
-"""🎯 Official DistriFusion Model Loader: validates the topology, starts (or reuses) the worker group."""
+"""🎯 Official DistriFusion Model Loader: validates the topology and the checkpoint; the Sampler starts (or reuses)
+the worker group once it has checked the video size against it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 
 from ..distrifusion.config import COMM_BACKENDS, KV_DTYPES, PARALLEL_MODES, SPLIT_MODES, ParallelConfig
 from ..distrifusion.status import warn_if_official_missing
+from ..distrifusion.validation import check_before_start
 from ..wanvideo.attention import ATTENTION_BACKENDS
 from ..wanvideo.errors import WanDistriFusionError
 from . import _comfy
 from ._widgets import bool_widget, combo_widget, int_widget
-from .runtime import MODEL_TYPE, RUNTIMES, DistriFusionModel, RuntimeSettings, master_address
+from .runtime import MODEL_TYPE, DistriFusionModel, RuntimeSettings, master_address
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ TOOLTIPS = {
     "(fastest, slightly approximate). sync = exact, gathers all K/V every layer. ulysses = exact head-parallel "
     "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B).",
     "cfg_parallel": "Run the positive and the negative prompt on two halves of the ranks at once (exact; needs an even "
-    "world size and cfg != 1); each half splits the video over its ranks.",
+    "world size); each half splits the video over its ranks. Needs a Sampler cfg other than 1: at cfg 1 there is no "
+    "negative prompt to run, and the Sampler refuses rather than leave half the ranks idle (turn this off there).",
     "warmup_steps": "Displaced mode: the first steps run fully synchronous (exact) before stale K/V is used, as in "
     "DistriFusion. More = closer to the single-GPU result, slower.",
     "attention": "Self-attention kernel on every rank. auto = FlashAttention-4 on Hopper/Blackwell GPUs when it is "
@@ -151,8 +154,14 @@ class OfficialDistriFusionModelLoader:
             comm_backend=comm_backend,
             compile_blocks=compile,
         )
-        RUNTIMES.acquire(settings)
-        return (DistriFusionModel(settings),)
+        check_before_start(
+            settings.model_path,
+            settings.parallel,
+            device=settings.device,
+            local_ranks=settings.local_ranks,
+            first_rank=settings.first_rank,
+        )
+        return (DistriFusionModel(settings),)  # the Sampler starts the workers, after its checks of the video size
 
 
 def build_settings(

@@ -1,4 +1,5 @@
-"""The one worker group the nodes share: started by the Loader, reused while its settings hold,
+"""The one worker group the nodes share: started by the Sampler (once it has checked the job), reused while its
+settings hold,
 released when ComfyUI unloads models (Unload Models / ``POST /free``) and when ComfyUI exits."""
 
 from __future__ import annotations

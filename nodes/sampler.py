@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..distrifusion.job import GenerationJob
+from ..distrifusion.validation import check_guidance, check_job, check_model
 from ..wanvideo.errors import WanDistriFusionError
 from . import _comfy, comfy_sampling
 from ._widgets import combo_widget, float_widget, int_widget, socket
@@ -145,6 +146,7 @@ class OfficialDistriFusionSampler:
             _, _, frames, rows, cols = job.latent.shape
             job.width, job.height, job.length = cols * 8, rows * 8, (frames - 1) * 4 + 1
         job.validate()
+        check_before_sending(model, job, return_uncond=comfy_sampling.needs_uncond(sampler))
         shape = job.latent_shape(LATENT_CHANNELS)
         latent_image = job.latent if job.latent is not None else torch.zeros(shape)
 
@@ -201,6 +203,15 @@ class OfficialDistriFusionSampler:
             raise
         activity.finish()
         return ({"samples": latent_from_model_space(samples, latent_format)},)
+
+
+def check_before_sending(model, job: GenerationJob, *, return_uncond: bool) -> None:
+    """What depends on the video size (partition vs ranks, latent channels, conditioning width) and CFG parallel's
+    use, checked from the checkpoint's headers before the workers start or get the job."""
+    settings = model.settings
+    config = check_model(settings.model_path, settings.parallel)
+    check_job(config, settings.parallel, job)
+    check_guidance(settings.parallel, job, return_uncond=return_uncond)
 
 
 def conditioning_context(conditioning, name: str) -> torch.Tensor:

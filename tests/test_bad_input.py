@@ -10,8 +10,10 @@ combination is either refused up front with a clear error, or runs and equals th
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
+import time
 import types
 from pathlib import Path
 
@@ -422,6 +424,155 @@ def test_cli_refuses_a_bad_checkpoint_before_starting(file, files, tmp_path, cap
     assert code == 1 and not out.exists()
     assert captured.err.startswith("error: ") and "starting" not in captured.out, captured
     assert "download it again" in captured.err or "not a Wan diffusion model" in captured.err
+
+
+# --- cli.py checks every setting before anything starts (issue 16, item 4) ---------------------------------------
+
+
+def run_cli_in_process(capsys, *args: str) -> tuple[int, str, str, float]:
+    """``cli.py generate ...`` in this process: (exit code, stdout, stderr, seconds)."""
+    began = time.perf_counter()
+    code = _cli().main(["generate", "--device", "cpu", *args])
+    seconds = time.perf_counter() - began
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err, seconds
+
+
+def assert_refused_up_front(code: int, out: str, err: str, setting: str) -> None:
+    """Exit 1, one ``error: <setting>:`` line, no traceback, and no rank started."""
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {setting}:"), (code, err)
+    assert "Traceback" not in err and "starting" not in out, (out, err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        (["--cfg", "nan"], "cfg"),
+        (["--cfg", "inf"], "cfg"),
+        (["--cfg", "-1"], "cfg"),
+        (["--sampler", "foo"], "sampler"),
+        (["--scheduler", "foo"], "scheduler"),
+        (["--shift", "0"], "shift"),
+    ],
+)
+def test_cli_refuses_sampling_flags_before_building_anything(flags, setting, tmp_path, capsys, no_spawn):
+    out = tmp_path / "x.safetensors"
+    code, stdout, stderr, seconds = run_cli_in_process(capsys, *flags, "--out", str(out))
+    assert_refused_up_front(code, stdout, stderr, setting)
+    assert "tiny random Wan" not in stdout and not out.exists()  # refused before the model was even built
+    assert seconds < 1.0, f"{seconds:.2f} s"
+
+
+def _unwritable_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes anyway: sysfs takes no new files, not even from root
+        folder = Path("/sys")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make_out", "pattern"),
+    [
+        (lambda tmp: tmp, r"^error: out: .* is a folder; give a file path such as .*clip\.safetensors"),
+        (lambda tmp: tmp / "a-file" / "sub" / "x.safetensors", r"^error: out: .*a-file is a file, so .*sub cannot be"),
+        (lambda tmp: _unwritable_folder(tmp) / "x.safetensors", r"^error: out: cannot write in .*; choose a folder"),
+    ],
+    ids=["a folder as the path", "a parent that is a file", "an unwritable folder"],
+)
+def test_cli_checks_out_before_starting(make_out, pattern, tmp_path, capsys, no_spawn):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = make_out(tmp_path)
+    code, stdout, stderr, seconds = run_cli_in_process(capsys, "--out", str(out))
+    assert_refused_up_front(code, stdout, stderr, "out")
+    assert re.search(pattern, stderr), stderr
+    assert "tiny random Wan" not in stdout and seconds < 1.0
+
+
+def test_cli_refuses_cpu_ranks_that_do_not_fit_the_hosts_ram(tmp_path, capsys, monkeypatch, no_spawn):
+    """The issue's machine: 2 cores, 24 GB; 64 ranks of ~0.5 GiB each do not fit, whatever this machine has."""
+    from wan_distrifusion.distrifusion import memory_plan
+
+    monkeypatch.setattr(memory_plan, "host_available_bytes", lambda: 24 * memory_plan.GIB)
+    flags = ["--world-size", "64", "--height", "1024", "--patch-size", "16", "--mode", "sync"]  # 64 token rows
+    code, stdout, stderr, seconds = run_cli_in_process(capsys, *flags, "--out", str(tmp_path / "x.safetensors"))
+    assert_refused_up_front(code, stdout, stderr, "world size")
+    assert re.search(r"64 CPU ranks on this host need about 3\d\.\d GiB of RAM \(0\.5 GiB each: weights", stderr)
+    assert re.search(r"but 24\.0 GiB is available; lower world size to 4\d or fewer", stderr), stderr
+    assert seconds < 3.0, f"{seconds:.2f} s"
+
+
+def test_host_memory_check_refuses_with_the_numbers_and_warns_past_the_cores(files, caplog):
+    from wan_distrifusion.distrifusion.memory_plan import GIB, check_host_memory, plan_memory
+
+    config = check_before_start(files["good"], parallel(), device="cpu")
+    plan = plan_memory(config, parallel(), (1, 4, 2, 6, 8), "fp32", check=False)
+    with caplog.at_level("WARNING"):
+        check_host_memory(plan, 2, available_bytes=8 * GIB, cores=2)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        check_host_memory(plan, 4, available_bytes=8 * GIB, cores=2)
+    assert "4 CPU ranks on 2 cores" in caplog.text
+    with pytest.raises(WanDistriFusionError) as caught:
+        check_host_memory(plan, 8, available_bytes=2 * GIB, cores=64)
+    message = assert_clear(caught.value, "world size")
+    assert "8 CPU ranks on this host need about 4.0 GiB" in message and "lower world size to 3 or fewer" in message
+    with pytest.raises(WanDistriFusionError, match=r"^memory: this job needs about 0\.5 GiB .*lower the resolution"):
+        check_host_memory(plan, 1, available_bytes=GIB // 4, cores=1)
+
+
+def test_cli_refuses_cfg_parallel_at_cfg_one(tmp_path, capsys, no_spawn):
+    flags = ["--cfg-parallel", "--world-size", "2", "--cfg", "1", "--out", str(tmp_path / "x.safetensors")]
+    code, stdout, stderr, _ = run_cli_in_process(capsys, *flags)
+    assert_refused_up_front(code, stdout, stderr, "CFG parallel")
+    assert "cfg is 1" in stderr and "1 of the 2 ranks would sit idle" in stderr and "turn CFG parallel off" in stderr
+
+
+def test_cfg_parallel_needs_a_second_batch_item(no_spawn):
+    from wan_distrifusion.distrifusion.validation import check_guidance
+
+    split = parallel(world_size=4, cfg_parallel=True)
+    for job in (make_job(cfg=1.0), make_job(negative=None)):
+        with pytest.raises(WanDistriFusionError) as caught:
+            check_guidance(split, job)
+        assert "2 of the 4 ranks would sit idle" in assert_clear(caught.value, "CFG parallel")
+    check_guidance(split, make_job(cfg=5.0))
+    check_guidance(split, make_job(cfg=1.0), return_uncond=True)  # CFG++ samplers run the negative prompt at cfg 1
+    check_guidance(parallel(world_size=4), make_job(cfg=1.0))
+
+
+def test_cli_refuses_a_latent_whose_size_differs_from_the_flags(tmp_path, capsys, no_spawn):
+    save_file({"latent": torch.zeros(1, 16, 2, 6, 8)}, str(tmp_path / "start.safetensors"))
+    flags = ["--latent", str(tmp_path / "start.safetensors"), "--denoise", "0.5", "--width", "128", "--length", "5"]
+    code, stdout, stderr, _ = run_cli_in_process(capsys, *flags, "--out", str(tmp_path / "x.safetensors"))
+    assert_refused_up_front(code, stdout, stderr, "latent")
+    assert "is 64x48 px, 5 frames, but --width 128 was given; drop --width/--height/--length" in stderr, stderr
+
+
+def test_sampler_node_checks_the_video_size_before_the_workers_start(files, no_spawn):
+    """What the Sampler runs before it asks for the runtime (starting the workers) or sends a job; no ComfyUI."""
+    from wan_distrifusion.nodes.runtime import DistriFusionModel, RuntimeSettings
+    from wan_distrifusion.nodes.sampler import check_before_sending
+
+    def model(**overrides) -> DistriFusionModel:
+        settings = RuntimeSettings(
+            "tiny", str(files["good"]), (0, 0), "fp32", "disabled", parallel(**overrides), "cpu", 2, 0
+        )
+        return DistriFusionModel(settings)
+
+    cases = [
+        (model(), make_job(height=16), "split mode", r"1 token rows"),  # one token row for two ranks
+        (model(split_mode="temporal"), make_job(length=1), "split mode", r"latent frames"),
+        (model(cfg_parallel=True), make_job(cfg=1.0), "CFG parallel", r"1 of the 2 ranks would sit idle"),
+    ]
+    for handle, job, widget, pattern in cases:
+        with pytest.raises(WanDistriFusionError) as caught:
+            check_before_sending(handle, job, return_uncond=False)
+        assert re.search(pattern, assert_clear(caught.value, widget)), str(caught.value)
+    check_before_sending(model(), make_job(), return_uncond=False)
+    check_before_sending(model(cfg_parallel=True), make_job(cfg=1.0), return_uncond=True)
 
 
 # --- a running group refuses a bad job and keeps its ranks --------------------------------------------------------

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import importlib.util
+import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +93,14 @@ def test_generate_at_world_size_two_equals_the_in_process_api(files, tmp_path):
 
 @pytest.mark.parametrize(
     ("bad", "named"),
-    [(["--length", "80"], "length"), (["--mode", "fast"], "parallel mode")],
+    [
+        (["--length", "80"], "length"),
+        (["--mode", "fast"], "parallel mode"),
+        (["--cfg", "nan"], "cfg"),
+        (["--sampler", "foo"], "sampler"),
+        (["--scheduler", "foo"], "scheduler"),
+        (["--shift", "0"], "shift"),
+    ],
 )
 def test_a_bad_setting_exits_non_zero_naming_it(bad, named, tmp_path):
     result = run_cli(
@@ -96,6 +110,60 @@ def test_a_bad_setting_exits_non_zero_naming_it(bad, named, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}:"), result.stderr
     assert "starting" not in result.stdout and not (tmp_path / "x.safetensors").exists()
+    assert "tiny random Wan" not in result.stdout  # refused before the model was built
+
+
+def _cli_module():
+    spec = importlib.util.spec_from_file_location("wan_distrifusion_cli", CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failed_write_keeps_the_finished_latent_and_says_where(files, tmp_path, capsys, monkeypatch):
+    """The job is done when ``--out`` fails (disk full, folder removed): the latent is kept and the error says where."""
+    checkpoint, context_file, context = files
+    out = tmp_path / "clips" / "latent.safetensors"
+    real_replace = os.replace
+
+    def full_disk(source, target, *args, **kwargs):
+        if Path(target) == out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = ["generate", "--model", str(checkpoint), "--context", str(context_file), *flags(SETTINGS)]
+    code = _cli_module().main([*args, "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists() and list(out.parent.iterdir()) == [], err  # no half file beside it
+    found = re.search(
+        r"^error: out: could not write .*latent\.safetensors \(No space left on device\); the finished "
+        r"latent was saved to (\S+) instead: move it where you want it\.$",
+        err.strip().splitlines()[-1],  # after tqdm's bar
+    )
+    assert found, err
+    kept = Path(found.group(1))
+    assert kept.parent == tmp_path and kept.name.startswith("latent-")
+    assert relative_error(load_file(str(kept))["latent"], in_process(checkpoint, context)) < 1e-5
+
+
+def test_a_starting_latent_sets_the_size_and_the_metadata_records_it(files, tmp_path):
+    checkpoint, context_file, _ = files
+    start = tmp_path / "start.safetensors"
+    save_file({"latent": torch.randn(1, 4, 2, 6, 8, generator=torch.Generator().manual_seed(1))}, str(start))
+    common = ["generate", "--model", str(checkpoint), "--context", str(context_file), "--steps", "2"]
+    common += ["--denoise", "0.5", "--latent", str(start), "--device", "cpu"]
+    out = tmp_path / "out.safetensors"
+    result = run_cli(*common, "--width", "64", "--out", str(out), cwd=tmp_path)  # agrees with the latent: fine
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(str(out), "pt") as handle:
+        settings = json.loads(handle.metadata()["settings"])
+    assert (settings["width"], settings["height"], settings["length"]) == (64, 48, 5), settings
+
+    result = run_cli(*common, "--height", "128", "--out", str(tmp_path / "no.safetensors"), cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.startswith("error: latent: [1, 4, 2, 6, 8] is 64x48 px, 5 frames")
+    assert "--height 128" in result.stderr and not (tmp_path / "no.safetensors").exists()
 
 
 def test_without_model_builds_a_tiny_random_wan_and_says_so(tmp_path):
@@ -184,3 +252,44 @@ def test_cli_worker_serves_a_rank_of_a_group_led_elsewhere(files, tmp_path):
     assert remote.returncode == 0, output
     assert time.monotonic() - began < 15
     assert "joined the group" in output and "the group ended" in output
+
+
+def test_cli_worker_once_exits_non_zero_when_it_cannot_join(files, tmp_path):
+    checkpoint, _, _ = files
+    args = ["worker", "--once", "--rank", "1", "--world-size", "2", "--master-addr", "127.0.0.1"]
+    args += ["--master-port", str(_free_port()), "--model", str(checkpoint), "--device", "cpu", "--start-timeout", "2"]
+    result = run_cli(*args, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "could not join" in result.stdout
+    assert result.stderr.strip().startswith("error: master address: could not join the group at 127.0.0.1:")
+
+
+def test_a_killed_clis_scratch_folder_is_removed_once_its_pid_is_gone(files, tmp_path):
+    """``cli.py generate`` names its scratch folder after its pid, so a later run can tell it is an orphan."""
+    from wan_distrifusion.distrifusion.workers import remove_orphaned_log_dirs
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    controller = subprocess.Popen(
+        [sys.executable, str(CLI), "generate", "--steps", "400", "--device", "cpu", "--out", str(tmp_path / "x.st")],
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in controller.stdout:
+            if line.startswith("starting"):
+                break
+        controller.send_signal(signal.SIGKILL)
+        controller.wait(timeout=30)
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+    left = [p for p in scratch.iterdir() if p.name.startswith("wan-distrifusion-cli-")]
+    assert [p.name.split("-")[3] for p in left] == [str(controller.pid)], left
+    assert (left[0] / "tiny_random_wan.safetensors").exists()
+    alive = scratch / f"wan-distrifusion-cli-{os.getpid()}-running"  # a CLI still running: kept
+    alive.mkdir()
+    assert remove_orphaned_log_dirs(scratch) == left and not left[0].exists() and alive.exists()

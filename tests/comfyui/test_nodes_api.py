@@ -184,6 +184,30 @@ def test_bad_settings_fail_the_loader_with_the_fix(comfy, inputs, needle):
     assert needle in errors[0]["exception_message"], errors[0]["exception_message"]
 
 
+@pytest.mark.parametrize(
+    ("loader", "sampler", "needle"),
+    [
+        ({"patch_size": 16}, {"height": 16}, "split mode 'spatial': "),  # one token row for two ranks
+        ({"split_mode": "temporal"}, {"length": 1}, "split mode 'temporal': "),  # one latent frame for two ranks
+        ({"cfg_parallel": True}, {"cfg": 1.0}, "CFG parallel: cfg is 1, so the negative prompt is not run"),
+    ],
+    ids=["rows", "frames", "cfg parallel at cfg 1"],
+)
+def test_video_size_is_checked_at_the_sampler_before_the_workers_start(comfy, loader, sampler, needle):
+    """Settings that depend on the Sampler's video size fail it at once: no group is started (or restarted)."""
+    before = comfy.get("/distrifusion/status").json()["runtime"]
+    began = time.monotonic()
+    entry = comfy.wait(comfy.queue(base_prompt(loader_inputs(**TWO_RANKS, **loader), sampler_inputs(**sampler))))
+    seconds = time.monotonic() - began
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_id"] == "sampler", errors
+    assert needle in errors[0]["exception_message"], errors[0]["exception_message"]
+    after = comfy.get("/distrifusion/status").json()["runtime"]
+    assert (after["state"], after["pids"]) == (before["state"], before["pids"])
+    assert seconds < 5, f"{seconds:.1f} s: a worker group was started before the check"
+
+
 # --- one rank (in-process) ------------------------------------------------------------------------
 
 
