@@ -67,7 +67,9 @@ TOOLTIPS = {
     "requirements_official_distrifusion.txt), builtin = the pack's own, auto = official when it imports, else "
     "builtin. Same algorithm and results.",
     "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
-    "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain.",
+    "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain. Measured in "
+    "ComfyUI on one H200 with FlashAttention-4: later prompts 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own "
+    "Wan nodes, the first prompt about 25 s longer. Off by default so the first prompt is never slower than native.",
 }
 
 

@@ -41,3 +41,45 @@ def test_compiled_blocks_match_eager():
         model.compile_blocks(backend="aot_eager")
         compiled = model(*inputs)
     assert relative_error(compiled, eager) < 1e-6
+
+
+def test_sdpa_order_is_stated_per_forward_whatever_the_process_left(monkeypatch):
+    """ComfyUI's attention leaves SDPA's global priority changed (cuDNN no longer first on Hopper); inside our
+    forward the order is ours again, and the caller's order is back afterwards."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from wan_distrifusion.wanvideo import attention
+
+    attention._sdpa_order.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    left_by_others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        with sdpa_kernel(left_by_others + [SDPBackend.CUDNN_ATTENTION], set_priority=True):
+            before = torch._C._get_sdp_priority_order()
+            with attention.sdpa_backend_order(torch.device("cuda", 0)):
+                assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+            assert torch._C._get_sdp_priority_order() == before
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+            attention._sdpa_order.cache_clear()
+            with attention.sdpa_backend_order(torch.device("cuda", 0)):
+                assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.FLASH_ATTENTION)
+    finally:
+        attention._sdpa_order.cache_clear()
+
+
+def test_model_forward_runs_its_blocks_under_the_sdpa_order(monkeypatch):
+    import contextlib
+
+    from wan_distrifusion.wanvideo import model as model_module
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(model_module, "sdpa_backend_order", spy)
+    config = tiny_config()
+    with torch.no_grad():
+        random_model(config, seed=3)(*_inputs(config))
+    assert entered == [torch.device("cpu")]
