@@ -270,6 +270,7 @@ def generate(args: argparse.Namespace) -> int:
     loading = _module("wanvideo.loading")
     validation = _module("distrifusion.validation")
     workers = _module("distrifusion.workers")
+    run_job = _module("distrifusion.run").run_job
 
     began = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -364,7 +365,7 @@ def generate(args: argparse.Namespace) -> int:
                 bar.update(event.step - bar.n)
 
             try:
-                latent = runtime.run(job, progress=progress)
+                latent = run_job(runtime, job, progress=progress)
             finally:
                 bar.close()
             sampled = time.perf_counter()

@@ -1,5 +1,5 @@
 """GPU smoke test of the real code paths at world size 1 (one GPU): NCCL process group, the parallel
-attention's collectives on a one-rank NCCL group, ``ParallelWan`` through ``run_job``, and a worker group
+attention's collectives on a one-rank NCCL group, ``ParallelWan`` under the sampler, and a worker group
 started, used, cancelled and stopped on CUDA. Tiny model, seconds.
 
     python bench/gpu_smoke.py [--out DIR] [--device cuda|cpu] [--workers 1]
@@ -125,13 +125,24 @@ class Smoke:
         )
 
     def parallel_wan_world1(self) -> str:
-        """``run_job`` at world size 1 in sync mode (2 steps, CFG) and ``ParallelWan`` with ``begin_job``."""
+        """The sampler over ``rank.job_model`` at world size 1 in sync mode (2 steps, CFG) and ``ParallelWan`` with ``begin_job``."""
         config_mod = C.pkg("distrifusion.config")
         rank_mod, pm = C.pkg("distrifusion.rank"), C.pkg("distrifusion.parallel_model")
         config = config_mod.ParallelConfig(world_size=1, mode="sync")
         job = self.small_job(steps=2)
         steps = []
-        latent = rank_mod.run_job(self.model, config, 0, self.device, job, lambda i, n, x: steps.append(i))
+        latent = C.pkg("wanvideo.sampling").sample(
+            rank_mod.job_model(self.model, config, 0, self.device, job),
+            job.positive,
+            job.negative,
+            latent_shape=job.latent_shape(self.model.config.out_dim),
+            seed=job.seed,
+            steps=job.steps,
+            cfg=job.cfg,
+            sampler=job.sampler,
+            callback=lambda i, n, x: steps.append(i),
+            device=self.device,
+        )
         assert steps == [0, 1], steps
         assert torch.isfinite(latent).all()
         wrapped = pm.ParallelWan(self.model, config, 0, self.device)
@@ -147,6 +158,7 @@ class Smoke:
         from safetensors.torch import save_file
 
         workers = C.pkg("distrifusion.workers")
+        run_job = C.pkg("distrifusion.run").run_job
         config_mod = C.pkg("distrifusion.config")
         folder = Path(tempfile.mkdtemp(prefix="wdf-smoke-"))
         path = folder / "wan_tiny.safetensors"
@@ -169,16 +181,16 @@ class Smoke:
         try:
             assert group.alive
             job = self.small_job(steps=3)
-            latent = group.run(job, progress=events.append)
+            latent = run_job(group, job, progress=events.append)
             assert torch.isfinite(latent).all() and len(events) == 3, (latent.shape, events)
             status = group.status()
             cancelled = False
             try:
-                group.run(job, progress=None, cancelled=lambda: True)
+                run_job(group, job, progress=None, cancelled=lambda: True)
             except workers.JobCancelled:
                 cancelled = True
             assert cancelled, "a cancelled job must raise JobCancelled"
-            again = group.run(job)  # the group is still usable after a cancel
+            again = run_job(group, job)  # the group is still usable after a cancel
             assert C.rel_err(again, latent) < 1e-3, C.rel_err(again, latent)
         finally:
             group.close()
@@ -204,7 +216,7 @@ def main(argv=None) -> int:
     smoke.rec.say(f"gpu_smoke on {args.device}: {smoke.rec.results['meta']}")
     smoke.check("process group (one rank)", smoke.process_group)
     smoke.check("parallel attention collectives on a one-rank group", smoke.runtime_on_one_rank)
-    smoke.check("ParallelWan / run_job at world size 1", smoke.parallel_wan_world1)
+    smoke.check("ParallelWan / job_model at world size 1", smoke.parallel_wan_world1)
     smoke.check("worker group start / run / cancel / close", smoke.workers)
     smoke.check("destroy process group", smoke.finish)
     failed = [c["name"] for c in smoke.rec.results["checks"] if not c["ok"]]

@@ -1,4 +1,4 @@
-"""World size 1: the runtime's interface (``run``, ``forward_session``, ``status``) with the model in this process,
+"""World size 1: the runtime's interface (``forward_session``, ``status``) with the model in this process,
 no workers and no process group. ``workers.start_runtime`` returns it for one rank.
 """
 
@@ -19,11 +19,9 @@ from .memory_plan import MemoryPlan, plan_memory
 from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent, session_options
 from .validation import check_job
 from .worker import (
-    StopAtStep,
     describe_error,
     device_memory,
     device_name,
-    find_in_chain,
     load_rank_model,
     memory_in_use,
     memory_peak,
@@ -76,41 +74,6 @@ class InProcessRunner:
         self._free_before_load = device_memory(self._device)[0]
         self._model = load_rank_model(self.model_path, self.precision, self.quantization, self._device, self.parallel)
         return self
-
-    def run(
-        self,
-        job: GenerationJob,
-        progress: ProgressCallback | None = None,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> torch.Tensor:
-        """Run ``job`` here; same contract as ``WorkerGroup.run``."""
-        from .rank import run_job
-
-        self._prepare(job, cancelled)
-        last = [time.perf_counter()]
-
-        def on_step(step: int, total: int, x) -> None:
-            now = time.perf_counter()
-            seconds, last[0] = now - last[0], now
-            memory = memory_in_use(self._device)
-            self._progress = {"step": step + 1, "total": total, "seconds_per_step": seconds, "memory": memory}
-            if progress is not None:
-                progress(ProgressEvent(step + 1, total, seconds, (memory,)))
-            if cancelled is not None and cancelled():
-                raise StopAtStep(step + 1, total)
-
-        try:
-            latent = run_job(self._model, self.parallel, 0, self._device, job, on_step)
-        except BaseException as error:
-            stop = find_in_chain(error, StopAtStep)
-            if stop is not None:
-                raise JobCancelled(
-                    f"cancelled after step {stop.step} of {stop.total}", stop.step, stop.total, {0: stop.step}
-                ) from None
-            self._last_error = describe_error(error)
-            raise
-        self._jobs_run += 1
-        return latent.detach().to("cpu")
 
     def forward_session(
         self,

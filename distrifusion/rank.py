@@ -1,12 +1,10 @@
-"""One rank's part of a job: wrap the model for the topology and run the sampler (workers, CLI, tests)."""
+"""One rank's model for a job: the plain model or its ``ParallelWan`` for the topology (workers, tests)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
 from .config import ParallelConfig
 from .job import GenerationJob
@@ -43,45 +41,8 @@ def job_model(model, config: ParallelConfig, rank: int, device: str | torch.devi
     return runner
 
 
-def run_job(
-    model,
-    config: ParallelConfig,
-    rank: int,
-    device: str | torch.device,
-    job: GenerationJob,
-    callback: Callable[[int, int, Tensor], None] | None = None,
-) -> Tensor:
-    """Sample ``job`` on this rank and return the final latent (float32, CPU), identical on every rank.
-
-    Every rank of the group must call this with the same job; world size 1 runs the plain model.
-    """
-    from ..wanvideo.sampling import sample
-
-    runner = job_model(model, config, rank, device, job)
-    latent = job.latent
-    extra = dict(job.extra)
-    model_kwargs = extra.pop("model_kwargs", None)
-    return sample(
-        runner,
-        job.positive,
-        job.negative,
-        latent_shape=None if latent is not None else job.latent_shape(model.config.out_dim),
-        latent=latent,
-        seed=job.seed,
-        steps=job.steps,
-        cfg=job.cfg,
-        shift=job.shift,
-        sampler=job.sampler,
-        scheduler=job.scheduler,
-        denoise=job.denoise,
-        callback=callback,
-        device=device,
-        model_kwargs=model_kwargs,
-    )
-
-
 def last_stats(model) -> dict:
-    """Statistics of the last job run through ``run_job`` on this model (empty for world size 1)."""
+    """Statistics of the last job (session) on this model (empty for world size 1)."""
     per_model = model.__dict__.get(_RUNTIME_ATTR) or {}
     for runner in per_model.values():
         return runner.stats

@@ -57,6 +57,7 @@ from ..wanvideo.loading import PRECISIONS, load_wan_model
 from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
+from .shared_latents import SharedLatents
 
 logger = logging.getLogger(__name__)
 
@@ -273,25 +274,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "CPU"
-
-
-class StopAtStep(Exception):
-    """Raised inside the sampler's step callback when the ranks agreed to cancel."""
-
-    def __init__(self, step: int, total: int):
-        super().__init__(f"cancelled after step {step} of {total}")
-        self.step, self.total = step, total
-
-
-def find_in_chain(error: BaseException, kind: type) -> BaseException | None:
-    """``error`` or the first exception of type ``kind`` it was raised from (samplers may wrap errors)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kind):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def describe_error(error: BaseException) -> str:
@@ -521,34 +503,15 @@ class _Worker:
             if header["type"] == "shutdown":
                 logger.info("shutting down")
                 return EXIT_OK
-            if header["type"] == "job":
-                if not self.run_job(header, tensors):
-                    return EXIT_FAILED
-            elif header["type"] == "session":
+            if header["type"] == "session":
                 if not self.run_session(header, tensors):
                     return EXIT_FAILED
             number += 1
 
-    def cancel_requested(self, job_id: int) -> bool:
-        self.pull_control()
-        requested = False
-        kept: deque[dict] = deque()
-        for message in self.inbox:
-            kind = message.get("type")
-            if kind == "eof":
-                requested = True  # controller gone: stop with everyone, the watchers end the process
-                kept.append(message)
-            elif kind in ("cancel", "shutdown") and message.get("job", job_id) == job_id:
-                requested = True
-            elif session_message_id(message) > job_id:
-                kept.append(message)
-        self.inbox = kept
-        return requested
-
-    def step_table(self, cancel: bool) -> list[list[float]]:
-        """``[cancel flag, memory in use, peak memory]`` of every rank (index = rank); collective."""
+    def memory_table(self) -> list[list[float]]:
+        """``[memory in use, peak memory]`` of every rank (index = rank); collective."""
         flags = torch.tensor(
-            [float(cancel), memory_in_use(self.device), memory_peak(self.device)],
+            [memory_in_use(self.device), memory_peak(self.device)],
             dtype=torch.float64,
             device=self.device,
         )
@@ -558,68 +521,12 @@ class _Worker:
         dist.all_gather(rows, flags)
         return torch.stack(rows).cpu().tolist()
 
-    def run_job(self, header: dict, tensors: dict) -> bool:
-        """Run one job; False when it failed (the controller stops the group)."""
-        from .rank import run_job
-
-        job_id = header["id"]
-        state = {"step": 0, "total": header["fields"].get("steps", 0), "last": time.perf_counter()}
-        began = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-        def on_step(step: int, total: int, x) -> None:
-            table = self.step_table(self.cancel_requested(job_id))
-            now = time.perf_counter()
-            seconds, state["last"] = now - state["last"], now
-            state["step"], state["total"] = step + 1, total
-            if self.rank == 0:
-                self.send(
-                    {
-                        "type": "progress",
-                        "job": job_id,
-                        "step": step + 1,
-                        "total": total,
-                        "seconds_per_step": seconds,
-                        "memory_per_rank": [int(row[1]) for row in table],
-                        "peak_per_rank": [int(row[2]) for row in table],
-                    }
-                )
-            if any(row[0] > 0 for row in table):
-                raise StopAtStep(step + 1, total)
-
-        try:
-            job = decode_job(header, tensors)
-            latent = run_job(self.model, self.parallel, self.rank, self.device, job, on_step)
-        except BaseException as error:  # everything goes back to the controller
-            stop = find_in_chain(error, StopAtStep)
-            if stop is not None:
-                logger.info("job %d cancelled after step %d of %d", job_id, stop.step, stop.total)
-                self.send(
-                    {"type": "cancelled", "job": job_id, "rank": self.rank, "step": stop.step, "total": stop.total}
-                )
-                return True
-            self.report_error(error, "job", state["step"] + 1, state["total"])
-            return False
-        if self.rank == 0:
-            from .rank import last_stats
-
-            self.send(
-                {
-                    "type": "result",
-                    "stats": last_stats(self.model),
-                    "job": job_id,
-                    "latent": latent.detach().to("cpu"),
-                    "seconds": time.perf_counter() - began,
-                }
-            )
-        return True
-
     # -- forward sessions ----------------------------------------------------------------------
 
-    def next_call(self, session_id: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, float] | None:
-        """The next ``(x, t)`` of the session on every rank (rank 0 takes it from the controller and
-        broadcasts it); ``None`` on every rank once the controller ends the session (or is gone)."""
+    def next_call(self, session_id: int, shape: tuple[int, ...], latents: SharedLatents | None, all_local: bool):
+        """The next ``(x, t)`` of the session on every rank (rank 0 takes it from the controller and broadcasts
+        ``t``; ``x`` comes from the shared latents, or is broadcast when a rank runs on another host); ``None`` on
+        every rank once the controller ends the session (or is gone)."""
         if self.rank != 0:
             while True:
                 head = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -627,6 +534,8 @@ class _Worker:
                 code, t = head.tolist()
                 if code == _CALL_END:
                     return None
+                if code == _CALL_FORWARD and all_local:
+                    return latents.x.to(self.device, torch.float32, copy=True), t
                 if code == _CALL_FORWARD:
                     x = torch.empty(shape, dtype=torch.float32, device=self.device)
                     dist.broadcast(x, 0)
@@ -646,17 +555,13 @@ class _Worker:
                 return None
             if session_message_id(message) != session_id:
                 continue  # late message of an earlier command
-            if kind in ("end", "cancel"):
+            if kind == "end":
                 self._broadcast_call(_CALL_END)
                 return None
             if kind == "forward":
-                x = message["x"].to(self.device, torch.float32)
-                if tuple(x.shape) != tuple(shape):
-                    raise WanDistriFusionError(
-                        f"forward session: latent of shape {list(x.shape)}, the session was opened for {list(shape)}."
-                    )
+                x = latents.x.to(self.device, torch.float32, copy=True)
                 t = float(message["t"])
-                self._broadcast_call(_CALL_FORWARD, t, x)
+                self._broadcast_call(_CALL_FORWARD, t, None if all_local else x)
                 return x, t
 
     def _broadcast_call(self, code: float, t: float = 0.0, x: torch.Tensor | None = None) -> None:
@@ -678,28 +583,31 @@ class _Worker:
         try:
             job = decode_job(header, tensors)
             shape = tuple(int(n) for n in options["shape"])
+            all_local = set(options["latents_ranks"]) == set(range(self.world_size))
+            mapped = self.rank == 0 or (all_local and self.rank in options["latents_ranks"])
+            latents = SharedLatents(options["latents"], shape) if mapped else None
             flow = session_flow(self.model, self.parallel, self.rank, self.device, job, options)
             while True:
-                call = self.next_call(session_id, shape)
+                call = self.next_call(session_id, shape, latents, all_local)
                 if call is None:
                     break
                 began = time.perf_counter()
                 with torch.no_grad():
                     out = flow(*call)
-                table = self.step_table(False)
+                table = self.memory_table()
                 calls += 1
                 if self.rank == 0:
-                    uncond = flow.last_uncond if flow.return_uncond else None
+                    latents.flow.copy_(out)
+                    if flow.return_uncond:
+                        latents.uncond.copy_(flow.last_uncond)
                     self.send(
                         {
                             "type": "prediction",
                             "session": session_id,
                             "call": calls,
-                            "flow": out.detach().to("cpu"),
-                            "uncond": None if uncond is None else uncond.detach().to("cpu"),
                             "seconds_per_step": time.perf_counter() - began,
-                            "memory_per_rank": [int(row[1]) for row in table],
-                            "peak_per_rank": [int(row[2]) for row in table],
+                            "memory_per_rank": [int(row[0]) for row in table],
+                            "peak_per_rank": [int(row[1]) for row in table],
                         }
                     )
         except BaseException as error:  # everything goes back to the controller

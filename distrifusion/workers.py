@@ -45,6 +45,8 @@ from .in_process import InProcessRunner
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
 from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent, WorkerFailed, session_options
+from .shared_latents import FILE_PREFIX as SHARED_FILE_PREFIX
+from .shared_latents import SharedLatents, shared_folder
 from .validation import check_before_start, check_job
 from .worker import (
     AUTHKEY_ENV,
@@ -65,7 +67,6 @@ SHUTDOWN_GRACE_S = 5.0
 TERMINATE_GRACE_S = 3.0
 POLL_S = 0.1
 LOG_TAIL_LINES = 12
-CANCEL_COLLECT_S = 2.0
 REMOTE_HEARTBEAT_TIMEOUT_S = 10.0
 """A ready rank on another host whose heartbeat (``alive/<rank>``, counted every second) stood still this long
 fails the job: the link is cut or the host is down (a cut link stalls the collectives without an error)."""
@@ -232,32 +233,6 @@ class WorkerGroup:
             self._alive = True
             logger.info("worker group ready: %s", self._describe())
             return self
-
-    def run(
-        self,
-        job: GenerationJob,
-        progress: ProgressCallback | None = None,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> torch.Tensor:
-        """Run ``job`` on every rank and return rank 0's final latent (float32, CPU).
-
-        Raises ``JobCancelled`` (group still usable) when ``cancelled()`` turned true, ``WorkerFailed``
-        (group stopped) when a rank died, failed or hung. An exception from ``progress`` (e.g. ComfyUI's
-        interrupt) cancels the job on every rank and is then re-raised.
-        """
-        self._check_leader()
-        with self._run_lock:
-            number = self._begin_command(job, cancelled)
-            self._post(number, encode_job(number, job))
-            try:
-                latent = self._wait_job(number, progress, cancelled)
-            except KeyboardInterrupt:
-                self._interrupt(number)
-                raise
-            finally:
-                self._end_command(number)
-            self._jobs_run += 1
-            return latent
 
     def forward_session(
         self,
@@ -664,80 +639,6 @@ class WorkerGroup:
         )
         logger.info("memory plan: %s", self._last_plan.summary())
 
-    def _wait_job(
-        self, number: int, progress: ProgressCallback | None, cancelled: Callable[[], bool] | None
-    ) -> torch.Tensor:
-        deadline = time.monotonic() + self.step_timeout_s
-        cancel_sent = False
-        stopped: dict[int, int] = {}
-        pending_error: BaseException | None = None
-        last_remote_check = time.monotonic()
-        while True:
-            if self._closing:
-                self._fail(None, "the worker group was closed while a job was running")
-            for rank, message in self._receive(POLL_S):
-                kind = message.get("type")
-                if message.get("job", number) != number:
-                    continue  # late message of an earlier job
-                if kind == "progress":
-                    deadline = time.monotonic() + self.step_timeout_s
-                    self._progress.update(
-                        step=message["step"],
-                        total=message["total"],
-                        seconds_per_step=message["seconds_per_step"],
-                        memory_per_rank=message["memory_per_rank"],
-                    )
-                    if progress is not None and pending_error is None:
-                        event = ProgressEvent(
-                            message["step"],
-                            message["total"],
-                            message["seconds_per_step"],
-                            tuple(message["memory_per_rank"]),
-                        )
-                        try:
-                            progress(event)
-                        except BaseException as error:  # e.g. ComfyUI's interrupt: stop every rank, then re-raise
-                            pending_error = error
-                            if not cancel_sent:
-                                self._send(0, {"type": "cancel", "job": number})
-                                cancel_sent = True
-                elif kind == "result":
-                    self._last_stats = message.get("stats") or {}
-                    if pending_error is not None:
-                        raise pending_error
-                    return message["latent"]
-                elif kind == "cancelled" and rank != 0:
-                    stopped[rank] = message["step"]
-                elif kind == "cancelled":
-                    stopped = self._collect_cancelled(number, {**stopped, 0: message["step"]})
-                    if pending_error is not None:
-                        raise pending_error
-                    if len(set(stopped.values())) > 1:
-                        self._fail(None, f"the ranks stopped at different steps {stopped} after a cancel")
-                    raise JobCancelled(
-                        f"cancelled after step {message['step']} of {message['total']}; every rank stopped there",
-                        message["step"],
-                        message["total"],
-                        stopped,
-                    )
-                elif kind == "error":
-                    self._fail_from_report(message, None)
-            self._check_processes(None)
-            now = time.monotonic()
-            if now - last_remote_check > 0.5:
-                last_remote_check = now
-                self._check_remote_ranks()
-            if cancelled is not None and not cancel_sent and cancelled():
-                self._send(0, {"type": "cancel", "job": number})
-                cancel_sent = True
-            if now > deadline:
-                self._fail(
-                    None,
-                    f"no progress from the workers for step_timeout_s = {self.step_timeout_s:.0f} s {self._phase()} "
-                    f"(a rank is hung, or a step takes longer than step_timeout_s allows; {self._rank_states()})",
-                    all_logs=True,
-                )
-
     def _rank_states(self) -> str:
         """Each local rank's process state, so a stopped or zombie rank is named in a hang message."""
         states = []
@@ -748,27 +649,6 @@ class WorkerGroup:
                 state = "gone"
             states.append(f"rank {rank} {state}")
         return "local ranks: " + ", ".join(states) if states else "no local ranks"
-
-    def _collect_cancelled(self, number: int, stopped: dict[int, int]) -> dict[int, int]:
-        deadline = time.monotonic() + CANCEL_COLLECT_S
-        while len(stopped) < len(self._ranks) and time.monotonic() < deadline:
-            for rank, message in self._receive(POLL_S):
-                if message.get("type") == "cancelled" and message.get("job") == number:
-                    stopped[rank] = message["step"]
-                elif message.get("type") == "error":
-                    self._fail_from_report(message, None)
-        return stopped
-
-    def _interrupt(self, number: int) -> None:
-        """Ctrl-C while waiting: cancel on every rank so the group survives; kill it if that fails."""
-        try:
-            self._send(0, {"type": "cancel", "job": number})
-            self._wait_job(number, None, None)
-        except JobCancelled:
-            return
-        except BaseException:
-            self._teardown(kill=True)
-            return
 
     # -- channels ------------------------------------------------------------------------------
 
@@ -938,6 +818,7 @@ class _GroupSession(ForwardSession):
         super().__init__(job, job.latent_shape(out_dim), progress, cancelled, return_uncond)
         self.group = group
         self.number: int | None = None
+        self.latents: SharedLatents | None = None
         self._backlog: deque[tuple[int, dict]] = deque()
         """Messages received but not yet looked at (two ranks' replies may come in one read)."""
 
@@ -948,15 +829,18 @@ class _GroupSession(ForwardSession):
             self.number = group._begin_command(self.job, self._cancelled)
             if group._model_config is not None:
                 self.shape = tuple(self.job.latent_shape(group._model_config.out_dim))
-            # The ranks get the latent size, never the latent itself: the controller holds x.
-            payload = encode_job(
-                self.number,
-                replace(self.job, latent=None),
-                kind="session",
-                options=session_options(self.shape, self.return_uncond),
-            )
+            # The ranks get the latent size, never the latent itself: the controller holds x, and each call
+            # passes it to rank 0 (and the flow back) through shared memory.
+            self.latents = SharedLatents.create(self.shape)
+            options = {
+                **session_options(self.shape, self.return_uncond),
+                "latents": str(self.latents.path),
+                "latents_ranks": list(group._ranks),  # these map the file; others get x broadcast from rank 0
+            }
+            payload = encode_job(self.number, replace(self.job, latent=None), kind="session", options=options)
             group._post(self.number, payload)
         except BaseException:
+            self._drop_latents()
             if self.number is not None:
                 group._end_command(self.number)
             group._run_lock.release()
@@ -984,17 +868,26 @@ class _GroupSession(ForwardSession):
             if exc is None:
                 group._jobs_run += 1
         finally:
+            self._drop_latents()
             group._end_command(self.number)
             group._run_lock.release()
 
+    def _drop_latents(self) -> None:
+        if self.latents is not None:
+            self.latents.unlink()
+            self.latents = None
+
     def _evaluate(self, x, t):
-        group, number, call = self.group, self.number, self.calls + 1
-        group._send(0, {"type": "forward", "session": number, "call": call, "x": x, "t": t})
+        group, number, call, latents = self.group, self.number, self.calls + 1, self.latents
+        latents.x.copy_(x)
+        group._send(0, {"type": "forward", "session": number, "call": call, "t": t})
         message = self._wait(
             lambda m: m.get("type") == "prediction" and m.get("session") == number and m.get("call") == call,
             f"during step {call} of {max(self.total, call)}",
         )[1]
-        return message["flow"], message.get("uncond"), message["seconds_per_step"], message["memory_per_rank"]
+        latents.unlink()  # rank 0 has mapped it: nothing is left in the shared-memory folder
+        uncond = latents.uncond.clone() if self.return_uncond else None
+        return latents.flow.clone(), uncond, message["seconds_per_step"], message["memory_per_rank"]
 
     def _record(self, event: ProgressEvent) -> None:
         self.group._progress.update(
@@ -1045,7 +938,7 @@ class _GroupSession(ForwardSession):
             if now > deadline:
                 group._fail(
                     None,
-                    f"no answer from the workers for step_timeout_s = {group.step_timeout_s:.0f} s {phase} "
+                    f"no progress from the workers for step_timeout_s = {group.step_timeout_s:.0f} s {phase} "
                     f"(a rank is hung, or a step takes longer than step_timeout_s allows; {group._rank_states()})",
                     all_logs=True,
                 )
@@ -1101,14 +994,19 @@ def remove_orphaned_log_dirs(folder: str | os.PathLike | None = None) -> list[Pa
     removed = []
     try:
         candidates = list(Path(folder or tempfile.gettempdir()).glob(f"{LOG_DIR_PREFIX}*-*"))
+        if folder is None:  # and the shared latents of forward sessions those controllers left
+            candidates += [p for p in shared_folder().glob(f"{SHARED_FILE_PREFIX}*-*.latents") if p.is_file()]
     except OSError:
         return removed
     for path in candidates:
         owner = path.name[len(LOG_DIR_PREFIX) :].removeprefix("cli-")  # cli.py's scratch: wan-distrifusion-cli-<pid>-*
         pid = owner.split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or psutil.pid_exists(int(pid)) or not path.is_dir():
+        if not pid.isdigit() or int(pid) == os.getpid() or psutil.pid_exists(int(pid)):
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
             logger.info("removed the log folder %s of a controller that is gone (pid %s)", path, pid)
             removed.append(path)

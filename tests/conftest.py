@@ -26,11 +26,12 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(checkpoint) -> torch.Tensor:
     """``tiny_job()`` sampled in-process on one CPU device: what every parallel run of it must equal."""
+    from wan_distrifusion.distrifusion.run import run_job
     from wan_distrifusion.distrifusion.workers import InProcessRunner, start_runtime
 
     runner = start_runtime(checkpoint, device="cpu")
     assert isinstance(runner, InProcessRunner)
     try:
-        return runner.run(tiny_job())
+        return run_job(runner, tiny_job())
     finally:
         runner.close()

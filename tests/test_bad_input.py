@@ -28,6 +28,7 @@ from tiny_wan import random_model, tiny_config, tiny_job, write_checkpoint
 from wan_distrifusion.distrifusion import workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.validation import check_before_start, check_job
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
 from wan_distrifusion.nodes.loader import build_settings
@@ -204,7 +205,7 @@ RUNTIME_CASES_CHECKED_FROM_FILE = {
         r"it is truncated",
     ),
     "frame count not 4k+1 (group not started yet)": (
-        lambda f: WorkerGroup(f["good"], parallel=parallel(), device="cpu").run(make_job(length=4)),
+        lambda f: run_job(WorkerGroup(f["good"], parallel=parallel(), device="cpu"), make_job(length=4)),
         "length",
         r"4 frames is not of the form 4k\+1",
     ),
@@ -596,7 +597,7 @@ def test_running_group_refuses_a_bad_job_and_keeps_its_ranks(overrides, widget, 
     pids = running_group.status()["pids"]
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(WanDistriFusionError) as caught:
-        running_group.run(make_job(**overrides))
+        run_job(running_group, make_job(**overrides))
     assert_clear(caught.value, widget)
     assert running_group.alive and running_group.status()["pids"] == pids
     assert {p.pid for p in psutil.Process().children(recursive=True)} == before
@@ -606,7 +607,7 @@ def test_running_group_refuses_a_bad_job_and_keeps_its_ranks(overrides, widget, 
 def test_running_group_refuses_a_partition_without_tokens_and_keeps_its_ranks(running_group):
     pids = running_group.status()["pids"]
     with pytest.raises(WanDistriFusionError) as caught:
-        running_group.run(make_job(height=16))  # one token row for two ranks
+        run_job(running_group, make_job(height=16))  # one token row for two ranks
     assert not isinstance(caught.value, workers.WorkerFailed), str(caught.value)
     assert_clear(caught.value, "split mode")
     assert running_group.alive and running_group.status()["pids"] == pids
@@ -619,7 +620,7 @@ MODEL_SEED = 0
 
 def run_widgets_on_rank(rank: int, world_size: int, parallel_kwargs: dict, job_kwargs: dict):
     """One rank of the property test's run (in a forked gloo process)."""
-    from wan_distrifusion.distrifusion.rank import run_job
+    from tiny_wan import sample_on_rank as run_job
 
     model = tiny_model(MODEL_SEED)
     latent = run_job(model, ParallelConfig(**parallel_kwargs), rank, "cpu", make_job(**job_kwargs))
@@ -675,7 +676,7 @@ def test_any_widgets_are_refused_up_front_or_run_exactly(property_model, widgets
         assert_clear(error)
         OUTCOMES.append("refused")
         return
-    from wan_distrifusion.distrifusion.rank import run_job
+    from tiny_wan import sample_on_rank as run_job
 
     reference = run_job(model, ParallelConfig(), 0, "cpu", make_job(**job_kwargs))
     latents = run_ranks("test_bad_input", "run_widgets_on_rank", topology.world_size, parallel_kwargs, job_kwargs)

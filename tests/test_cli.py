@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
@@ -55,7 +56,7 @@ def files(tmp_path_factory):
 def in_process(checkpoint: Path, context: dict) -> torch.Tensor:
     runner = start_runtime(checkpoint, device="cpu")
     try:
-        return runner.run(GenerationJob(positive=context["positive"], negative=context["negative"], **SETTINGS))
+        return run_job(runner, GenerationJob(positive=context["positive"], negative=context["negative"], **SETTINGS))
     finally:
         runner.close()
 
@@ -242,7 +243,7 @@ def test_cli_worker_serves_a_rank_of_a_group_led_elsewhere(files, tmp_path):
         assert status["ranks"][1]["ready"] and status["ranks"][1]["pid"]
         job = GenerationJob(positive=context["positive"], negative=context["negative"], **SETTINGS)
         events = []
-        latent = leader.run(job, progress=events.append)
+        latent = run_job(leader, job, progress=events.append)
         assert relative_error(latent, in_process(checkpoint, context)) < 1e-5
         assert len(events) == 3 and len(events[-1].memory_per_rank) == 2
     finally:

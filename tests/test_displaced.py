@@ -17,9 +17,10 @@ STEPS, WARMUP = 10, 2
 def displaced_sweep(rank: int, world_size: int) -> dict:
     """Full sampling runs (euler, CFG batch 2) for overlap x sync frequency, and K/V dtypes; errors vs exact."""
     import torch
+    from tiny_wan import sample_on_rank as run_job
     from wan_distrifusion.distrifusion.config import ParallelConfig, is_synchronous_step
     from wan_distrifusion.distrifusion.job import GenerationJob
-    from wan_distrifusion.distrifusion.rank import last_stats, run_job
+    from wan_distrifusion.distrifusion.rank import last_stats
 
     model = tiny_model(0, sharp=True)
     gen = torch.Generator().manual_seed(3)

@@ -31,6 +31,7 @@ from measured import descendants, report_table
 from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion import workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
+from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.workers import WorkerFailed, WorkerGroup
 
 pytestmark = pytest.mark.slow
@@ -165,7 +166,7 @@ def snapshot_of(group: WorkerGroup) -> dict:
 
 def next_job_works(group, reference: torch.Tensor, old_pids: list[int]) -> float:
     began = time.monotonic()
-    latent = group.run(tiny_job())
+    latent = run_job(group, tiny_job())
     seconds = time.monotonic() - began
     assert relative_error(latent, reference) < 1e-5
     assert set(group.status()["pids"]).isdisjoint(old_pids), "the next job should run on a fresh group"
@@ -197,7 +198,7 @@ def test_sigkilled_rank_fails_the_job_fast_and_leaves_nothing(world_size, victim
 
         with pytest.raises(WorkerFailed) as caught:
             if path == "job":
-                runtime.run(tiny_job(steps=200), progress=progress)
+                run_job(runtime, tiny_job(steps=200), progress=progress)
             else:
                 drive_euler(runtime, tiny_job(steps=200), progress=progress)
         detect = time.monotonic() - killed_at[0]
@@ -239,7 +240,7 @@ def test_rank_out_of_memory_fails_the_job_naming_it_and_leaves_nothing(
         before = snapshot_of(runtime)
         monkeypatch.delenv("WDF_FAULT")  # the restarted group runs plain workers
         with pytest.raises(WorkerFailed) as caught:
-            runtime.run(tiny_job(steps=200))
+            run_job(runtime, tiny_job(steps=200))
         detect = time.time() - float(stamp.read_text())
         cleanup = wait_until_clean(before["pids"], before["port"])
         message = str(caught.value)
@@ -273,7 +274,7 @@ def test_stopped_rank_fails_the_job_after_the_step_timeout_and_leaves_nothing(gr
 
     try:
         with pytest.raises(WorkerFailed) as caught:
-            group.run(tiny_job(steps=200), progress=progress)
+            run_job(group, tiny_job(steps=200), progress=progress)
         detect = time.monotonic() - stopped_at[0]
         cleanup = wait_until_clean(before["pids"], before["port"])
     finally:
@@ -313,6 +314,7 @@ spec.loader.exec_module(package)
 import torch
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.workers import WorkerGroup
 
 def say(**fields):
@@ -326,7 +328,7 @@ def work():
     say(pids=status["pids"], port=status["master_port"], log_dir=status["log_dir"])
     job = GenerationJob(positive=torch.randn(1, 8, 32), negative=torch.randn(1, 8, 32), width=64, height=48,
                         length=5, steps=100000, sampler="euler")
-    group.run(job, progress=lambda event: say(step=event.step))
+    run_job(group, job, progress=lambda event: say(step=event.step))
 
 if where == "thread":  # as ComfyUI: the Loader starts the group in its prompt-worker thread (no PDEATHSIG)
     thread = threading.Thread(target=work)
@@ -388,7 +390,7 @@ def test_killed_controller_mid_step_leaves_no_rank_and_the_next_controller_works
             assert Path(fresh.status()["log_dir"]).exists()  # ours (this pid is alive): kept
             assert Path(group.status()["log_dir"]).exists()
             if where == "thread":  # once is enough: the new group also runs
-                assert relative_error(fresh.run(tiny_job()), reference) < 1e-5
+                assert relative_error(run_job(fresh, tiny_job()), reference) < 1e-5
         next_job = time.monotonic() - began if where == "thread" else float("nan")
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch
 from measured import descendants, report_table
 from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion.config import ParallelConfig
+from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def _mib(values) -> str:
 def expected(checkpoint) -> dict[int, torch.Tensor]:
     reference = start_runtime(checkpoint, device="cpu")
     try:
-        return {seed: reference.run(tiny_job(steps=2, seed=seed)) for seed in range(WARMUP + ROUNDS)}
+        return {seed: run_job(reference, tiny_job(steps=2, seed=seed)) for seed in range(WARMUP + ROUNDS)}
     finally:
         reference.close()
 
@@ -133,7 +134,7 @@ def test_restarting_the_group_does_not_grow_the_controller(group, expected, meas
     began = time.monotonic()
     for _ in range(RESTARTS):
         group.start()
-        assert relative_error(group.run(tiny_job(steps=2, seed=0)), expected[0]) < 1e-5
+        assert relative_error(run_job(group, tiny_job(steps=2, seed=0)), expected[0]) < 1e-5
         group.close()
     per_round = (time.monotonic() - began) / RESTARTS
     after = (controller.num_fds(), controller.num_threads(), threading.active_count(), controller.memory_info().rss)

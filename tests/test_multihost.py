@@ -33,6 +33,7 @@ from measured import report_table
 from safetensors.torch import load_file, save_file
 from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
 from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.run import run_job as sample_job
 from wan_distrifusion.distrifusion.worker import STORE_LOST_ENV
 from wan_distrifusion.distrifusion.workers import REMOTE_HEARTBEAT_TIMEOUT_S, start_runtime
 
@@ -155,6 +156,7 @@ spec.loader.exec_module(package)
 from safetensors.torch import load_file, save_file
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.workers import WorkerGroup
 from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 
@@ -173,7 +175,7 @@ for line in sys.stdin:
     job = GenerationJob(positive=conditioning["positive"], negative=conditioning["negative"], **command["job"])
     began = time.monotonic()
     try:
-        latent = group.run(job, progress=lambda event: say(step=event.step, pids=group.status()["pids"]))
+        latent = run_job(group, job, progress=lambda event: say(step=event.step, pids=group.status()["pids"]))
     except WanDistriFusionError as error:
         say(error=str(error), rank=getattr(error, "rank", None), kind=type(error).__name__,
             alive=group.alive, seconds=time.monotonic() - began)
@@ -260,8 +262,8 @@ def reference(files) -> torch.Tensor:
     context = load_file(str(files["context"]))
     runner = start_runtime(files["checkpoint"], device="cpu")
     try:
-        return runner.run(
-            GenerationJob(positive=context["positive"], negative=context["negative"], steps=3, **SETTINGS)
+        return sample_job(
+            runner, GenerationJob(positive=context["positive"], negative=context["negative"], steps=3, **SETTINGS)
         )
     finally:
         runner.close()

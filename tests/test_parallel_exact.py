@@ -143,11 +143,12 @@ RUN_JOB_CASES = {
 
 
 def run_job_matrix(rank: int, world_size: int) -> list:
-    """Full sampling runs through ``run_job``: parallel vs ``world_size=1`` on the same rank."""
+    """Full sampling runs with the sampler on every rank (``sample_on_rank``): parallel vs ``world_size=1`` on the same rank."""
     import torch
+    from tiny_wan import sample_on_rank as run_job
     from wan_distrifusion.distrifusion.config import ParallelConfig
     from wan_distrifusion.distrifusion.job import GenerationJob
-    from wan_distrifusion.distrifusion.rank import last_stats, run_job
+    from wan_distrifusion.distrifusion.rank import last_stats
 
     models = {
         "t2v": tiny_model(0),

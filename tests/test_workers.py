@@ -18,6 +18,7 @@ from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion import bootstrap
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
+from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.worker import decode_job, decode_payload, encode_job
 from wan_distrifusion.distrifusion.workers import (
     JobCancelled,
@@ -62,7 +63,7 @@ def _alive(pid: int) -> bool:
 
 def test_group_of_two_equals_in_process_and_reports_every_step(group, reference):
     events = []
-    latent = group.run(tiny_job(), progress=events.append)
+    latent = run_job(group, tiny_job(), progress=events.append)
     assert relative_error(latent, reference) < 1e-5
     assert [event.step for event in events] == [1, 2, 3]
     assert all(event.total == 3 and len(event.memory_per_rank) == 2 for event in events)
@@ -78,13 +79,13 @@ def test_group_of_two_equals_in_process_and_reports_every_step(group, reference)
 def test_cancel_stops_every_rank_at_the_same_step_and_the_group_is_reusable(group, reference):
     events = []
     with pytest.raises(JobCancelled) as caught:
-        group.run(tiny_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
+        run_job(group, tiny_job(steps=200), progress=events.append, cancelled=lambda: len(events) >= 2)
     cancel = caught.value
     assert 2 <= cancel.step < 200
     assert cancel.stopped_steps == {0: cancel.step, 1: cancel.step}
     assert events[-1].step == cancel.step
     assert group.alive
-    assert relative_error(group.run(tiny_job()), reference) < 1e-5
+    assert relative_error(run_job(group, tiny_job()), reference) < 1e-5
 
 
 def test_exception_in_progress_cancels_all_ranks_then_propagates(group, reference):
@@ -96,9 +97,9 @@ def test_exception_in_progress_cancels_all_ranks_then_propagates(group, referenc
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        group.run(tiny_job(steps=200), progress=progress)
+        run_job(group, tiny_job(steps=200), progress=progress)
     assert group.alive
-    assert relative_error(group.run(tiny_job()), reference) < 1e-5
+    assert relative_error(run_job(group, tiny_job()), reference) < 1e-5
 
 
 def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(group, reference):
@@ -112,7 +113,7 @@ def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(g
             killed_at.append(time.monotonic())
 
     with pytest.raises(WorkerFailed) as caught:
-        group.run(tiny_job(steps=200), progress=progress)
+        run_job(group, tiny_job(steps=200), progress=progress)
     elapsed = time.monotonic() - killed_at[0]
     assert elapsed < FAILURE_BOUND_S
     message = str(caught.value)
@@ -123,7 +124,7 @@ def test_killed_worker_fails_the_job_in_bounded_time_and_the_next_job_restarts(g
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in others]
     assert not [p for p in left if p.status() != psutil.STATUS_ZOMBIE]
 
-    latent = group.run(tiny_job())  # starts a fresh group
+    latent = run_job(group, tiny_job())  # starts a fresh group
     assert relative_error(latent, reference) < 1e-5
     assert set(group.status()["pids"]).isdisjoint(old_pids)
 
@@ -150,7 +151,7 @@ def _hang_a_rank_mid_run(group, run, message: str) -> None:
 
 
 def test_hung_worker_fails_the_job_after_the_step_timeout(group):
-    run = lambda job, progress: group.run(job, progress=progress)  # noqa: E731
+    run = lambda job, progress: run_job(group, job, progress=progress)  # noqa: E731
     _hang_a_rank_mid_run(group, run, "no progress from the workers for step_timeout_s = 3 s")
 
 
@@ -158,7 +159,7 @@ def test_worker_error_comes_back_with_its_traceback(group, checkpoint):
     job = tiny_job()
     job.extra["model_kwargs"] = {"no_such_argument": 1}  # every rank's model call raises TypeError
     with pytest.raises(WorkerFailed) as caught:
-        group.run(job)
+        run_job(group, job)
     message = str(caught.value)
     assert "failed during step 1 of 3" in message and "TypeError" in message and "traceback" in message
 
@@ -168,7 +169,7 @@ def test_close_is_idempotent_and_leaves_no_process(checkpoint, reference):
         checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu", start_timeout_s=120
     )
     with group:
-        assert relative_error(group.run(tiny_job()), reference) < 1e-5
+        assert relative_error(run_job(group, tiny_job()), reference) < 1e-5
         pids = group.status()["pids"]
     group.close()
     assert not group.alive
@@ -179,9 +180,9 @@ def test_in_process_runner_cancels_at_the_step(checkpoint, reference):
     runner = start_runtime(checkpoint, device="cpu")
     events = []
     with pytest.raises(JobCancelled) as caught:
-        runner.run(tiny_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
+        run_job(runner, tiny_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
     assert caught.value.step == 2
-    assert relative_error(runner.run(tiny_job()), reference) < 1e-5
+    assert relative_error(run_job(runner, tiny_job()), reference) < 1e-5
     assert runner.status()["world_size"] == 1
     runner.close()
     runner.close()
@@ -211,7 +212,7 @@ def test_forward_session_of_two_equals_in_process_and_reports_every_call(group, 
     assert [event.step for event in events] == [1, 2, 3]
     assert all(len(event.memory_per_rank) == 2 and min(event.memory_per_rank) > 0 for event in events)
     assert group.status()["current_step"] == 3
-    assert relative_error(group.run(tiny_job()), reference) < 1e-5  # the job path still works after a session
+    assert relative_error(run_job(group, tiny_job()), reference) < 1e-5  # the job path still works after a session
 
 
 def test_forward_session_checks_its_input_and_ends(group, runner):
@@ -297,7 +298,7 @@ def test_killed_worker_during_a_forward_session_fails_in_bounded_time_and_the_ne
 
 def test_hung_worker_fails_the_forward_session_after_the_step_timeout(group, reference):
     run = lambda job, progress: drive_euler(group, job, progress=progress)  # noqa: E731
-    _hang_a_rank_mid_run(group, run, "no answer from the workers for step_timeout_s = 3 s")
+    _hang_a_rank_mid_run(group, run, "no progress from the workers for step_timeout_s = 3 s")
     assert relative_error(drive_euler(group, tiny_job()), reference) < 1e-5
 
 
@@ -305,7 +306,7 @@ def test_forward_session_counts_steps_like_the_job_path_in_displaced_mode(checkp
     """Each call is one step of the displaced runtime: warm-up then stale K/V, exactly as in a job."""
     parallel = ParallelConfig(world_size=2, mode="displaced", patch_size=16, warmup_steps=1)
     with WorkerGroup(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120) as group:
-        job_latent = group.run(tiny_job(steps=4))
+        job_latent = run_job(group, tiny_job(steps=4))
         assert group.status()["last_job_stats"]["stale_steps"] == 3
         session_latent = drive_euler(group, tiny_job(steps=4))
         assert group.status()["last_job_stats"]["stale_steps"] == 3
@@ -325,11 +326,12 @@ spec.loader.exec_module(package)
 workers = importlib.import_module(name + ".distrifusion.workers")
 config = importlib.import_module(name + ".distrifusion.config")
 job_module = importlib.import_module(name + ".distrifusion.job")
+run_job = importlib.import_module(name + ".distrifusion.run").run_job
 group = workers.WorkerGroup(sys.argv[2], parallel=config.ParallelConfig(world_size=2, mode="sync", patch_size=16),
                             device="cpu", start_timeout_s=120)
 group.start()
 job = job_module.GenerationJob(positive=torch.randn(1, 8, 32), negative=None, width=32, height=32, length=1, steps=2)
-latent = group.run(job)
+latent = run_job(group, job)
 print(json.dumps({"pids": group.status()["pids"], "shape": list(latent.shape),
                   "alias_loaded": "wan_distrifusion" in sys.modules}), flush=True)
 time.sleep(600)
@@ -406,7 +408,7 @@ def test_group_settings_are_checked_before_anything_starts(checkpoint, tmp_path)
         checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", first_rank=1, master_port=29999
     )
     with pytest.raises(WanDistriFusionError, match="rank 0"):
-        follower.run(tiny_job())
+        run_job(follower, tiny_job())
 
 
 def test_bootstrap_registers_the_alias_once(tmp_path):

@@ -112,3 +112,28 @@ def drive_euler(runtime, job: GenerationJob, **session_kwargs) -> Tensor:
     noise = torch.randn(job.latent_shape(4), generator=torch.Generator("cpu").manual_seed(job.seed))
     with runtime.forward_session(job, **session_kwargs) as model:
         return sampling.sample_flow(lambda x, sigma: model(x, sigma * 1000), noise * sigmas[0], sigmas, "euler")
+
+
+def sample_on_rank(model, config, rank: int, device, job: GenerationJob, callback=None) -> Tensor:
+    """``job`` sampled on one rank of a test's process group, the sampler on every rank (each must call it): the
+    parallel model checked without a controller (the product's jobs run the sampler on the controller)."""
+    from wan_distrifusion.distrifusion.rank import job_model
+
+    extra = dict(job.extra)
+    return sampling.sample(
+        job_model(model, config, rank, device, job),
+        job.positive,
+        job.negative,
+        latent_shape=None if job.latent is not None else job.latent_shape(model.config.out_dim),
+        latent=job.latent,
+        seed=job.seed,
+        steps=job.steps,
+        cfg=job.cfg,
+        shift=job.shift,
+        sampler=job.sampler,
+        scheduler=job.scheduler,
+        denoise=job.denoise,
+        callback=callback,
+        device=device,
+        model_kwargs=extra.pop("model_kwargs", None),
+    )

@@ -303,15 +303,55 @@ def sample(
     without it, ``latent_shape`` gives the size. ``callback(step_index, total_steps, x)`` runs after every step and
     may raise to cancel.
     """
-    _check_choice("sampler", sampler, SAMPLERS)
-    sigmas = sigma_schedule(scheduler, steps, shift, denoise)
-    seed = _check_seed(seed)
+    check_settings(sampler, scheduler, steps, shift, denoise, seed)  # before the model is touched
     shape = _latent_shape(latent_shape, latent)
     device = torch.device(device)
     flow = GuidedFlow(
         model, positive, negative, cfg=cfg, batch=shape[0], text_len=text_len, device=device, model_kwargs=model_kwargs
     )
+    return sample_guided(
+        flow,
+        shape,
+        latent=latent,
+        seed=seed,
+        steps=steps,
+        shift=shift,
+        sampler=sampler,
+        scheduler=scheduler,
+        denoise=denoise,
+        callback=callback,
+        device=device,
+    )
 
+
+def check_settings(sampler: str, scheduler: str, steps: int, shift: float, denoise: float, seed: int) -> Tensor:
+    """Raise ``WanDistriFusionError`` naming the first sampler setting that cannot work; the sigma schedule."""
+    _check_choice("sampler", sampler, SAMPLERS)
+    sigmas = sigma_schedule(scheduler, steps, shift, denoise)
+    _check_seed(seed)
+    return sigmas
+
+
+def sample_guided(
+    flow: Callable[[Tensor, float], Tensor],
+    shape: Sequence[int],
+    *,
+    latent: Tensor | None = None,
+    seed: int = 0,
+    steps: int = 30,
+    shift: float = 5.0,
+    sampler: str = "unipc",
+    scheduler: str = "simple",
+    denoise: float = 1.0,
+    callback: StepCallback | None = None,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """``sample`` with the guidance already inside ``flow(x, t)`` (a ``GuidedFlow``, or a runtime's forward session,
+    whose ranks guide): the noise, the schedule and the solver loop, the same for every runtime."""
+    sigmas = check_settings(sampler, scheduler, steps, shift, denoise, seed)
+    seed = _check_seed(seed)
+    shape = tuple(int(n) for n in shape)
+    device = torch.device(device)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
     first_sigma = float(sigmas[0])
     if first_sigma == 1.0 or latent is None:
@@ -324,9 +364,8 @@ def sample(
         return flow(x, sigma * NUM_TRAIN_TIMESTEPS)
 
     logger.debug(
-        "sampling %s/%s, %d steps, cfg %s (batch %d), shift %s, denoise %s, sigmas %s",
-        sampler, scheduler, len(sigmas) - 1, flow.cfg, flow.model_batch, shift, denoise,
-        [round(s, 4) for s in sigmas.tolist()],
+        "sampling %s/%s, %d steps, shift %s, denoise %s, sigmas %s",
+        sampler, scheduler, len(sigmas) - 1, shift, denoise, [round(s, 4) for s in sigmas.tolist()],
     )  # fmt: skip
     with torch.no_grad():
         x = sample_flow(velocity, x, sigmas, sampler, callback)

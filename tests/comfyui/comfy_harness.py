@@ -264,10 +264,9 @@ def reference_latent(base: Path, wan21, sampler: dict, *, latent_seed: int | Non
     """What the Sampler should return for ``sampler``'s settings, computed here in one process (world size 1)
     with the conditioning/latent the test nodes make, converted with ComfyUI's Wan21 latent format."""
     import torch
-    from wan_distrifusion.distrifusion.config import ParallelConfig
     from wan_distrifusion.distrifusion.job import GenerationJob
-    from wan_distrifusion.distrifusion.rank import run_job
     from wan_distrifusion.wanvideo.loading import load_wan_model
+    from wan_distrifusion.wanvideo.sampling import sample
 
     test_nodes = load_by_path("distrifusion_test_nodes", Path(__file__).resolve().parent / "test_pack" / "__init__.py")
     model = load_wan_model(base / "models" / "diffusion_models" / TINY_MODEL, dtype=torch.float32)
@@ -286,7 +285,15 @@ def reference_latent(base: Path, wan21, sampler: dict, *, latent_seed: int | Non
     if latent_seed is not None:
         comfy_latent = test_nodes.DistriFusionTestLatent().make(latent_seed, **size)[0]["samples"]
         job.latent = wan21.process_in(comfy_latent)
-    return wan21.process_out(run_job(model, ParallelConfig(world_size=1), 0, "cpu", job))
+    latent = sample(
+        model,
+        job.positive,
+        job.negative,
+        latent_shape=job.latent_shape(model.config.out_dim),
+        latent=job.latent,
+        **{name: getattr(job, name) for name in ("seed", "steps", "cfg", "shift", "sampler", "scheduler", "denoise")},
+    )
+    return wan21.process_out(latent)
 
 
 # --- prompts -----------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def test_empty_latent_is_not_normalised(comfy):
 
 
 def test_saved_latent_equals_the_clis_for_euler(comfy, wan21_format):
-    """The Sampler's euler (ComfyUI's) equals the CLI's job path (``run_job``, Wan's euler) here. (4 steps: ComfyUI's
+    """The Sampler's euler (ComfyUI's) equals Wan's euler (``wanvideo.sampling.sample``, as the CLI's job) here. (4 steps: ComfyUI's
     ``simple`` picks sigmas from its 1000-entry table, the CLI's spaces them evenly; they agree when 1000 % steps
     == 0.)"""
     sampler = sampler_inputs(sampler="euler", steps=4)

@@ -1,0 +1,39 @@
+"""The one way to run a job: the controller runs the sampler loop, the runtime's ranks serve each model call
+through its forward session (as the ComfyUI Sampler does with ComfyUI's samplers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..wanvideo.sampling import check_settings, sample_guided
+from .job import GenerationJob
+from .session import ProgressCallback
+
+
+def run_job(
+    runtime,
+    job: GenerationJob,
+    progress: ProgressCallback | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Sample ``job`` (Wan's solvers: ``job.sampler`` / ``job.scheduler``) and return the final latent (float32, CPU).
+
+    ``runtime`` is a ``WorkerGroup`` or an ``InProcessRunner``. Raises ``JobCancelled`` (runtime still usable) once
+    ``cancelled()`` turns true between steps, ``WorkerFailed`` (group stopped) when a rank died, failed or hung; an
+    exception from ``progress`` (e.g. ComfyUI's interrupt) ends the session on every rank and is re-raised.
+    """
+    check_settings(job.sampler, job.scheduler, job.steps, job.shift, job.denoise, job.seed)  # before any rank works
+    with runtime.forward_session(job, progress, cancelled) as model:
+        return sample_guided(
+            model,
+            model.shape,
+            latent=job.latent,
+            seed=job.seed,
+            steps=job.steps,
+            shift=job.shift,
+            sampler=job.sampler,
+            scheduler=job.scheduler,
+            denoise=job.denoise,
+        )
