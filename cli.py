@@ -292,7 +292,7 @@ def generate(args: argparse.Namespace) -> int:
         comm_backend=args.comm_backend,
         attention_backend=args.attention_backend,
         compile_blocks=args.compile,
-    ).validate()
+    )
     placeholder = torch.zeros(1, 1, 1)
     job = job_module.GenerationJob(
         positive=placeholder,
@@ -341,11 +341,11 @@ def generate(args: argparse.Namespace) -> int:
             else "in-process"
         )
         print(f"starting {where} on {device}, {precision} ...", flush=True)
-        runtime = workers.start_runtime(
-            model_path,
+        spec = _module("distrifusion.settings").RuntimeSpec(
+            str(model_path),
+            parallel,
             precision=precision,
             quantization=args.quantization,
-            parallel=parallel,
             device=device,
             local_ranks=args.local_ranks,
             master_addr=args.master_addr,
@@ -353,6 +353,7 @@ def generate(args: argparse.Namespace) -> int:
             step_timeout_s=args.step_timeout,
             start_timeout_s=args.start_timeout,
         )
+        runtime = workers.start_runtime(spec)
         try:
             started = time.perf_counter()
             print(f"ready in {started - began:.1f} s", flush=True)

@@ -67,7 +67,12 @@ def main() -> int:
         runner = (
             pkg("distrifusion.in_process")
             .InProcessRunner(
-                path, "bf16", "disabled", pkg("distrifusion.config").ParallelConfig(world_size=1, mode="sync"), "cuda"
+                pkg("distrifusion.settings").RuntimeSpec(
+                    str(path),
+                    pkg("distrifusion.config").ParallelConfig(world_size=1, mode="sync"),
+                    "bf16",
+                    device="cuda",
+                )
             )
             .start()
         )

@@ -146,7 +146,7 @@ class Smoke:
         assert steps == [0, 1], steps
         assert torch.isfinite(latent).all()
         wrapped = pm.ParallelWan(self.model, config, 0, self.device)
-        wrapped.begin_job(0)
+        wrapped.begin_job(config.schedule(0))
         x, t, ctx = C.make_inputs(self.cfg, "tiny", 2, device=self.device, dtype=self.dtype)
         with torch.no_grad():
             assert C.rel_err(wrapped(x, t, ctx), self.model(x, t, ctx)) == 0.0
@@ -167,12 +167,14 @@ class Smoke:
         world = self.args.workers
         parallel = config_mod.ParallelConfig(world_size=world, mode="sync", patch_size=16)
         group = workers.WorkerGroup(
-            model_path=str(path),
-            precision="bf16" if self.device.type == "cuda" else "fp32",
-            quantization="disabled",
-            parallel=parallel,
-            device=self.device.type,
-            master_port=free_port(),
+            C.pkg("distrifusion.settings").RuntimeSpec(
+                model_path=str(path),
+                precision="bf16" if self.device.type == "cuda" else "fp32",
+                quantization="disabled",
+                parallel=parallel,
+                device=self.device.type,
+                master_port=free_port(),
+            )
         )
         events = []
         began = time.monotonic()

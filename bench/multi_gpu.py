@@ -575,7 +575,7 @@ class Worker:
         C.reset_peak(self.device)
         self.pw = pw = pm.ParallelWan(self.ours, pconfig, self.rank, self.device)
         try:
-            pw.begin_job(0)
+            pw.begin_job(pconfig.schedule(0))
             with torch.no_grad(), C.sdpa_backend(self.spec["attention"]):
                 if displaced:
                     pw(x, t, ctx)  # synchronous warm-up step (first call: allocations, plans)
@@ -699,7 +699,7 @@ class Worker:
                     pconfig = self.parallel_config(full, warmup_steps=warm)
                     pw = pm.ParallelWan(self.ours, pconfig, self.rank, self.device)
                     try:
-                        pw.begin_job(sync_frequency)
+                        pw.begin_job(pconfig.schedule(sync_frequency))
                         latent = sampling.sample(pw, positive, negative, **kw)
                     finally:
                         pw.close()

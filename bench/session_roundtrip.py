@@ -34,7 +34,11 @@ def tiny_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
     model = model_module.WanModel(config)
     path = folder / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"wan_config": '{"num_heads": 4}'})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"wan_config": '{"num_heads": 4}'},
+    )
     return path
 
 
@@ -81,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = tiny_checkpoint(Path(folder))
         parallel = config.ParallelConfig(world_size=args.world_size, mode="sync", patch_size=16)
-        runtime = start_runtime(checkpoint, parallel=parallel, device="cpu", start_timeout_s=120, step_timeout_s=120)
+        runtime = start_runtime(
+            pkg("distrifusion.settings").RuntimeSpec(
+                checkpoint, parallel=parallel, device="cpu", start_timeout_s=120, step_timeout_s=120
+            )
+        )
         try:
             for size in args.sizes.split(","):
                 row = measure(runtime, size, args.calls)

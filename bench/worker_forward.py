@@ -91,13 +91,14 @@ def main() -> int:
         parallel = config.ParallelConfig(world_size=1, mode="sync", attention_backend=args.attention)
         precision = "fp32" if args.cpu else "bf16"
         results = {}
-        runner = in_process.InProcessRunner(path, precision, "disabled", parallel, device).start()
+        spec = pkg("distrifusion.settings").RuntimeSpec(str(path), parallel, precision, device=device)
+        runner = in_process.InProcessRunner(spec).start()
         results["in-process"] = time_session(runner, job, args.calls, shape)
         runner.close()
         del runner
         if device == "cuda":
             torch.cuda.empty_cache()
-        group = workers.WorkerGroup(path, precision, "disabled", parallel, device, local_ranks=1).start()
+        group = workers.WorkerGroup(spec).start()
         try:
             results["worker"] = time_session(group, job, args.calls, shape)
         finally:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.loading import DTYPES
 from .comm import make_comm_manager, transfer_dtype
 from .partition import RankTokens
 
@@ -31,13 +32,12 @@ log = logging.getLogger(__name__)
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-_KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8_e4m3fn": torch.float8_e4m3fn}
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def kv_storage_dtype(kv_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
     """dtype of exchanged/stale K/V for a ``ParallelConfig.kv_dtype`` ("auto" = the compute dtype)."""
-    return compute_dtype if kv_dtype == "auto" else _KV_DTYPES[kv_dtype]
+    return compute_dtype if kv_dtype == "auto" else DTYPES[kv_dtype]
 
 
 def stale_kv_bytes(

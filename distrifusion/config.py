@@ -1,4 +1,5 @@
-"""Settings of a patch-parallel run, validated up front with errors that name the setting."""
+"""Settings of a patch-parallel run: frozen, checked when built (errors name the setting), so holding one means
+its values work."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ..wanvideo.errors import WanDistriFusionError
 
 SPLIT_MODES = ("spatial", "temporal", "spatiotemporal")
 PARALLEL_MODES = ("displaced", "sync", "ulysses")
-KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")  # names of wanvideo.loading.DTYPES
 COMM_BACKENDS = ("auto", "builtin", "official")
 PIXELS_PER_TOKEN = 16
 """Wan: 8x VAE downsampling times the 2x2 patchify."""
@@ -35,8 +36,8 @@ class ParallelConfig:
     compile_blocks: bool = False
     """``torch.compile`` the blocks around attention (first step slower, later steps faster)."""
 
-    def validate(self) -> ParallelConfig:
-        """Raise ``WanDistriFusionError`` naming the first setting that cannot work; return self."""
+    def __post_init__(self) -> None:
+        """Raise ``WanDistriFusionError`` naming the first setting that cannot work."""
         if not 1 <= self.world_size <= 64:
             _fail("world size", f"{self.world_size} is out of range", "use 1 to 64 ranks")
         if self.split_mode not in SPLIT_MODES:
@@ -75,7 +76,6 @@ class ParallelConfig:
                 f"needs an even world size, got {self.world_size}",
                 "use an even number of GPUs or turn CFG parallel off",
             )
-        return self
 
     @property
     def patch_parallel_degree(self) -> int:
@@ -88,16 +88,42 @@ class ParallelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ParallelConfig:
+        return cls(**data)
+
+    def schedule(self, sync_frequency: int) -> DisplacedSchedule:
+        """The displaced mode's schedule of a job: this config's warm-up and the job's (Sampler's) sync frequency."""
+        return DisplacedSchedule(self.warmup_steps, sync_frequency)
+
+
+@dataclass(frozen=True)
+class DisplacedSchedule:
+    """Which steps of the displaced mode exchange fresh K/V (synchronous) instead of using the stale K/V.
+
+    The first ``warmup_steps`` steps are synchronous (as distrifuser); after that every ``sync_frequency``-th step
+    is (1 = every step = exact; 0 = never after warm-up).
+    """
+
+    warmup_steps: int = 4
+    sync_frequency: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            _fail("warm-up steps", f"{self.warmup_steps} is negative", "use 0 or more")
+        if self.sync_frequency < 0:
+            _fail("sync frequency", f"{self.sync_frequency} must be 0 (never) or more", "use 0, 1, 2, ...")
+
+    def is_synchronous(self, step: int) -> bool:
+        """Whether ``step`` (0-based) exchanges fresh K/V before attention."""
+        if step < self.warmup_steps:
+            return True
+        return self.sync_frequency > 0 and (step - self.warmup_steps + 1) % self.sync_frequency == 0
+
 
 def is_synchronous_step(step: int, warmup_steps: int, sync_frequency: int) -> bool:
-    """Whether ``step`` (0-based) exchanges fresh K/V before attention instead of using stale K/V.
-
-    The first ``warmup_steps`` steps are synchronous (as distrifuser); after that every
-    ``sync_frequency``-th step is (1 = every step = exact; 0 = never after warm-up).
-    """
-    if step < warmup_steps:
-        return True
-    return sync_frequency > 0 and (step - warmup_steps + 1) % sync_frequency == 0
+    """``DisplacedSchedule(warmup_steps, sync_frequency).is_synchronous(step)``."""
+    return DisplacedSchedule(warmup_steps, sync_frequency).is_synchronous(step)
 
 
 def _fail(setting: str, problem: str, fix: str) -> None:

@@ -7,16 +7,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
-from ..wanvideo.loading import PRECISIONS, resolve_quantization
-from .config import ParallelConfig
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
 from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent, session_options
+from .settings import RuntimeSpec
 from .validation import check_job
 from .worker import (
     describe_error,
@@ -33,27 +31,11 @@ from .worker import (
 class InProcessRunner:
     """World size 1: the same interface as ``WorkerGroup``, with the model in this process."""
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        precision: str = "fp32",
-        quantization: str = "disabled",
-        parallel: ParallelConfig | None = None,
-        device: str = "cuda",
-        **_unused,
-    ):
-        self.parallel = (parallel or ParallelConfig()).validate()
-        if self.parallel.world_size != 1:
-            raise WanDistriFusionError(
-                f"world size: the in-process runner runs 1 rank, not {self.parallel.world_size}."
-            )
-        if precision not in PRECISIONS:
-            raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
-        resolve_quantization(quantization)
-        path = Path(model_path).expanduser().resolve()
-        if not path.exists():
-            raise WanDistriFusionError(f"model: {path} does not exist; pick a Wan checkpoint (.safetensors).")
-        self.model_path, self.precision, self.quantization, self.device = path, precision, quantization, device
+    def __init__(self, spec: RuntimeSpec):
+        if spec.world_size != 1:
+            raise WanDistriFusionError(f"world size: the in-process runner runs 1 rank, not {spec.world_size}.")
+        self.spec = spec
+        self.parallel = spec.parallel
         self._model = None
         self._device: torch.device | None = None
         self._free_before_load: int | None = None
@@ -69,10 +51,10 @@ class InProcessRunner:
     def start(self) -> InProcessRunner:
         if self._model is not None:
             return self
-        index = torch.cuda.current_device() if self.device == "cuda" and torch.cuda.is_available() else 0
-        self._device = resolve_device(self.device, index)
+        index = torch.cuda.current_device() if self.spec.device == "cuda" and torch.cuda.is_available() else 0
+        self._device = resolve_device(self.spec.device, index)
         self._free_before_load = device_memory(self._device)[0]
-        self._model = load_rank_model(self.model_path, self.precision, self.quantization, self._device, self.parallel)
+        self._model = load_rank_model(self.spec, self._device)
         return self
 
     def forward_session(
@@ -98,8 +80,8 @@ class InProcessRunner:
             config,
             self.parallel,
             job.latent_shape(config.out_dim),
-            self.precision,
-            self.quantization,
+            self.spec.precision,
+            self.spec.quantization,
             free,
             guidance_batch=guidance,
         )
@@ -145,9 +127,9 @@ class InProcessRunner:
             "comm_backend": "none",
             "comm_manager": self.parallel.comm_backend,
             "parallel": self.parallel.to_dict(),
-            "precision": self.precision,
-            "quantization": self.quantization,
-            "device": self.device,
+            "precision": self.spec.precision,
+            "quantization": self.spec.quantization,
+            "device": self.spec.device,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
         }
 

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.loading import DTYPES, PRECISIONS
 from ..wanvideo.model import WanConfig
 from .config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3fn": 1}
+PRECISION_BYTES = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}
 RESERVE_BYTES = GIB // 2
 """Allocator fragmentation, cuBLAS workspaces and communicator buffers."""
 
@@ -218,7 +218,7 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
     split_groups = 2 if parallel.cfg_parallel and world > 1 and guidance_batch == 2 else 1
     batch_per_rank = batch * guidance_batch // split_groups
     act = PRECISION_BYTES[precision]
-    kv = act if parallel.kv_dtype == "auto" else KV_BYTES[parallel.kv_dtype]
+    kv = act if parallel.kv_dtype == "auto" else DTYPES[parallel.kv_dtype].itemsize
     kv_name = precision if parallel.kv_dtype == "auto" else parallel.kv_dtype
     dim, layers = config.dim, config.num_layers
 

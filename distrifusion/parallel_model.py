@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..wanvideo.errors import WanDistriFusionError
 from .attention import AttentionRuntime, check_heads, kv_storage_dtype, stale_kv_bytes
-from .config import ParallelConfig, is_synchronous_step
+from .config import DisplacedSchedule, ParallelConfig
 from .partition import RankTokens, partition_summary, partition_tokens
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,6 @@ class ParallelWan:
         *,
         comm_checkpoint: int | None = None,
     ):
-        config.validate()
         self.model = model
         self.parallel_config = config
         """The ``ParallelConfig``; ``.config`` is the model's ``WanConfig``, as on the model."""
@@ -169,7 +168,7 @@ class ParallelWan:
         self._indices: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         self._layout_key: tuple | None = None
         self._last_grid: tuple[int, int, int] | None = None
-        self.sync_frequency = 0
+        self.schedule = config.schedule(0)
         self.step = 0
         self._counters = {"steps": 0, "sync_steps": 0, "stale_steps": 0, "output_gather_seconds": 0.0}
 
@@ -209,9 +208,10 @@ class ParallelWan:
         return self._partitions[grid]
 
     # --- jobs and steps ------------------------------------------------------------------------------
-    def begin_job(self, sync_frequency: int = 0) -> None:
-        """Start a clip: step 0, no stale K/V, fresh statistics."""
-        self.sync_frequency = int(sync_frequency)
+    def begin_job(self, schedule: DisplacedSchedule | None = None) -> None:
+        """Start a clip (``schedule``: its displaced-mode steps; default the config's warm-up, no periodic sync):
+        step 0, no stale K/V, fresh statistics."""
+        self.schedule = schedule or self.parallel_config.schedule(0)
         self.step = 0
         if self.runtime is not None:
             self.runtime.reset()
@@ -247,9 +247,7 @@ class ParallelWan:
                 cfg = self.model.config
                 self.runtime.set_layout(parts, local_batch, cfg.num_heads, cfg.dim // cfg.num_heads, dtype)
                 self._layout_key = key
-            wanted = self.parallel_config.mode != "displaced" or is_synchronous_step(
-                self.step, self.parallel_config.warmup_steps, self.sync_frequency
-            )
+            wanted = self.parallel_config.mode != "displaced" or self.schedule.is_synchronous(self.step)
             synchronous = self.runtime.begin_step(wanted)
         out = self._run_model(x, t, context, token_index=computed_index, **kwargs)
         own = out[:, : parts[self.group_rank].num_own]

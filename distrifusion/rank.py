@@ -32,12 +32,11 @@ def parallel_model(model, config: ParallelConfig, rank: int, device: str | torch
 def job_model(model, config: ParallelConfig, rank: int, device: str | torch.device, job: GenerationJob):
     """What this rank calls for ``job``'s model evaluations: the plain model (world size 1) or its ``ParallelWan``
     with the step count reset (each call = one step). Collective on first use: every rank calls it."""
-    config.validate()
     job.validate(text_dim=model.config.text_dim)
     if config.world_size == 1:
         return model
     runner = parallel_model(model, config, rank, device)
-    runner.begin_job(job.sync_frequency)
+    runner.begin_job(config.schedule(job.sync_frequency))
     return runner
 
 

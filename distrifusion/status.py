@@ -16,6 +16,11 @@ from typing import Any
 
 import torch
 
+from ..wanvideo.errors import WanDistriFusionError
+from .comm import resolve_comm_backend
+from .config import ParallelConfig
+from .settings import RuntimeSpec
+
 logger = logging.getLogger(__name__)
 
 INSTALL_COMMANDS = (
@@ -158,23 +163,24 @@ class RunActivity:
             }
 
 
-def status_report(runtime: Any = None, activity: RunActivity | None = None, settings: dict | None = None) -> dict:
+def status_report(
+    runtime: Any = None, activity: RunActivity | None = None, spec: RuntimeSpec | None = None, model: str | None = None
+) -> dict:
     """Everything the Status node shows, as JSON-able data.
 
-    ``runtime`` is a running ``WorkerGroup``/``InProcessRunner`` (or ``None``); ``settings`` the Loader's
-    settings of it (``parallel`` = ``ParallelConfig.to_dict()``, ``device``, ``local_ranks``,
-    ``first_rank``, ``model``...); ``activity`` the progress the driver recorded.
+    ``runtime`` is a running ``WorkerGroup``/``InProcessRunner`` (or ``None``); ``spec`` the Loader's settings of
+    it (else the runtime's own), ``model`` the Loader's model name; ``activity`` the progress the driver recorded.
     """
-    settings = dict(settings or {})
     runtime_status = _runtime_status(runtime)
-    parallel = dict(settings.get("parallel") or runtime_status.get("parallel") or {})
+    spec = spec or getattr(runtime, "spec", None)
+    parallel = spec.parallel if spec is not None else None
     official = warn_if_official_missing()
     progress = (activity or RunActivity()).snapshot()
 
-    world_size = int(runtime_status.get("world_size") or parallel.get("world_size") or 1)
-    first_rank = int(settings.get("first_rank", runtime_status.get("first_rank", 0)))
-    local_ranks = int(settings.get("local_ranks") or runtime_status.get("local_ranks") or world_size)
-    device = settings.get("device") or runtime_status.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    world_size = spec.world_size if spec is not None else 1
+    first_rank = spec.first_rank if spec is not None else 0
+    local_ranks = spec.local_ranks if spec is not None else 1
+    device = spec.device if spec is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     memory = progress["memory_per_rank"] or runtime_status.get("memory_per_rank")
     step = {
         "running": progress["running"],
@@ -194,15 +200,15 @@ def status_report(runtime: Any = None, activity: RunActivity | None = None, sett
 
     return {
         "official": official,
-        "comm_backend": _comm_backend(runtime_status, parallel, device, official),
+        "comm_backend": _comm_backend(runtime_status, parallel, device),
         "device": device,
         "gpus": gpu_inventory(),
         "runtime": {
             "state": state,
-            "model": settings.get("model"),
-            "precision": settings.get("precision") or runtime_status.get("precision"),
-            "quantization": settings.get("quantization") or runtime_status.get("quantization"),
-            "attention": settings.get("attention"),
+            "model": model,
+            "precision": spec.precision if spec is not None else None,
+            "quantization": spec.quantization if spec is not None else None,
+            "attention": parallel.attention_backend if parallel is not None else None,
             "pids": runtime_status.get("pids") or [],
             "memory_plan": runtime_status.get("memory_plan"),
         },
@@ -212,13 +218,7 @@ def status_report(runtime: Any = None, activity: RunActivity | None = None, sett
             "remote": max(0, world_size - local_ranks),
             "devices": runtime_status.get("device_names") or [],
         },
-        "parallel_mode": parallel.get("mode"),
-        "cfg_parallel": parallel.get("cfg_parallel"),
-        "warmup_steps": parallel.get("warmup_steps"),
-        "kv_dtype": parallel.get("kv_dtype"),
-        "split_mode": parallel.get("split_mode"),
-        "partition_tokens": _partition_sizes(parallel, progress["latent_shape"]),
-        "patch": {"size_px": parallel.get("patch_size"), "overlap_px": parallel.get("patch_overlap")},
+        **_parallel_report(parallel, progress["latent_shape"]),
         "step": step,
         "memory_per_rank_mib": [None if m is None else round(float(m) / 2**20, 1) for m in memory or []],
         "last_error": progress["last_error"] or runtime_status.get("last_error"),
@@ -243,32 +243,49 @@ def _is_alive(runtime: Any) -> bool:
         return False
 
 
-def _comm_backend(runtime_status: dict, parallel: dict, device: str, official: dict) -> str:
+def _parallel_report(parallel: ParallelConfig | None, latent_shape: list | None) -> dict:
+    if parallel is None:
+        return {"parallel_mode": None, "cfg_parallel": None, "warmup_steps": None, "kv_dtype": None,
+                "split_mode": None, "partition_tokens": None, "patch": {"size_px": None, "overlap_px": None}}  # fmt: skip
+    return {
+        "parallel_mode": parallel.mode,
+        "cfg_parallel": parallel.cfg_parallel,
+        "warmup_steps": parallel.warmup_steps,
+        "kv_dtype": parallel.kv_dtype,
+        "split_mode": parallel.split_mode,
+        "partition_tokens": _partition_sizes(parallel, latent_shape),
+        "patch": {"size_px": parallel.patch_size, "overlap_px": parallel.patch_overlap},
+    }
+
+
+def _comm_backend(runtime_status: dict, parallel: ParallelConfig | None, device: str) -> str:
     """Which comm manager exchanges the K/V (official distrifuser or builtin) and over which transport."""
-    if not parallel:
+    if parallel is None:
         return "not chosen yet (no Model Loader has run)"
-    world_size = int(parallel.get("world_size") or 1)
-    if world_size == 1:
+    if parallel.world_size == 1:
         return "none (one rank, in-process)"
     wire = runtime_status.get("comm_backend")
     if not wire or wire == "none":
         wire = "nccl" if device == "cuda" else "gloo"
-    choice = parallel.get("comm_backend") or "auto"
-    if choice == "official" or (choice == "auto" and official.get("available")):
+    try:
+        manager = resolve_comm_backend(parallel.comm_backend)
+    except WanDistriFusionError:  # 'official' without the package: the start reports it
+        manager = "official"
+    if manager == "official":
         return f"official (distrifuser PatchParallelismCommManager) over {wire}"
     return f"builtin over {wire}"
 
 
-def _partition_sizes(parallel: dict, latent_shape: list | None) -> list[int] | None:
+def _partition_sizes(parallel: ParallelConfig, latent_shape: list | None) -> list[int] | None:
     """Tokens each rank owns for the last job's latent (none before the first job)."""
-    if not latent_shape or not parallel:
+    if not latent_shape:
         return None
     try:
         from .partition import partition_tokens
 
         grid = (int(latent_shape[2]), int(latent_shape[3]) // 2, int(latent_shape[4]) // 2)
-        degree = parallel["world_size"] // 2 if parallel.get("cfg_parallel") else parallel["world_size"]
-        ranks = partition_tokens(grid, parallel["split_mode"], parallel["patch_size"], degree)
+        degree = parallel.patch_parallel_degree
+        ranks = partition_tokens(grid, parallel.split_mode, parallel.patch_size, degree)
         return [int(r.own_index.numel()) for r in ranks]
     except Exception:  # the partition itself reports its errors when a job runs
         return None

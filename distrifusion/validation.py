@@ -58,7 +58,6 @@ def check_devices(device: str, local_ranks: int, *, cuda_devices: int | None = N
 
 def check_topology(parallel: ParallelConfig, local_ranks: int | None = None, first_rank: int = 0) -> int:
     """The parallel widgets agree with each other and with this host's ranks; returns the local rank count."""
-    parallel.validate()
     world = parallel.world_size
     if not 0 <= first_rank < world:
         raise WanDistriFusionError(
@@ -115,7 +114,6 @@ def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -
         raise WanDistriFusionError(
             f"latent: {list(shape)} is smaller than one {config.patch_size} patch; use at least 16 x 16 pixels."
         )
-    parallel.validate()
     if parallel.world_size > 1:
         overlap = parallel.overlap_tokens() if parallel.mode == "displaced" else 0
         partition_tokens(grid, parallel.split_mode, parallel.patch_size, parallel.patch_parallel_degree, overlap)

@@ -57,6 +57,7 @@ from ..wanvideo.loading import PRECISIONS, load_wan_model
 from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
+from .settings import RuntimeSpec
 from .shared_latents import SharedLatents
 
 logger = logging.getLogger(__name__)
@@ -233,12 +234,13 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     return int(vm.available), int(vm.total)
 
 
-def load_rank_model(
-    path: str, precision: str, quantization: str, device: torch.device, parallel: ParallelConfig
-) -> torch.nn.Module:
-    """Load the weights from the file on this rank's device, projections fused, with the group's attention
-    kernel and compile setting."""
-    model = load_wan_model(path, dtype=PRECISIONS[precision], quantization=quantization, device=device)
+def load_rank_model(spec: RuntimeSpec, device: torch.device) -> torch.nn.Module:
+    """Load ``spec``'s weights on this rank's device, projections fused, with the group's attention kernel and
+    compile setting."""
+    parallel = spec.parallel
+    model = load_wan_model(
+        spec.model_path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device
+    )
     model.eval()
     model.fuse_projections()
     model.set_attention_backend(parallel.attention_backend)
@@ -422,14 +424,14 @@ class _Worker:
             raise WanDistriFusionError(
                 f"rank: rank {self.rank} was already started by another worker; give each `cli.py worker` its own --rank."
             )
-        settings = json.loads(self.store.get("group"))
-        if settings["world_size"] != self.world_size:
+        spec = RuntimeSpec.from_json(self.store.get("group").decode(), model_path=args.model, device=args.device)
+        if spec.world_size != self.world_size:
             raise WanDistriFusionError(
                 f"world size: this worker was started with --world-size {self.world_size} but the controller runs "
-                f"{settings['world_size']}; use the same world size everywhere."
+                f"{spec.world_size}; use the same world size everywhere."
             )
         self.watch_store()
-        self.parallel = ParallelConfig(**settings["parallel"]).validate()
+        self.parallel = spec.parallel
         self.device = resolve_device(args.device, args.local_index)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -444,13 +446,11 @@ class _Worker:
                 store=dist.PrefixStore(PG_STORE_PREFIX, self.raw_store),
                 rank=self.rank,
                 world_size=self.world_size,
-                timeout=timedelta(seconds=settings["collective_timeout_s"]),
+                timeout=timedelta(seconds=float(self.store.get("collective_timeout_s"))),
             )
 
         began = time.perf_counter()
-        self.model = load_rank_model(
-            args.model, settings["precision"], settings["quantization"], self.device, self.parallel
-        )
+        self.model = load_rank_model(spec, self.device)
         ready = {
             "type": "ready",
             "rank": self.rank,

@@ -38,13 +38,13 @@ import psutil
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
-from ..wanvideo.loading import PRECISIONS, resolve_quantization
 from ..wanvideo.model import WanConfig
 from .config import ParallelConfig
 from .in_process import InProcessRunner
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
 from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent, WorkerFailed, session_options
+from .settings import RuntimeSpec
 from .shared_latents import FILE_PREFIX as SHARED_FILE_PREFIX
 from .shared_latents import SharedLatents, shared_folder
 from .validation import check_before_start, check_job
@@ -67,9 +67,6 @@ SHUTDOWN_GRACE_S = 5.0
 TERMINATE_GRACE_S = 3.0
 POLL_S = 0.1
 LOG_TAIL_LINES = 12
-REMOTE_HEARTBEAT_TIMEOUT_S = 10.0
-"""A ready rank on another host whose heartbeat (``alive/<rank>``, counted every second) stood still this long
-fails the job: the link is cut or the host is down (a cut link stalls the collectives without an error)."""
 LOG_DIR_PREFIX = "wan-distrifusion-"
 """Rank log folders are ``<temp>/wan-distrifusion-<controller pid>-<random>``; those of dead controllers are
 removed by the next group's start."""
@@ -113,61 +110,11 @@ class WorkerGroup:
     ``cli.py worker``) joins it and gets its jobs from there.
     """
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        precision: str = "fp32",
-        quantization: str = "disabled",
-        parallel: ParallelConfig | None = None,
-        device: str = "cuda",
-        local_ranks: int | None = None,
-        first_rank: int = 0,
-        master_addr: str = "127.0.0.1",
-        master_port: int | None = None,
-        step_timeout_s: float = 600.0,
-        start_timeout_s: float = 600.0,
-        threads_per_rank: int | None = None,
-        remote_timeout_s: float = REMOTE_HEARTBEAT_TIMEOUT_S,
-    ):
-        self.parallel = (parallel or ParallelConfig()).validate()
-        world = self.parallel.world_size
-        if precision not in PRECISIONS:
-            raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
-        resolve_quantization(quantization)
-        if device not in ("cuda", "cpu"):
-            raise WanDistriFusionError(f"device: {device!r} is unknown; choose cuda or cpu.")
-        if not 0 <= first_rank < world:
-            raise WanDistriFusionError(
-                f"rank: first rank {first_rank} is outside the world of {world} ranks; use 0 to {world - 1}."
-            )
-        local_ranks = world - first_rank if local_ranks is None else local_ranks
-        if not 1 <= local_ranks <= world - first_rank:
-            raise WanDistriFusionError(
-                f"GPUs: {local_ranks} local ranks starting at rank {first_rank} do not fit a world of {world}; "
-                f"use 1 to {world - first_rank}."
-            )
-        if first_rank > 0 and not master_port:
-            raise WanDistriFusionError("master port: ranks on another host need the controller's master port.")
-        path = Path(model_path).expanduser().resolve()
-        if not path.exists():
-            raise WanDistriFusionError(f"model: {path} does not exist; pick a Wan checkpoint (.safetensors).")
-        self.model_path = path
-        self.precision = precision
-        self.quantization = quantization
-        self.device = device
-        self.first_rank = first_rank
-        self.local_ranks = local_ranks
-        self.master_addr = master_addr
-        self.master_port = master_port
-        self.step_timeout_s = float(step_timeout_s)
-        self.start_timeout_s = float(start_timeout_s)
-        self.threads_per_rank = threads_per_rank
-        self.remote_timeout_s = float(remote_timeout_s)
-        if not self.remote_timeout_s > 0:
-            raise WanDistriFusionError(
-                f"remote timeout: {remote_timeout_s!r} s is not positive; use about 10 s (the ranks beat every second)."
-            )
-        """How long a ready rank on another host may go without a heartbeat before the job fails."""
+    def __init__(self, spec: RuntimeSpec):
+        self.spec = spec
+        self.parallel = spec.parallel
+        self.step_timeout_s = spec.step_timeout_s
+        """The spec's step timeout, adjustable while the group runs."""
 
         self._run_lock = threading.Lock()
         self._state_lock = threading.RLock()
@@ -206,7 +153,7 @@ class WorkerGroup:
 
     @property
     def is_leader(self) -> bool:
-        return self.first_rank == 0
+        return self.spec.is_leader
 
     def start(self) -> WorkerGroup:
         """Start the local ranks and wait until every rank of the world is ready; returns self."""
@@ -217,11 +164,11 @@ class WorkerGroup:
                 self._teardown(kill=True)
             self._closing = False
             check_before_start(
-                self.model_path,
+                self.spec.model_path,
                 self.parallel,
-                device=self.device,
-                local_ranks=self.local_ranks,
-                first_rank=self.first_rank,
+                device=self.spec.device,
+                local_ranks=self.spec.local_ranks,
+                first_rank=self.spec.first_rank,
             )
             _register_atexit(self)
             try:
@@ -256,7 +203,7 @@ class WorkerGroup:
     def _check_leader(self) -> None:
         if not self.is_leader:
             raise WanDistriFusionError(
-                f"rank: this group holds ranks {self.first_rank}..{self.first_rank + self.local_ranks - 1}; "
+                f"rank: this group holds ranks {self.spec.first_rank}..{self.spec.first_rank + self.spec.local_ranks - 1}; "
                 "jobs are submitted on the host that runs rank 0."
             )
 
@@ -332,8 +279,8 @@ class WorkerGroup:
             "runtime": "workers",
             "alive": self.alive,
             "world_size": self.parallel.world_size,
-            "first_rank": self.first_rank,
-            "local_ranks": self.local_ranks,
+            "first_rank": self.spec.first_rank,
+            "local_ranks": self.spec.local_ranks,
             "ranks": ranks,
             "pids": [r["pid"] for r in ranks],
             "device_names": [r["device_name"] for r in ranks],
@@ -349,11 +296,11 @@ class WorkerGroup:
             "comm_manager": self._last_stats.get("comm_backend", self.parallel.comm_backend),
             "last_job_stats": self._last_stats,
             "parallel": self.parallel.to_dict(),
-            "precision": self.precision,
-            "quantization": self.quantization,
-            "device": self.device,
-            "master_addr": self.master_addr,
-            "master_port": self._port or self.master_port,
+            "precision": self.spec.precision,
+            "quantization": self.spec.quantization,
+            "device": self.spec.device,
+            "master_addr": self.spec.master_addr,
+            "master_port": self._port or self.spec.master_port,
             "log_dir": str(self._log_dir) if self._log_dir else None,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
         }
@@ -373,35 +320,29 @@ class WorkerGroup:
         self._next_command = 1
         self._model_config = None
         world = self.parallel.world_size
-        if self.device == "cuda":
+        if self.spec.device == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count < self.local_ranks:
+            if count < self.spec.local_ranks:
                 raise WanDistriFusionError(
-                    f"GPUs: {self.local_ranks} local ranks need {self.local_ranks} GPUs but {count} are visible; "
+                    f"GPUs: {self.spec.local_ranks} local ranks need {self.spec.local_ranks} GPUs but {count} are visible; "
                     "lower GPUs/world size, or start the other ranks on more hosts with `cli.py worker`."
                 )
         if self.is_leader:
-            port = self.master_port or 0
+            port = self.spec.master_port or 0
             try:
                 self._raw_store, self._store = connect_store(
-                    self.master_addr, port, is_master=True, timeout_s=self.start_timeout_s
+                    self.spec.master_addr, port, is_master=True, timeout_s=self.spec.start_timeout_s
                 )
             except Exception as error:
                 raise WanDistriFusionError(
-                    f"master port: cannot host the rendezvous on {self.master_addr}:{port} ({describe_error(error).splitlines()[0]}); "
+                    f"master port: cannot host the rendezvous on {self.spec.master_addr}:{port} ({describe_error(error).splitlines()[0]}); "
                     "choose a free port or leave it empty for a random one."
                 ) from error
             self._port = self._raw_store.port
-            settings = {
-                "world_size": world,
-                "parallel": self.parallel.to_dict(),
-                "precision": self.precision,
-                "quantization": self.quantization,
-                "collective_timeout_s": max(self.step_timeout_s, self.start_timeout_s) + 60.0,
-            }
-            self._store.set("group", json.dumps(settings))
+            self._store.set("group", self.spec.to_json())
+            self._store.set("collective_timeout_s", str(max(self.step_timeout_s, self.spec.start_timeout_s) + 60.0))
         else:
-            self._port = self.master_port
+            self._port = self.spec.master_port
         self._listener = Listener(("127.0.0.1", 0), authkey=self._authkey)
         self._accepted = queue.Queue()
         self._accepting = True
@@ -412,13 +353,13 @@ class WorkerGroup:
         host, control_port = self._listener.address
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env[AUTHKEY_ENV] = self._authkey.hex()
-        threads = self.threads_per_rank
-        if threads is None and self.device == "cpu":
-            threads = max(1, (os.cpu_count() or 1) // self.local_ranks)
+        threads = self.spec.threads_per_rank
+        if threads is None and self.spec.device == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // self.spec.local_ranks)
         pdeathsig = threading.current_thread() is threading.main_thread()
         self._ranks = {}
-        for local_index in range(self.local_ranks):
-            rank = self.first_rank + local_index
+        for local_index in range(self.spec.local_ranks):
+            rank = self.spec.first_rank + local_index
             log_path = self._log_dir / f"rank{rank}.log"
             command = [
                 sys.executable,
@@ -430,19 +371,19 @@ class WorkerGroup:
                 "--local-index",
                 str(local_index),
                 "--device",
-                self.device,
+                self.spec.device,
                 "--master-addr",
-                self.master_addr,
+                self.spec.master_addr,
                 "--master-port",
                 str(self._port),
                 "--model",
-                str(self.model_path),
+                str(self.spec.model_path),
                 "--control",
                 f"{host}:{control_port}",
                 "--parent-pid",
                 str(os.getpid()),
                 "--start-timeout",
-                str(self.start_timeout_s),
+                str(self.spec.start_timeout_s),
                 "--threads",
                 str(threads or 0),
             ]
@@ -496,7 +437,7 @@ class WorkerGroup:
         listener.close()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
+        deadline = time.monotonic() + self.spec.start_timeout_s
         pending: list[Connection] = []
         last_remote_check = 0.0
         remote = self._remote_ranks() if self.is_leader else []
@@ -523,12 +464,12 @@ class WorkerGroup:
                 if remote_missing:
                     hint = (
                         f" Ranks {_ranges(remote_missing)} run on other hosts: start them there with `python cli.py worker "
-                        f"--rank R --world-size {self.parallel.world_size} --master-addr {self.master_addr} "
+                        f"--rank R --world-size {self.parallel.world_size} --master-addr {self.spec.master_addr} "
                         f"--master-port {self._port} --model PATH`."
                     )
                 self._fail(
                     local_missing[0] if local_missing else None,
-                    f"the workers were not ready within start_timeout_s = {self.start_timeout_s:.0f} s "
+                    f"the workers were not ready within start_timeout_s = {self.spec.start_timeout_s:.0f} s "
                     f"(waiting for ranks {_ranges(missing)}).{hint}",
                     all_logs=True,
                 )
@@ -609,12 +550,12 @@ class WorkerGroup:
                 continue
             if current != count:
                 self._heartbeats[rank] = (current, now)
-            elif now - since > self.remote_timeout_s:
+            elif now - since > self.spec.remote_timeout_s:
                 host = self._remote_infos.get(rank, {}).get("host") or "?"
                 self._fail(
                     rank,
                     f"rank {rank} on host {host} stopped answering for {now - since:.0f} s {self._phase()} "
-                    f"(link cut or host down; remote_timeout_s = {self.remote_timeout_s:.0f} s)",
+                    f"(link cut or host down; remote_timeout_s = {self.spec.remote_timeout_s:.0f} s)",
                 )
 
     # -- running -------------------------------------------------------------------------------
@@ -623,7 +564,7 @@ class WorkerGroup:
         if self._model_config is None:
             return
         free = None
-        if self.device == "cuda":
+        if self.spec.device == "cuda":
             infos = [r.info for r in self._ranks.values()] + list(self._remote_infos.values())
             frees = [info["free_before_load"] for info in infos if info.get("free_before_load")]
             free = min(frees) if frees else None
@@ -632,8 +573,8 @@ class WorkerGroup:
             self._model_config,
             self.parallel,
             job.latent_shape(self._model_config.out_dim),
-            self.precision,
-            self.quantization,
+            self.spec.precision,
+            self.spec.quantization,
             free,
             guidance_batch=guidance,
         )
@@ -1017,40 +958,10 @@ def _ranges(ranks: list) -> str:
     return ", ".join(str(r) for r in ranks if r is not None) or "none"
 
 
-def start_runtime(
-    model_path: str | os.PathLike,
-    *,
-    precision: str = "fp32",
-    quantization: str = "disabled",
-    parallel: ParallelConfig | None = None,
-    device: str = "cuda",
-    local_ranks: int | None = None,
-    first_rank: int = 0,
-    master_addr: str = "127.0.0.1",
-    master_port: int | None = None,
-    step_timeout_s: float = 600.0,
-    start_timeout_s: float = 600.0,
-    remote_timeout_s: float = REMOTE_HEARTBEAT_TIMEOUT_S,
-) -> WorkerGroup | InProcessRunner:
-    """A started runtime: ``InProcessRunner`` for world size 1, else a ``WorkerGroup``."""
-    parallel = (parallel or ParallelConfig()).validate()
-    if parallel.world_size == 1:
-        return InProcessRunner(model_path, precision, quantization, parallel, device).start()
-    group = WorkerGroup(
-        model_path,
-        precision,
-        quantization,
-        parallel,
-        device,
-        local_ranks,
-        first_rank,
-        master_addr,
-        master_port,
-        step_timeout_s,
-        start_timeout_s,
-        remote_timeout_s=remote_timeout_s,
-    )
-    return group.start()
+def start_runtime(spec: RuntimeSpec) -> WorkerGroup | InProcessRunner:
+    """A started runtime for ``spec``: ``InProcessRunner`` for world size 1, else a ``WorkerGroup``."""
+    runtime = InProcessRunner(spec) if spec.world_size == 1 else WorkerGroup(spec)
+    return runtime.start()
 
 
 def serve_remote_ranks(
@@ -1073,19 +984,19 @@ def serve_remote_ranks(
     ``once``, 1 when the ranks could not join.
     """
     say = on_event or logger.info
-    parallel = ParallelConfig(world_size=world_size)
+    spec = RuntimeSpec(  # the group's own settings come from the controller's store
+        str(model_path),
+        ParallelConfig(world_size=world_size),
+        device=device,
+        local_ranks=local_ranks,
+        first_rank=first_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        start_timeout_s=start_timeout_s,
+    )
     joined = False
     while True:
-        group = WorkerGroup(
-            model_path,
-            parallel=parallel,
-            device=device,
-            local_ranks=local_ranks,
-            first_rank=first_rank,
-            master_addr=master_addr,
-            master_port=master_port,
-            start_timeout_s=start_timeout_s,
-        )
+        group = WorkerGroup(spec)
         try:
             say(
                 f"waiting for the controller at {master_addr}:{master_port} (ranks {first_rank}..{first_rank + local_ranks - 1})"

@@ -7,6 +7,7 @@ import logging
 import os
 
 from ..distrifusion.config import COMM_BACKENDS, KV_DTYPES, PARALLEL_MODES, SPLIT_MODES, ParallelConfig
+from ..distrifusion.settings import RuntimeSpec
 from ..distrifusion.status import warn_if_official_missing
 from ..distrifusion.validation import check_before_start
 from ..wanvideo.attention import ATTENTION_BACKENDS
@@ -156,12 +157,9 @@ class OfficialDistriFusionModelLoader:
             comm_backend=comm_backend,
             compile_blocks=compile,
         )
+        spec = settings.spec
         check_before_start(
-            settings.model_path,
-            settings.parallel,
-            device=settings.device,
-            local_ranks=settings.local_ranks,
-            first_rank=settings.first_rank,
+            spec.model_path, spec.parallel, device=spec.device, local_ranks=spec.local_ranks, first_rank=spec.first_rank
         )
         return (DistriFusionModel(settings),)  # the Sampler starts the workers, after its checks of the video size
 
@@ -234,7 +232,7 @@ def build_settings(
         comm_backend=comm_backend,
         attention_backend=attention,
         compile_blocks=bool(compile_blocks),
-    ).validate()
+    )
     path = _comfy.diffusion_model_path(model)
     addr, port = master_address()
     if world > gpus:
@@ -255,16 +253,15 @@ def build_settings(
             port,
         )
     stat = os.stat(path)
-    return RuntimeSettings(
-        model=model,
-        model_path=path,
-        model_stamp=(stat.st_size, stat.st_mtime_ns),
+    spec = RuntimeSpec(
+        path,
+        parallel,
         precision=precision,
         quantization=quantization,
-        parallel=parallel,
         device=device,
         local_ranks=gpus,
         first_rank=rank,
         master_addr=addr,
         master_port=port,
     )
+    return RuntimeSettings(model=model, model_stamp=(stat.st_size, stat.st_mtime_ns), spec=spec)

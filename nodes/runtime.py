@@ -8,9 +8,9 @@ import atexit
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from ..distrifusion.config import ParallelConfig
+from ..distrifusion.settings import RuntimeSpec
 from ..distrifusion.status import RunActivity
 
 logger = logging.getLogger(__name__)
@@ -21,27 +21,14 @@ MODEL_TYPE = "DISTRIFUSION_WAN_MODEL"
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """Everything that decides whether a running worker group can be reused."""
+    """Everything that decides whether a running worker group can be reused: the runtime's spec and the file's
+    identity."""
 
     model: str
-    model_path: str
+    """The Loader's model widget (the file's name in ``diffusion_models``)."""
     model_stamp: tuple[int, int]
     """(size, mtime_ns) of the file, so a replaced checkpoint restarts the workers."""
-    precision: str
-    quantization: str
-    parallel: ParallelConfig
-    device: str
-    local_ranks: int
-    first_rank: int
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["parallel"] = self.parallel.to_dict()
-        data["attention"] = self.parallel.attention_backend  # the Status report's runtime line
-        data["compile"] = self.parallel.compile_blocks
-        return data
+    spec: RuntimeSpec
 
 
 @dataclass(frozen=True)
@@ -79,11 +66,11 @@ class RuntimeRegistry:
             logger.info(
                 "Starting DistriFusion runtime: %s, %d rank(s) here of world size %d, device %s",
                 settings.model,
-                settings.local_ranks,
-                settings.parallel.world_size,
-                settings.device,
+                settings.spec.local_ranks,
+                settings.spec.world_size,
+                settings.spec.device,
             )
-            runtime = start_runtime(**_start_kwargs(settings))
+            runtime = start_runtime(settings.spec)
             self._runtime, self._settings = runtime, settings
             return runtime
 
@@ -136,21 +123,6 @@ def install_unload_hook(registry: RuntimeRegistry) -> bool:
     unload_all_models.__wrapped__ = original
     mm.unload_all_models = unload_all_models
     return True
-
-
-def _start_kwargs(settings: RuntimeSettings) -> dict:
-    """``start_runtime``'s arguments; the attention kernel and compile setting travel in ``parallel``."""
-    return {
-        "model_path": settings.model_path,
-        "precision": settings.precision,
-        "quantization": settings.quantization,
-        "parallel": settings.parallel,
-        "device": settings.device,
-        "local_ranks": settings.local_ranks,
-        "first_rank": settings.first_rank,
-        "master_addr": settings.master_addr,
-        "master_port": settings.master_port,
-    }
 
 
 def _alive(runtime) -> bool:

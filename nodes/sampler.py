@@ -208,10 +208,10 @@ class OfficialDistriFusionSampler:
 def check_before_sending(model, job: GenerationJob, *, return_uncond: bool) -> None:
     """What depends on the video size (partition vs ranks, latent channels, conditioning width) and CFG parallel's
     use, checked from the checkpoint's headers before the workers start or get the job."""
-    settings = model.settings
-    config = check_model(settings.model_path, settings.parallel)
-    check_job(config, settings.parallel, job)
-    check_guidance(settings.parallel, job, return_uncond=return_uncond)
+    spec = model.settings.spec
+    config = check_model(spec.model_path, spec.parallel)
+    check_job(config, spec.parallel, job)
+    check_guidance(spec.parallel, job, return_uncond=return_uncond)
 
 
 def conditioning_context(conditioning, name: str) -> torch.Tensor:

@@ -51,4 +51,6 @@ def current_report(model=None) -> dict:
     runtime, settings = RUNTIMES.current()
     if model is not None and settings != model.settings:
         runtime, settings = None, model.settings
-    return status_report(runtime, RUNTIMES.activity, settings.to_dict() if settings else None)
+    if settings is None:
+        return status_report(runtime, RUNTIMES.activity)
+    return status_report(runtime, RUNTIMES.activity, settings.spec, model=settings.model)

@@ -27,9 +27,10 @@ def checkpoint(tmp_path_factory) -> Path:
 def reference(checkpoint) -> torch.Tensor:
     """``tiny_job()`` sampled in-process on one CPU device: what every parallel run of it must equal."""
     from wan_distrifusion.distrifusion.run import run_job
+    from wan_distrifusion.distrifusion.settings import RuntimeSpec
     from wan_distrifusion.distrifusion.workers import InProcessRunner, start_runtime
 
-    runner = start_runtime(checkpoint, device="cpu")
+    runner = start_runtime(RuntimeSpec(checkpoint, device="cpu"))
     assert isinstance(runner, InProcessRunner)
     try:
         return run_job(runner, tiny_job())

@@ -15,6 +15,7 @@ import re
 import subprocess
 import time
 import types
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -29,6 +30,7 @@ from wan_distrifusion.distrifusion import workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.validation import check_before_start, check_job
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
 from wan_distrifusion.nodes.loader import build_settings
@@ -150,39 +152,45 @@ MORE_GPUS_THAN_PRESENT = max(2, torch.cuda.device_count() + 1)
 RUNTIME_CASES = {
     # name: (call(files) -> anything, widget named, regex on the message)
     "more GPUs than present": (
-        lambda f: start_runtime(f["good"], parallel=parallel(world_size=MORE_GPUS_THAN_PRESENT), device="cuda"),
+        lambda f: start_runtime(
+            RuntimeSpec(f["good"], parallel=parallel(world_size=MORE_GPUS_THAN_PRESENT), device="cuda")
+        ),
         "GPUs",
         r"requested on this host but (no CUDA device is|\d+ CUDA device\(s\) are) visible",
     ),
     "GPUs more than the world size": (
-        lambda f: WorkerGroup(f["good"], parallel=parallel(), device="cpu", local_ranks=3),
+        lambda f: WorkerGroup(RuntimeSpec(f["good"], parallel=parallel(), device="cpu", local_ranks=3)),
         "GPUs",
         r"3 local ranks starting at rank 0 do not fit a world of 2; use 1 to 2",
     ),
     "rank outside the world": (
-        lambda f: WorkerGroup(f["good"], parallel=parallel(), device="cpu", first_rank=2),
+        lambda f: WorkerGroup(RuntimeSpec(f["good"], parallel=parallel(), device="cpu", first_rank=2)),
         "rank",
         r"first rank 2 is outside the world of 2 ranks; use 0 to 1",
     ),
     "patch size not a multiple of 16": (
-        lambda f: start_runtime(f["good"], parallel=ParallelConfig(world_size=2, patch_size=24), device="cpu"),
+        lambda f: start_runtime(
+            RuntimeSpec(f["good"], parallel=ParallelConfig(world_size=2, patch_size=24), device="cpu")
+        ),
         "patch size",
         r"24 px is not a positive multiple of 16; use a multiple of 16 px",
     ),
     "overlap larger than the patch": (
         lambda f: start_runtime(
-            f["good"], parallel=ParallelConfig(world_size=2, patch_size=16, patch_overlap=32), device="cpu"
+            RuntimeSpec(f["good"], parallel=ParallelConfig(world_size=2, patch_size=16, patch_overlap=32), device="cpu")
         ),
         "patch overlap",
         r"32 px is larger than the patch size \(16 px\); lower the overlap or raise the patch size",
     ),
     "CFG parallel on an odd world": (
-        lambda f: start_runtime(f["good"], parallel=parallel(world_size=3, cfg_parallel=True), device="cpu"),
+        lambda f: start_runtime(
+            RuntimeSpec(f["good"], parallel=parallel(world_size=3, cfg_parallel=True), device="cpu")
+        ),
         "CFG parallel",
         r"needs an even world size, got 3; use an even number of GPUs",
     ),
     "missing checkpoint": (
-        lambda f: start_runtime(f["missing"], parallel=parallel(), device="cpu"),
+        lambda f: start_runtime(RuntimeSpec(f["missing"], parallel=parallel(), device="cpu")),
         "model",
         r"does not exist; pick a Wan checkpoint",
     ),
@@ -190,22 +198,24 @@ RUNTIME_CASES = {
 
 RUNTIME_CASES_CHECKED_FROM_FILE = {
     "ulysses with heads not divisible": (
-        lambda f: WorkerGroup(f["good"], parallel=parallel(world_size=3, mode="ulysses"), device="cpu").start(),
+        lambda f: WorkerGroup(
+            RuntimeSpec(f["good"], parallel=parallel(world_size=3, mode="ulysses"), device="cpu")
+        ).start(),
         "parallel mode",
         r"4 attention heads do not split evenly over the 3 GPUs",
     ),
     "non-Wan checkpoint": (
-        lambda f: WorkerGroup(f["vae"], parallel=parallel(), device="cpu").start(),
+        lambda f: WorkerGroup(RuntimeSpec(f["vae"], parallel=parallel(), device="cpu")).start(),
         "model",
         r"is not a Wan diffusion model",
     ),
     "truncated checkpoint": (
-        lambda f: WorkerGroup(f["truncated"], parallel=parallel(), device="cpu").start(),
+        lambda f: WorkerGroup(RuntimeSpec(f["truncated"], parallel=parallel(), device="cpu")).start(),
         "model",
         r"it is truncated",
     ),
     "frame count not 4k+1 (group not started yet)": (
-        lambda f: run_job(WorkerGroup(f["good"], parallel=parallel(), device="cpu"), make_job(length=4)),
+        lambda f: run_job(WorkerGroup(RuntimeSpec(f["good"], parallel=parallel(), device="cpu")), make_job(length=4)),
         "length",
         r"4 frames is not of the form 4k\+1",
     ),
@@ -259,13 +269,13 @@ BEFORE_START_CASES = {
         r"use 0 to 1",
     ),
     "patch size not a multiple of 16": (
-        dict(parallel=ParallelConfig(world_size=2, patch_size=40), device="cpu"),
+        dict(parallel=partial(ParallelConfig, world_size=2, patch_size=40), device="cpu"),
         "good",
         "patch size",
         r"40 px",
     ),
     "overlap larger than a patch": (
-        dict(parallel=ParallelConfig(world_size=2, patch_size=16, patch_overlap=24), device="cpu"),
+        dict(parallel=partial(ParallelConfig, world_size=2, patch_size=16, patch_overlap=24), device="cpu"),
         "good",
         "patch overlap",
         r"larger than the patch size",
@@ -291,8 +301,8 @@ BEFORE_START_CASES = {
 @pytest.mark.parametrize("case", list(BEFORE_START_CASES))
 def test_check_before_start_names_the_widget(case, files, no_spawn):
     kwargs, file, widget, pattern = BEFORE_START_CASES[case]
-    with pytest.raises(WanDistriFusionError) as caught:
-        check_before_start(files[file], **kwargs)
+    with pytest.raises(WanDistriFusionError) as caught:  # an invalid ParallelConfig already fails when built
+        check_before_start(files[file], **{name: v() if callable(v) else v for name, v in kwargs.items()})
     assert re.search(pattern, assert_clear(caught.value, widget)), str(caught.value)
 
 
@@ -581,7 +591,9 @@ def test_sampler_node_checks_the_video_size_before_the_workers_start(files, no_s
 
 @pytest.fixture(scope="module")
 def running_group(files):
-    group = WorkerGroup(files["good"], parallel=parallel(), device="cpu", step_timeout_s=30, start_timeout_s=120)
+    group = WorkerGroup(
+        RuntimeSpec(files["good"], parallel=parallel(), device="cpu", step_timeout_s=30, start_timeout_s=120)
+    )
     group.start()
     yield group
     group.close()

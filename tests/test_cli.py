@@ -23,6 +23,7 @@ from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
@@ -54,7 +55,7 @@ def files(tmp_path_factory):
 
 
 def in_process(checkpoint: Path, context: dict) -> torch.Tensor:
-    runner = start_runtime(checkpoint, device="cpu")
+    runner = start_runtime(RuntimeSpec(checkpoint, device="cpu"))
     try:
         return run_job(runner, GenerationJob(positive=context["positive"], negative=context["negative"], **SETTINGS))
     finally:
@@ -229,12 +230,14 @@ def test_cli_worker_serves_a_rank_of_a_group_led_elsewhere(files, tmp_path):
         text=True,
     )
     leader = WorkerGroup(
-        checkpoint,
-        parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16),
-        device="cpu",
-        local_ranks=1,
-        master_port=port,
-        start_timeout_s=120,
+        RuntimeSpec(
+            checkpoint,
+            parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16),
+            device="cpu",
+            local_ranks=1,
+            master_port=port,
+            start_timeout_s=120,
+        )
     )
     try:
         leader.start()

@@ -162,7 +162,7 @@ def stale_repeat_checks(rank: int, world_size: int, comm_backend: str = "builtin
                     )
                     for checkpoint in (1, 3):
                         runner = ParallelWan(model, config, rank, "cpu", comm_checkpoint=checkpoint)
-                        runner.begin_job(sync_frequency=0)
+                        runner.begin_job(config.schedule(0))
                         errors = [rel_err(runner(x, t, context), exact) for _ in range(4)]
                         # a different input now: stale K/V of the old one must show
                         moved = runner(x + 0.5 * torch.randn(shape, generator=gen), t, context)

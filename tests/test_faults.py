@@ -32,6 +32,7 @@ from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion import workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.workers import WorkerFailed, WorkerGroup
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ MEASURED: list[tuple[str, str, float, float, float]] = []
 def new_group(checkpoint: Path, world_size: int = 2, **kwargs) -> WorkerGroup:
     parallel = ParallelConfig(world_size=world_size, mode="sync", patch_size=16)
     kwargs = {"step_timeout_s": 30.0, "start_timeout_s": 120.0, **kwargs}
-    return WorkerGroup(checkpoint, parallel=parallel, device="cpu", **kwargs)
+    return WorkerGroup(RuntimeSpec(checkpoint, parallel=parallel, device="cpu", **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -315,14 +316,15 @@ import torch
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.workers import WorkerGroup
 
 def say(**fields):
     print(json.dumps(fields), flush=True)
 
 def work():
-    group = WorkerGroup(checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu",
-                        start_timeout_s=120)
+    group = WorkerGroup(RuntimeSpec(checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu",
+                        start_timeout_s=120))
     group.start()
     status = group.status()
     say(pids=status["pids"], port=status["master_port"], log_dir=status["log_dir"])

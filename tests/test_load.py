@@ -15,6 +15,7 @@ from measured import descendants, report_table
 from tiny_wan import drive_euler, relative_error, tiny_job
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.workers import WorkerGroup, start_runtime
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,7 @@ def _mib(values) -> str:
 
 @pytest.fixture(scope="module")
 def expected(checkpoint) -> dict[int, torch.Tensor]:
-    reference = start_runtime(checkpoint, device="cpu")
+    reference = start_runtime(RuntimeSpec(checkpoint, device="cpu"))
     try:
         return {seed: run_job(reference, tiny_job(steps=2, seed=seed)) for seed in range(WARMUP + ROUNDS)}
     finally:
@@ -85,13 +86,15 @@ def expected(checkpoint) -> dict[int, torch.Tensor]:
 @pytest.fixture(scope="module")
 def group(checkpoint):
     parallel = ParallelConfig(world_size=2, mode="sync", patch_size=16)
-    with WorkerGroup(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120) as group:
+    with WorkerGroup(
+        RuntimeSpec(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120)
+    ) as group:
         yield group
 
 
 @pytest.mark.parametrize("path", ["job", "forward session"])
 def test_back_to_back_runs_do_not_grow_anything(path, group, expected, measured):
-    run = group.run if path == "job" else (lambda job: drive_euler(group, job))
+    run = (lambda job: run_job(group, job)) if path == "job" else (lambda job: drive_euler(group, job))
     pids = group.status()["pids"]
     jobs_run = group.status()["jobs_run"]
     for seed in range(WARMUP):

@@ -1,6 +1,6 @@
 """Ranks on two "hosts": two network namespaces of this machine joined by a veth pair (gloo, CPU, tiny Wan).
 
-Host A (``10.231.7.1``) runs the controller and rank 0 (``WorkerGroup(local_ranks=1)``, as ComfyUI with world
+Host A (``10.231.7.1``) runs the controller and rank 0 (``WorkerGroup(RuntimeSpec(local_ranks=1))``, as ComfyUI with world
 size 2 and GPUs 1); host B (``10.231.7.2``) runs ``python cli.py worker --rank 1`` as a user would. The addresses
 exist only inside the two namespaces, so no traffic leaves them. Checked: the result equals the single-process
 one; cutting the link mid-job and killing host B mid-job both fail the job on the controller within a bounded
@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job as sample_job
+from wan_distrifusion.distrifusion.settings import REMOTE_HEARTBEAT_TIMEOUT_S, RuntimeSpec
 from wan_distrifusion.distrifusion.worker import STORE_LOST_ENV
-from wan_distrifusion.distrifusion.workers import REMOTE_HEARTBEAT_TIMEOUT_S, start_runtime
+from wan_distrifusion.distrifusion.workers import start_runtime
 
 pytestmark = pytest.mark.slow
 
@@ -157,6 +158,7 @@ from safetensors.torch import load_file, save_file
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.workers import WorkerGroup
 from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 
@@ -164,9 +166,9 @@ def say(**fields):
     print(json.dumps(fields), flush=True)
 
 conditioning = load_file(context)
-group = WorkerGroup(checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu",
+group = WorkerGroup(RuntimeSpec(checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu",
                     local_ranks=1, master_addr=host, master_port=int(port), step_timeout_s=float(step_timeout),
-                    start_timeout_s=60)
+                    start_timeout_s=60))
 say(ready=True)
 for line in sys.stdin:
     command = json.loads(line)
@@ -260,7 +262,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(files) -> torch.Tensor:
     context = load_file(str(files["context"]))
-    runner = start_runtime(files["checkpoint"], device="cpu")
+    runner = start_runtime(RuntimeSpec(files["checkpoint"], device="cpu"))
     try:
         return sample_job(
             runner, GenerationJob(positive=context["positive"], negative=context["negative"], steps=3, **SETTINGS)

@@ -108,7 +108,7 @@ def backends_agree(rank: int, world_size: int) -> dict:
                     runner = ParallelWan(
                         model, ParallelConfig(comm_backend=backend, kv_dtype=kv_dtype, **config), rank, "cpu"
                     )
-                    runner.begin_job(sync_frequency=3)
+                    runner.begin_job(runner.parallel_config.schedule(3))
                     outputs = [runner(x, t, context) for x, t in inputs]
                     runs[backend] = ([digest(o) for o in outputs], runner.comm_backend, runner.stats["stale_steps"])
                     exact = [model(x, t, context) for x, t in inputs]

@@ -66,7 +66,7 @@ def exact_forward_matrix(rank: int, world_size: int) -> dict:
                             comm_backend="builtin",
                         )
                         runner = ParallelWan(model, config, rank, "cpu")
-                        runner.begin_job(sync_frequency=1)  # displaced: warm-up then every step synchronous
+                        runner.begin_job(config.schedule(1))  # displaced: warm-up then every step synchronous
                         try:
                             errors, last = [], None
                             for (x, t, c), ref in zip(_inputs(shape, 3), references[heads, shape]):

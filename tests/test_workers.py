@@ -19,6 +19,7 @@ from wan_distrifusion.distrifusion import bootstrap
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.worker import decode_job, decode_payload, encode_job
 from wan_distrifusion.distrifusion.workers import (
     JobCancelled,
@@ -37,7 +38,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def group(checkpoint):
     parallel = ParallelConfig(world_size=2, mode="sync", patch_size=16)
-    group = WorkerGroup(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120)
+    group = WorkerGroup(
+        RuntimeSpec(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120)
+    )
     group.start()
     yield group
     pids = [pid for pid in group.status()["pids"] if pid]
@@ -166,7 +169,12 @@ def test_worker_error_comes_back_with_its_traceback(group, checkpoint):
 
 def test_close_is_idempotent_and_leaves_no_process(checkpoint, reference):
     group = WorkerGroup(
-        checkpoint, parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16), device="cpu", start_timeout_s=120
+        RuntimeSpec(
+            checkpoint,
+            parallel=ParallelConfig(world_size=2, mode="sync", patch_size=16),
+            device="cpu",
+            start_timeout_s=120,
+        )
     )
     with group:
         assert relative_error(run_job(group, tiny_job()), reference) < 1e-5
@@ -177,7 +185,7 @@ def test_close_is_idempotent_and_leaves_no_process(checkpoint, reference):
 
 
 def test_in_process_runner_cancels_at_the_step(checkpoint, reference):
-    runner = start_runtime(checkpoint, device="cpu")
+    runner = start_runtime(RuntimeSpec(checkpoint, device="cpu"))
     events = []
     with pytest.raises(JobCancelled) as caught:
         run_job(runner, tiny_job(steps=50), progress=events.append, cancelled=lambda: len(events) >= 2)
@@ -193,7 +201,7 @@ def test_in_process_runner_cancels_at_the_step(checkpoint, reference):
 
 @pytest.fixture(scope="module")
 def runner(checkpoint):
-    runner = start_runtime(checkpoint, device="cpu")
+    runner = start_runtime(RuntimeSpec(checkpoint, device="cpu"))
     yield runner
     runner.close()
 
@@ -305,7 +313,9 @@ def test_hung_worker_fails_the_forward_session_after_the_step_timeout(group, ref
 def test_forward_session_counts_steps_like_the_job_path_in_displaced_mode(checkpoint):
     """Each call is one step of the displaced runtime: warm-up then stale K/V, exactly as in a job."""
     parallel = ParallelConfig(world_size=2, mode="displaced", patch_size=16, warmup_steps=1)
-    with WorkerGroup(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120) as group:
+    with WorkerGroup(
+        RuntimeSpec(checkpoint, parallel=parallel, device="cpu", step_timeout_s=30, start_timeout_s=120)
+    ) as group:
         job_latent = run_job(group, tiny_job(steps=4))
         assert group.status()["last_job_stats"]["stale_steps"] == 3
         session_latent = drive_euler(group, tiny_job(steps=4))
@@ -327,8 +337,8 @@ workers = importlib.import_module(name + ".distrifusion.workers")
 config = importlib.import_module(name + ".distrifusion.config")
 job_module = importlib.import_module(name + ".distrifusion.job")
 run_job = importlib.import_module(name + ".distrifusion.run").run_job
-group = workers.WorkerGroup(sys.argv[2], parallel=config.ParallelConfig(world_size=2, mode="sync", patch_size=16),
-                            device="cpu", start_timeout_s=120)
+group = workers.WorkerGroup(workers.RuntimeSpec(sys.argv[2], parallel=config.ParallelConfig(world_size=2, mode="sync", patch_size=16),
+                            device="cpu", start_timeout_s=120))
 group.start()
 job = job_module.GenerationJob(positive=torch.randn(1, 8, 32), negative=None, width=32, height=32, length=1, steps=2)
 latent = run_job(group, job)
@@ -399,13 +409,13 @@ def test_job_payload_round_trips_without_pickle():
 
 def test_group_settings_are_checked_before_anything_starts(checkpoint, tmp_path):
     with pytest.raises(WanDistriFusionError, match="model"):
-        WorkerGroup(tmp_path / "missing.safetensors", parallel=ParallelConfig(world_size=2), device="cpu")
+        WorkerGroup(RuntimeSpec(tmp_path / "missing.safetensors", parallel=ParallelConfig(world_size=2), device="cpu"))
     with pytest.raises(WanDistriFusionError, match="precision"):
-        WorkerGroup(checkpoint, precision="fp64", parallel=ParallelConfig(world_size=2), device="cpu")
+        WorkerGroup(RuntimeSpec(checkpoint, precision="fp64", parallel=ParallelConfig(world_size=2), device="cpu"))
     with pytest.raises(WanDistriFusionError, match="GPUs"):
-        WorkerGroup(checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", local_ranks=3)
+        WorkerGroup(RuntimeSpec(checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", local_ranks=3))
     follower = WorkerGroup(
-        checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", first_rank=1, master_port=29999
+        RuntimeSpec(checkpoint, parallel=ParallelConfig(world_size=2), device="cpu", first_rank=1, master_port=29999)
     )
     with pytest.raises(WanDistriFusionError, match="rank 0"):
         run_job(follower, tiny_job())

@@ -30,12 +30,16 @@ from .model import WanConfig, WanLayerNorm, WanModel, WanRMSNorm
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZATIONS: dict[str, torch.dtype | None] = {
-    "disabled": None,
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
     "fp8_e4m3fn": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+"""THE table of dtype names: compute precisions, fp8 weight storage, K/V buffers."""
+PRECISIONS: dict[str, torch.dtype] = {name: DTYPES[name] for name in ("fp32", "bf16", "fp16")}
+QUANTIZATIONS: dict[str, torch.dtype | None] = {"disabled": None, **{n: DTYPES[n] for n in ("fp8_e4m3fn", "fp8_e5m2")}}
 COMFYUI_PREFIX = "model.diffusion_model."
 KNOWN_PREFIXES = ("", COMFYUI_PREFIX, "diffusion_model.")
 WAN_HEAD_DIM = 128

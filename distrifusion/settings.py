@@ -1,0 +1,104 @@
+"""The runtime's settings as one frozen object, checked when built: what the Loader or ``cli.py`` asks for, the
+same object the runtime, the rendezvous store (``to_json``) and every rank (``from_json``) hold."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.loading import PRECISIONS, resolve_quantization
+from .config import ParallelConfig
+
+DEVICES = ("cuda", "cpu")
+REMOTE_HEARTBEAT_TIMEOUT_S = 10.0
+"""A ready rank on another host whose heartbeat (``alive/<rank>``, counted every second) stood still this long
+fails the job: the link is cut or the host is down (a cut link stalls the collectives without an error)."""
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """One runtime: the checkpoint, its precision, the parallel topology and where this host's ranks run.
+
+    ``local_ranks`` ``None`` means every rank from ``first_rank`` on (resolved when built). A group with
+    ``first_rank > 0`` runs on another host and joins the controller's rendezvous at ``master_addr:master_port``.
+    """
+
+    model_path: str
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: str = "fp32"
+    quantization: str = "disabled"
+    device: str = "cuda"
+    local_ranks: int | None = None
+    first_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    step_timeout_s: float = 600.0
+    """How long a step (one model call on every rank) may take before the ranks count as hung."""
+    start_timeout_s: float = 600.0
+    remote_timeout_s: float = REMOTE_HEARTBEAT_TIMEOUT_S
+    """How long a ready rank on another host may go without a heartbeat before the job fails."""
+    threads_per_rank: int | None = None
+    """CPU threads per rank (default on CPU: the cores shared out over the local ranks)."""
+
+    def __post_init__(self) -> None:
+        world = self.parallel.world_size
+        if self.precision not in PRECISIONS:
+            raise WanDistriFusionError(
+                f"precision: {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}."
+            )
+        resolve_quantization(self.quantization)
+        if self.device not in DEVICES:
+            raise WanDistriFusionError(f"device: {self.device!r} is unknown; choose cuda or cpu.")
+        if not 0 <= self.first_rank < world:
+            raise WanDistriFusionError(
+                f"rank: first rank {self.first_rank} is outside the world of {world} ranks; use 0 to {world - 1}."
+            )
+        local = world - self.first_rank if self.local_ranks is None else self.local_ranks
+        if not 1 <= local <= world - self.first_rank:
+            raise WanDistriFusionError(
+                f"GPUs: {local} local ranks starting at rank {self.first_rank} do not fit a world of {world}; "
+                f"use 1 to {world - self.first_rank}."
+            )
+        if self.first_rank > 0 and not self.master_port:
+            raise WanDistriFusionError("master port: ranks on another host need the controller's master port.")
+        path = Path(self.model_path).expanduser().resolve()
+        if not path.exists():
+            raise WanDistriFusionError(f"model: {path} does not exist; pick a Wan checkpoint (.safetensors).")
+        if not float(self.remote_timeout_s) > 0:
+            raise WanDistriFusionError(
+                f"remote timeout: {self.remote_timeout_s!r} s is not positive; use about 10 s (the ranks beat every "
+                "second)."
+            )
+        object.__setattr__(self, "model_path", str(path))
+        object.__setattr__(self, "local_ranks", local)
+        for name in ("step_timeout_s", "start_timeout_s", "remote_timeout_s"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this host runs rank 0 (hosts the rendezvous and drives the jobs)."""
+        return self.first_rank == 0
+
+    @property
+    def local_rank_ids(self) -> range:
+        return range(self.first_rank, self.first_rank + self.local_ranks)
+
+    def with_changes(self, **changes) -> RuntimeSpec:
+        """A copy with ``changes`` (checked again)."""
+        return replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, **changes) -> RuntimeSpec:
+        """The spec ``to_json`` wrote, with ``changes`` (a rank on another host: its own model path and device)."""
+        data = json.loads(text)
+        data["parallel"] = ParallelConfig(**data["parallel"])
+        return cls(**{**data, **changes})
