@@ -14,11 +14,12 @@ Works from any working directory; the repo is imported under a fixed alias, neve
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
-import importlib.util
 import json
 import logging
 import os
+import runpy
 import sys
 import tempfile
 import time
@@ -31,15 +32,12 @@ REAL_DEFAULTS = {"width": 832, "height": 480, "length": 81, "steps": 30}
 TINY_DEFAULTS = {"width": 128, "height": 128, "length": 9, "steps": 4}
 
 
+@functools.cache
 def _package():
-    """Register the repo root under its alias through ``distrifusion/bootstrap.py`` (loaded by path)."""
-    path = Path(__file__).resolve().parent / "distrifusion" / "bootstrap.py"
-    spec = importlib.util.spec_from_file_location("_wan_distrifusion_bootstrap", path)
-    bootstrap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bootstrap)
-    if __name__ == "__main__":
-        bootstrap.drop_script_dir(__file__)
-    return bootstrap.register_package()
+    """The repo root registered under its alias by ``distrifusion/bootstrap.py`` (run by path)."""
+    return runpy.run_path(str(Path(__file__).resolve().parent / "distrifusion" / "bootstrap.py"))["entry_point"](
+        __file__
+    )
 
 
 def _module(name: str):
@@ -270,6 +268,7 @@ def generate(args: argparse.Namespace) -> int:
     loading = _module("wanvideo.loading")
     validation = _module("distrifusion.validation")
     workers = _module("distrifusion.workers")
+    processes = _module("distrifusion.processes")
     run_job = _module("distrifusion.run").run_job
 
     began = time.perf_counter()
@@ -315,9 +314,9 @@ def generate(args: argparse.Namespace) -> int:
         job.latent = _load_latent(args.latent)
         _take_latent_size(job, given_size)
     out = check_out(args.out)
-    workers.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
+    processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
-    with tempfile.TemporaryDirectory(prefix=f"{workers.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
         if args.model:
             model_path = Path(args.model).expanduser()
         else:
@@ -409,19 +408,17 @@ def worker(args: argparse.Namespace) -> int:
     import torch
 
     workers = _module("distrifusion.workers")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    code = workers.serve_remote_ranks(
+    spec = _module("distrifusion.settings").RuntimeSpec(
         args.model,
+        _module("distrifusion.config").ParallelConfig(world_size=args.world_size),
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        local_ranks=args.local_ranks,
         first_rank=args.rank,
-        world_size=args.world_size,
         master_addr=args.master_addr,
         master_port=args.master_port,
-        local_ranks=args.local_ranks,
-        device=device,
         start_timeout_s=args.start_timeout,
-        once=args.once,
-        on_event=lambda line: print(line, flush=True),
     )
+    code = workers.serve_remote_ranks(spec, once=args.once, on_event=lambda line: print(line, flush=True))
     if code:
         raise _module("wanvideo.errors").WanDistriFusionError(
             f"master address: could not join the group at {args.master_addr}:{args.master_port} (why above); "

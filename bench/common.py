@@ -10,18 +10,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import importlib.util
 import json
 import math
 import os
+import runpy
 import statistics
 import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_ALIAS = "wan_distrifusion"
@@ -54,12 +56,7 @@ def import_package():
     """
     if PACKAGE_ALIAS in sys.modules:
         return sys.modules[PACKAGE_ALIAS]
-    spec = importlib.util.spec_from_file_location(
-        "_wan_distrifusion_bootstrap", REPO_ROOT / "distrifusion" / "bootstrap.py"
-    )
-    bootstrap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bootstrap)
-    return bootstrap.register_package(PACKAGE_ALIAS, REPO_ROOT)
+    return runpy.run_path(str(REPO_ROOT / "distrifusion" / "bootstrap.py"))["entry_point"]()
 
 
 def pkg(name: str):
@@ -506,3 +503,46 @@ def environment(cuda: bool = True) -> dict:
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
     return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# process groups (the product's ranks join through the worker group; the benchmarks start their own)
+# --------------------------------------------------------------------------------------------------------------
+def init_process_group(
+    config,
+    rank: int,
+    device: str | torch.device,
+    *,
+    init_method: str | None = None,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    timeout_s: float = 600.0,
+) -> str:
+    """Join the default process group (NCCL on CUDA, gloo on CPU); returns the backend name.
+
+    ``init_method`` wins; else ``master_addr:master_port`` over TCP; else torchrun's ``env://``
+    (``MASTER_ADDR``/``MASTER_PORT``). Collectives that wait longer than ``timeout_s`` fail.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        if dist.get_world_size() != config.world_size or dist.get_rank() != rank:
+            raise RuntimeError(
+                f"world size: this process already joined a group as rank {dist.get_rank()} of "
+                f"{dist.get_world_size()}, not rank {rank} of {config.world_size}; restart the workers."
+            )
+        return dist.get_backend()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if init_method is None:
+        init_method = f"tcp://{master_addr}:{master_port}" if master_port is not None else "env://"
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=config.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return backend

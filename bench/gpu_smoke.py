@@ -59,8 +59,7 @@ class Smoke:
         import torch.distributed as dist
 
         config = C.pkg("distrifusion.config").ParallelConfig(world_size=1)
-        pm = C.pkg("distrifusion.parallel_model")
-        backend = pm.init_process_group(config, 0, self.device, master_port=free_port(), timeout_s=120)
+        backend = C.init_process_group(config, 0, self.device, master_port=free_port(), timeout_s=120)
         value = torch.ones(4, device=self.device)
         dist.all_reduce(value)
         gathered = torch.empty(4, device=self.device)

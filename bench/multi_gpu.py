@@ -370,8 +370,8 @@ class Worker:
         else:
             torch.set_num_threads(1)
             torch.accelerator.device_count = lambda: 1  # diffusers maps rank -> device by count; CPU has none
-        cfg_mod, pm = C.pkg("distrifusion.config"), C.pkg("distrifusion.parallel_model")
-        pm.init_process_group(
+        cfg_mod = C.pkg("distrifusion.config")
+        C.init_process_group(
             cfg_mod.ParallelConfig(world_size=self.n),
             self.rank,
             self.device,

@@ -1,10 +1,13 @@
 """Make the repo importable as a package in a fresh process, whatever its folder is called.
 
 ComfyUI imports the pack under its folder name (``ComfyUI-WanVideo-DistriFusion``), which no child
-process can ``import``. ``cli.py`` and ``distrifusion/worker_main.py`` load this file by path (before
-any package exists) and call :func:`register_package`, which registers the repo root under a fixed
-alias; everything else is then imported relatively from that package. This module imports nothing
-of ours and has no side effects at import.
+process can ``import``. Every entry point (``cli.py``, ``distrifusion/worker_main.py``, ``bench/``, the
+tests' fault worker) runs this file by path before any package exists, with one line::
+
+    package = runpy.run_path(str(REPO / "distrifusion" / "bootstrap.py"))["entry_point"](__file__)
+
+:func:`entry_point` registers the repo root under a fixed alias; everything else is then imported
+relatively from that package. This module imports nothing of ours and has no side effects at import.
 """
 
 from __future__ import annotations
@@ -51,3 +54,16 @@ def drop_script_dir(script: str) -> None:
     folder = Path(script).resolve().parent
     if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == folder:
         del sys.path[0]
+
+
+def entry_point(script: str | None = None) -> ModuleType:
+    """The pack for an entry-point script: its folder dropped from ``sys.path`` when it runs as ``__main__``
+    (so our module files never shadow top-level ones), then :func:`register_package`."""
+    main = sys.modules.get("__main__")
+    if (
+        script is not None
+        and getattr(main, "__file__", None)
+        and Path(main.__file__).resolve() == Path(script).resolve()
+    ):
+        drop_script_dir(script)
+    return register_package()

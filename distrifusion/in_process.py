@@ -11,21 +11,14 @@ from collections.abc import Callable
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
+from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
-from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent, session_options
+from .rank import load_rank_model, session_flow
+from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent
 from .settings import RuntimeSpec
 from .validation import check_job
-from .worker import (
-    describe_error,
-    device_memory,
-    device_name,
-    load_rank_model,
-    memory_in_use,
-    memory_peak,
-    resolve_device,
-    session_flow,
-)
+from .wire import describe_error
 
 
 class InProcessRunner:
@@ -158,7 +151,8 @@ class _LocalSession(ForwardSession):
             0,
             runner._device,
             self.job,
-            session_options(self.shape, self.return_uncond),
+            self.shape[0],
+            self.return_uncond,
         )
         self._open = True
         return self

@@ -10,91 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..wanvideo.errors import WanDistriFusionError
-from .attention import AttentionRuntime, check_heads, kv_storage_dtype, stale_kv_bytes
+from .attention import AttentionRuntime, check_heads
 from .config import DisplacedSchedule, ParallelConfig
 from .partition import RankTokens, partition_summary, partition_tokens
 
 log = logging.getLogger(__name__)
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def init_process_group(
-    config: ParallelConfig,
-    rank: int,
-    device: str | torch.device,
-    *,
-    init_method: str | None = None,
-    master_addr: str = "127.0.0.1",
-    master_port: int | None = None,
-    timeout_s: float = 600.0,
-) -> str:
-    """Join the default process group (NCCL on CUDA, gloo on CPU); returns the backend name.
-
-    ``init_method`` wins; else ``master_addr:master_port`` over TCP; else torchrun's ``env://``
-    (``MASTER_ADDR``/``MASTER_PORT``). Collectives that wait longer than ``timeout_s`` fail.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if dist.is_initialized():
-        if dist.get_world_size() != config.world_size or dist.get_rank() != rank:
-            raise WanDistriFusionError(
-                f"world size: this process already joined a group as rank {dist.get_rank()} of "
-                f"{dist.get_world_size()}, not rank {rank} of {config.world_size}; restart the workers."
-            )
-        return dist.get_backend()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if init_method is None:
-        init_method = f"tcp://{master_addr}:{master_port}" if master_port is not None else "env://"
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=config.world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-    return backend
-
-
-def kv_buffer_bytes(
-    wan_config,
-    latent_shape: tuple[int, ...],
-    config: ParallelConfig,
-    *,
-    guidance_batch: int = 2,
-    compute_dtype: torch.dtype = torch.bfloat16,
-) -> int:
-    """Exact bytes of the displaced mode's stale K/V buffer on one rank (padded slabs; 0 for other modes).
-
-    ``guidance_batch`` is 2 for a ``[cond; uncond]`` call (CFG), 1 without a negative / at cfg 1.
-    """
-    if config.world_size == 1 or config.mode != "displaced" or config.patch_parallel_degree == 1:
-        return 0
-    grid = tuple(size // patch for size, patch in zip(latent_shape[2:], wan_config.patch_size))
-    parts = partition_tokens(
-        grid, config.split_mode, config.patch_size, config.patch_parallel_degree, config.overlap_tokens()
-    )
-    batch = latent_shape[0] * guidance_batch
-    if config.cfg_parallel and batch % 2 == 0:
-        batch //= 2
-    return stale_kv_bytes(
-        num_layers=wan_config.num_layers,
-        dim=wan_config.dim,
-        max_own_tokens=max(p.num_own for p in parts),
-        group_size=config.patch_parallel_degree,
-        batch=batch,
-        kv_dtype=kv_storage_dtype(config.kv_dtype, compute_dtype),
-    )
 
 
 _SUBGROUPS: dict[tuple, tuple] = {}
@@ -142,7 +70,7 @@ class ParallelWan:
         if self.world_size > 1:
             if not dist.is_initialized():
                 raise WanDistriFusionError(
-                    f"world size: {self.world_size} ranks need torch.distributed; call init_process_group() first."
+                    f"world size: {self.world_size} ranks need torch.distributed; join a process group first (the worker group does)."
                 )
             if dist.get_world_size() != self.world_size or dist.get_rank() != rank:
                 raise WanDistriFusionError(

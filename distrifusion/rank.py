@@ -1,4 +1,4 @@
-"""One rank's model for a job: the plain model or its ``ParallelWan`` for the topology (workers, tests)."""
+"""One rank's model: loaded for the spec, wrapped for the topology (``ParallelWan``) and guided for a session."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import logging
 
 import torch
 
+from ..wanvideo.loading import PRECISIONS, load_wan_model
+from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
 from .parallel_model import ParallelWan
+from .settings import RuntimeSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +49,39 @@ def last_stats(model) -> dict:
     for runner in per_model.values():
         return runner.stats
     return {}
+
+
+def load_rank_model(spec: RuntimeSpec, device: torch.device) -> torch.nn.Module:
+    """Load ``spec``'s weights on this rank's device, projections fused, with the group's attention kernel and
+    compile setting."""
+    model = load_wan_model(
+        spec.model_path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device
+    )
+    model.eval()
+    model.fuse_projections()
+    model.set_attention_backend(spec.parallel.attention_backend)
+    if spec.parallel.compile_blocks:
+        model.compile_blocks()
+    return model
+
+
+def session_flow(
+    model,
+    parallel: ParallelConfig,
+    rank: int,
+    device: torch.device,
+    job: GenerationJob,
+    batch: int,
+    return_uncond: bool,
+) -> GuidedFlow:
+    """The guided flow this rank evaluates for each call of a forward session (``wanvideo.sampling``'s CFG code)."""
+    return GuidedFlow(
+        job_model(model, parallel, rank, device, job),
+        job.positive,
+        job.negative,
+        cfg=job.cfg,
+        batch=int(batch),
+        device=device,
+        model_kwargs=job.extra.get("model_kwargs"),
+        return_uncond=bool(return_uncond),
+    )

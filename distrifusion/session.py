@@ -1,17 +1,23 @@
-"""What a runtime reports to the controller and the model calls it drives: progress events, the two ways a job
-ends early (``JobCancelled``, ``WorkerFailed``) and ``ForwardSession``, shared by the worker group and the
-in-process runner.
+"""The forward session: model calls driven by the controller (``ForwardSession``, and ``GroupSession`` on a worker
+group's ranks), what they report (``ProgressEvent``) and the two ways a job ends early (``JobCancelled``,
+``WorkerFailed``); the in-process runner's session is in ``in_process.py``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
+from . import wire
 from .job import GenerationJob
+from .shared_latents import SharedLatents
+from .store import OpenSession
+
+logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[["ProgressEvent"], None]
 
@@ -117,6 +123,123 @@ class ForwardSession:
         return flow
 
 
-def session_options(runtime_shape: tuple[int, ...], return_uncond: bool) -> dict:
-    """The options a rank's ``session_flow`` takes for a session of this latent shape."""
-    return {"shape": list(runtime_shape), "return_uncond": bool(return_uncond)}
+class GroupSession(ForwardSession):
+    """A forward session on a ``WorkerGroup``'s ranks: holds the group's run lock from ``__enter__`` to ``__exit__``.
+
+    ``x`` goes to rank 0 and the flow comes back through shared memory (``SharedLatents``); each call is one
+    ``Forward`` and one ``Prediction`` message.
+    """
+
+    def __init__(self, group, job: GenerationJob, progress, cancelled, return_uncond: bool):
+        config = group.model_config
+        super().__init__(job, job.latent_shape(config.out_dim if config else 16), progress, cancelled, return_uncond)
+        self.group = group
+        self.number: int | None = None
+        self.latents: SharedLatents | None = None
+
+    def __enter__(self) -> GroupSession:
+        group = self.group
+        group.run_lock.acquire()
+        try:
+            self.number = group.open_command(self.job, self._cancelled)
+            self.shape = tuple(self.job.latent_shape(group.model_config.out_dim))
+            self.latents = SharedLatents.create(self.shape)
+            command = OpenSession(
+                session=self.number,
+                job=replace(self.job, latent=None),  # the ranks get the latent's size; the controller holds x
+                shape=self.shape,
+                return_uncond=self.return_uncond,
+                latents=str(self.latents.path),
+                latents_ranks=tuple(group.spec.local_rank_ids),  # these map the file; others get x broadcast
+            )
+            group.post_command(self.number, command)
+        except BaseException:
+            self._drop_latents()
+            if self.number is not None:
+                group.end_command(self.number)
+            group.run_lock.release()
+            raise
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        group = self.group
+        self._open = False
+        try:
+            if group.alive:
+                try:
+                    stopped = self._end()
+                except WorkerFailed:  # the group was stopped; the next session restarts it
+                    if exc is None:
+                        raise
+                    logger.warning("ending the forward session failed after %r", exc, exc_info=True)
+                except BaseException:  # e.g. Ctrl-C while ending: the ranks' state is unknown, stop them
+                    group.stop(kill=True)
+                    raise
+                else:
+                    if isinstance(exc, JobCancelled):
+                        exc.stopped_steps = stopped
+            if exc is None:
+                group.count_job()
+        finally:
+            self._drop_latents()
+            group.end_command(self.number)
+            group.run_lock.release()
+
+    def _drop_latents(self) -> None:
+        if self.latents is not None:
+            self.latents.unlink()
+            self.latents = None
+
+    def _evaluate(self, x, t):
+        group, latents, call = self.group, self.latents, self.calls + 1
+        latents.x.copy_(x)
+        group.processes.send(0, wire.Forward(self.number, call, t))
+        answer: list[wire.Prediction] = []
+
+        def take(rank: int, message: wire.Message) -> None:
+            match message:
+                case wire.Prediction(session=self.number, call=number) if number == call:
+                    answer.append(message)
+
+        self._wait(take, lambda: bool(answer), f"during step {call} of {max(self.total, call)}")
+        latents.unlink()  # rank 0 has mapped it: nothing is left in the shared-memory folder
+        uncond = latents.uncond.clone() if self.return_uncond else None
+        return latents.flow.clone(), uncond, answer[0].seconds_per_step, answer[0].memory_per_rank
+
+    def _record(self, event: ProgressEvent) -> None:
+        self.group.record_progress(event)
+
+    def _end(self) -> dict[int, int]:
+        """End the session on every rank; the number of calls each local rank served (all equal)."""
+        group = self.group
+        group.processes.send(0, wire.End(self.number))
+        stopped: dict[int, int] = {}
+
+        def take(rank: int, message: wire.Message) -> None:
+            match message:
+                case wire.SessionEnded(session=self.number, calls=calls, stats=stats):
+                    stopped[rank] = calls
+                    if rank == 0:
+                        group.record_stats(stats)
+
+        local = len(group.spec.local_rank_ids)
+        self._wait(take, lambda: len(stopped) >= local, f"while ending the session after step {self.calls}")
+        if len(set(stopped.values())) > 1:
+            group.supervisor.fail(None, f"the ranks left the session after different steps {stopped}")
+        return stopped
+
+    def _wait(self, take, done, phase: str) -> None:
+        group = self.group
+        group.supervisor.wait(
+            take,
+            done,
+            doing="a forward session was running",
+            phase=phase,
+            timeout_s=group.step_timeout_s,
+            on_timeout=lambda: (
+                None,
+                f"no progress from the workers for step_timeout_s = {group.step_timeout_s:.0f} s {phase} "
+                f"(a rank is hung, or a step takes longer than step_timeout_s allows; {group.processes.states()})",
+            ),
+        )

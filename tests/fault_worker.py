@@ -1,6 +1,6 @@
 """Worker entry point for the fault tests: ``distrifusion/worker_main.py`` plus one injected fault.
 
-``tests/test_faults.py`` points ``workers.WORKER_MAIN`` at this file, so the controller starts it exactly as it
+``tests/test_faults.py`` points ``processes.WORKER_MAIN`` at this file, so the controller starts it exactly as it
 starts the real entry point (same arguments, same environment). ``WDF_FAULT=oom:<rank>:<call>`` makes that
 rank's ``WanModel.forward`` raise ``torch.OutOfMemoryError`` on its ``<call>``-th call (one call per sampler
 step), as a CUDA allocation failure would mid-step; the other ranks are then inside or entering the step's
@@ -9,9 +9,9 @@ measure how long the controller takes to notice. Without ``WDF_FAULT`` this is t
 """
 
 import importlib
-import importlib.util
 import logging
 import os
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -52,15 +52,9 @@ def _inject(package_name: str) -> None:
 
 
 if __name__ == "__main__":
-    spec = importlib.util.spec_from_file_location(
-        "_wan_distrifusion_bootstrap", REPO_ROOT / "distrifusion" / "bootstrap.py"
-    )
-    bootstrap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bootstrap)
-    bootstrap.drop_script_dir(__file__)
-    package = bootstrap.register_package()
+    package = runpy.run_path(str(REPO_ROOT / "distrifusion" / "bootstrap.py"))["entry_point"](__file__)
     _inject(package.__name__)
-    worker = importlib.import_module(f"{package.__name__}.distrifusion.worker")
+    worker = importlib.import_module(f"{package.__name__}.distrifusion.rank_main")
     code = worker.main(sys.argv[1:])
     logging.shutdown()
     sys.stdout.flush()

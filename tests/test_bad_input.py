@@ -1,6 +1,6 @@
 """Bad input is refused before any worker starts, naming the widget and the fix.
 
-Every case runs with ``workers.subprocess`` replaced by a guard that fails the test if a worker process would
+Every case runs with ``processes.subprocess`` replaced by a guard that fails the test if a worker process would
 be spawned, and checks with psutil that this process got no new child. ``distrifusion/validation.py`` holds the
 checks that need the checkpoint's headers or the job (heads for Ulysses, partitions, conditioning width), which
 the runtime runs before it starts or uses its workers. A property test over the widget space checks that any
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from parallel_harness import rel_err, run_ranks, tiny_model
 from safetensors.torch import save_file
 from tiny_wan import random_model, tiny_config, tiny_job, write_checkpoint
-from wan_distrifusion.distrifusion import workers
+from wan_distrifusion.distrifusion import processes, workers
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
@@ -77,7 +77,7 @@ class WorkerSpawned(BaseException):
 
 
 def guard_spawning(monkeypatch) -> list:
-    """Replace ``workers.subprocess`` so that starting a worker raises ``WorkerSpawned``; the commands tried."""
+    """Replace ``processes.subprocess`` so that starting a worker raises ``WorkerSpawned``; the commands tried."""
     spawned = []
 
     def popen(command, *args, **kwargs):
@@ -87,13 +87,13 @@ def guard_spawning(monkeypatch) -> list:
     guard = types.SimpleNamespace(
         Popen=popen, TimeoutExpired=subprocess.TimeoutExpired, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT
     )
-    monkeypatch.setattr(workers, "subprocess", guard)
+    monkeypatch.setattr(processes, "subprocess", guard)
     return spawned
 
 
 @pytest.fixture
 def no_spawn(monkeypatch):
-    """Fail if a worker process is started: ``workers.subprocess.Popen`` raises, psutil sees no new child."""
+    """Fail if a worker process is started: ``processes.subprocess.Popen`` raises, psutil sees no new child."""
     spawned = guard_spawning(monkeypatch)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield spawned

@@ -29,7 +29,7 @@ import pytest
 import torch
 from measured import descendants, report_table
 from tiny_wan import drive_euler, relative_error, tiny_job
-from wan_distrifusion.distrifusion import workers
+from wan_distrifusion.distrifusion import processes
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
@@ -233,7 +233,7 @@ def test_rank_out_of_memory_fails_the_job_naming_it_and_leaves_nothing(
     group, checkpoint, reference, monkeypatch, tmp_path
 ):
     stamp = tmp_path / "raised_at"
-    monkeypatch.setattr(workers, "WORKER_MAIN", FAULT_WORKER)
+    monkeypatch.setattr(processes, "WORKER_MAIN", FAULT_WORKER)
     monkeypatch.setenv("WDF_FAULT", "oom:1:3")  # rank 1 raises in its 3rd model call, i.e. mid-step 3
     monkeypatch.setenv("WDF_FAULT_STAMP", str(stamp))
     runtime = new_group(checkpoint).start()
@@ -382,7 +382,7 @@ def test_killed_controller_mid_step_leaves_no_rank_and_the_next_controller_works
     # The dead controller could not remove its log folder (rank logs, a few KiB); it names the dead controller's
     # pid, and the next group started on this machine removes it.
     log_dir = Path(info["log_dir"])
-    assert log_dir.name.startswith(f"{workers.LOG_DIR_PREFIX}{controller.pid}-"), log_dir
+    assert log_dir.name.startswith(f"{processes.LOG_DIR_PREFIX}{controller.pid}-"), log_dir
     assert log_dir.exists(), "a SIGKILLed controller cannot remove its log folder"
     assert sum(f.stat().st_size for f in log_dir.iterdir()) < 1 << 20
     try:

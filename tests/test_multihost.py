@@ -35,7 +35,7 @@ from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job as sample_job
 from wan_distrifusion.distrifusion.settings import REMOTE_HEARTBEAT_TIMEOUT_S, RuntimeSpec
-from wan_distrifusion.distrifusion.worker import STORE_LOST_ENV
+from wan_distrifusion.distrifusion.store import STORE_LOST_ENV
 from wan_distrifusion.distrifusion.workers import start_runtime
 
 pytestmark = pytest.mark.slow

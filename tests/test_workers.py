@@ -20,7 +20,7 @@ from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
-from wan_distrifusion.distrifusion.worker import decode_job, decode_payload, encode_job
+from wan_distrifusion.distrifusion.store import OpenSession, decode_command, encode_command
 from wan_distrifusion.distrifusion.workers import (
     JobCancelled,
     WorkerFailed,
@@ -394,17 +394,21 @@ def test_job_payload_round_trips_without_pickle():
     job = tiny_job()
     job.latent = torch.randn(1, 4, 2, 6, 8)
     job.extra = {"clip_fea": torch.randn(1, 3, 5), "note": {"a": [1, 2]}}
-    header, tensors = decode_payload(encode_job(5, job))
-    assert header["id"] == 5
-    back = decode_job(header, tensors)
+
+    def command(number, job):
+        return OpenSession(number, job, (1, 4, 2, 6, 8), False, "latents", (0, 1))
+
+    back = decode_command(encode_command(command(5, job)))
+    assert back.session == 5
+    back = back.job
     assert torch.equal(back.positive, job.positive) and torch.equal(back.latent, job.latent)
     assert torch.equal(back.extra["clip_fea"], job.extra["clip_fea"]) and back.extra["note"] == {"a": [1, 2]}
     assert (back.steps, back.seed, back.sampler) == (job.steps, job.seed, job.sampler)
     job.negative = None
-    assert decode_job(*decode_payload(encode_job(6, job))).negative is None
+    assert decode_command(encode_command(command(6, job))).job.negative is None
     job.extra = {"callback": print}
     with pytest.raises(WanDistriFusionError, match=r"job.extra\['callback'\]"):
-        encode_job(7, job)
+        encode_command(command(7, job))
 
 
 def test_group_settings_are_checked_before_anything_starts(checkpoint, tmp_path):
