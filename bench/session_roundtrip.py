@@ -64,6 +64,12 @@ def measure(runtime, size: str, calls: int) -> dict:
             walls.append(time.perf_counter() - began)
             computes.append(events[-1].seconds_per_step)
     trips = [w - c for w, c in zip(walls, computes)][3:]  # the first calls build buffers
+    buffer, copies = torch.empty_like(x), []
+    for _ in range(20):  # what the controller itself copies per call: x into shared memory, the flow out of it
+        began = time.perf_counter()
+        buffer.copy_(x)
+        buffer.clone()
+        copies.append(time.perf_counter() - began)
     return {
         "size": size,
         "latent_mib": x.numel() * 4 / 2**20,
@@ -71,6 +77,7 @@ def measure(runtime, size: str, calls: int) -> dict:
         "compute_ms": 1e3 * statistics.median(computes[3:]),
         "round_trip_ms": 1e3 * statistics.median(trips),
         "round_trip_p90_ms": 1e3 * sorted(trips)[int(0.9 * len(trips))],
+        "copies_ms": 1e3 * statistics.median(copies),
     }
 
 
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"world size {args.world_size}, {row['size']} ({row['latent_mib']:.2f} MiB latent): call "
                     f"{row['call_ms']:.2f} ms, ranks' compute {row['compute_ms']:.2f} ms, round trip "
                     f"{row['round_trip_ms']:.2f} ms (p90 {row['round_trip_p90_ms']:.2f}) = {100 * share:.2f}% of a "
-                    f"{STEP_S_1_3B_480P_N2} s 1.3B 480p step at N = 2",
+                    f"{STEP_S_1_3B_480P_N2} s 1.3B 480p step at N = 2; of it the controller's two latent copies "
+                    f"{row['copies_ms']:.2f} ms",
                     flush=True,
                 )
         finally:

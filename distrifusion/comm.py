@@ -92,6 +92,20 @@ class _ManagerBase:
     name = "?"
     handles: list
 
+    def __init__(
+        self,
+        *,
+        group: dist.ProcessGroup | None,
+        group_rank: int,
+        group_size: int,
+        device: torch.device,
+        comm_checkpoint: int = DEFAULT_COMM_CHECKPOINT,
+    ):
+        """The ranks of ``group`` that share one batch item's tokens; ``comm_checkpoint`` layers per all-gather."""
+        self.group, self.group_rank, self.group_size = group, group_rank, group_size
+        self.device = torch.device(device)
+        self.comm_checkpoint = max(1, int(comm_checkpoint))
+
     def wait(self, idx: int) -> None:
         """Block until the all-gather that carries layer ``idx`` has landed (no-op if none is pending)."""
         handle = self.handles[idx] if self.handles is not None else None
@@ -112,18 +126,8 @@ class BuiltinCommManager(_ManagerBase):
 
     name = "builtin"
 
-    def __init__(
-        self,
-        *,
-        group: dist.ProcessGroup | None,
-        group_rank: int,
-        group_size: int,
-        device: torch.device,
-        comm_checkpoint: int = DEFAULT_COMM_CHECKPOINT,
-    ):
-        self.group, self.group_rank, self.group_size = group, group_rank, group_size
-        self.device = torch.device(device)
-        self.comm_checkpoint = max(1, int(comm_checkpoint))
+    def __init__(self, **topology):
+        super().__init__(**topology)
         self.torch_dtype: torch.dtype | None = None
         self.shapes: list[tuple[int, ...]] = []
         self.numels: list[int] = []
@@ -232,26 +236,18 @@ class OfficialCommManager(_ManagerBase):
 
     name = "official"
 
-    def __init__(
-        self,
-        *,
-        group: dist.ProcessGroup | None,
-        group_rank: int,
-        group_size: int,
-        device: torch.device,
-        comm_checkpoint: int = DEFAULT_COMM_CHECKPOINT,
-    ):
+    def __init__(self, **topology):
         from distrifuser.utils import PatchParallelismCommManager
 
-        self.group, self.group_rank, self.group_size = group, group_rank, group_size
+        super().__init__(**topology)
         self.topology = _OfficialTopology(
             rank=dist.get_rank() if dist.is_initialized() else 0,
             world_size=dist.get_world_size() if dist.is_initialized() else 1,
-            device=torch.device(device),
-            n_device_per_batch=group_size,
-            group_rank=group_rank,
-            batch_group=group,
-            comm_checkpoint=max(1, int(comm_checkpoint)),
+            device=self.device,
+            n_device_per_batch=self.group_size,
+            group_rank=self.group_rank,
+            batch_group=self.group,
+            comm_checkpoint=self.comm_checkpoint,
         )
         self.manager = PatchParallelismCommManager(self.topology)
 

@@ -15,14 +15,68 @@ from .devices import device_memory, device_name, memory_in_use, memory_peak, res
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
 from .rank import load_rank_model, session_flow
-from .session import ForwardSession, JobCancelled, ProgressCallback, ProgressEvent
+from .session import ForwardSession, JobCancelled, ProgressEvent, Runtime
 from .settings import RuntimeSpec
 from .validation import check_job
 from .wire import describe_error
 
 
-class InProcessRunner:
+class LocalSession(ForwardSession):
+    """A forward session on the ``InProcessRunner``'s model."""
+
+    def __init__(self, runner: InProcessRunner, job, progress, cancelled, return_uncond):
+        runner.start()
+        super().__init__(job, job.latent_shape(runner._model.config.out_dim), progress, cancelled, return_uncond)
+        self.runner = runner
+        self.flow = None
+
+    def __enter__(self) -> LocalSession:
+        runner = self.runner
+        runner._prepare(self.job, self._cancelled)
+        self.flow = session_flow(
+            runner._model,
+            runner.parallel,
+            0,
+            runner._device,
+            self.job,
+            self.shape[0],
+            self.return_uncond,
+        )
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._open, self.flow = False, None
+        if isinstance(exc, JobCancelled):
+            exc.stopped_steps = {0: self.calls}
+        elif exc is None:
+            self.runner._jobs_run += 1
+        else:
+            self.runner._last_error = describe_error(exc)
+
+    def _evaluate(self, x, t):
+        device = self.runner._device
+        began = time.perf_counter()
+        with torch.no_grad():
+            flow = self.flow(x.to(device), t)
+        uncond = self.flow.last_uncond if self.flow.return_uncond else None
+        flow = flow.to("cpu")
+        uncond = None if uncond is None else uncond.to("cpu")
+        return flow, uncond, time.perf_counter() - began, (memory_in_use(device),)
+
+    def _record(self, event: ProgressEvent) -> None:
+        self.runner._progress = {
+            "step": event.step,
+            "total": event.total,
+            "seconds_per_step": event.seconds_per_step,
+            "memory": event.memory_per_rank[0],
+        }
+
+
+class InProcessRunner(Runtime):
     """World size 1: the same interface as ``WorkerGroup``, with the model in this process."""
+
+    session_class = LocalSession
 
     def __init__(self, spec: RuntimeSpec):
         if spec.world_size != 1:
@@ -49,17 +103,6 @@ class InProcessRunner:
         self._free_before_load = device_memory(self._device)[0]
         self._model = load_rank_model(self.spec, self._device)
         return self
-
-    def forward_session(
-        self,
-        job: GenerationJob,
-        progress: ProgressCallback | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        *,
-        return_uncond: bool = False,
-    ) -> ForwardSession:
-        """Model evaluations driven by the caller, in this process; same contract as ``WorkerGroup.forward_session``."""
-        return _LocalSession(self, job, progress, cancelled, return_uncond)
 
     def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
         """Load the model when needed, check ``job`` and its memory, reset the progress."""
@@ -124,62 +167,4 @@ class InProcessRunner:
             "quantization": self.spec.quantization,
             "device": self.spec.device,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
-        }
-
-    def __enter__(self) -> InProcessRunner:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _LocalSession(ForwardSession):
-    """A forward session on the ``InProcessRunner``'s model."""
-
-    def __init__(self, runner: InProcessRunner, job, progress, cancelled, return_uncond):
-        runner.start()
-        super().__init__(job, job.latent_shape(runner._model.config.out_dim), progress, cancelled, return_uncond)
-        self.runner = runner
-        self.flow = None
-
-    def __enter__(self) -> _LocalSession:
-        runner = self.runner
-        runner._prepare(self.job, self._cancelled)
-        self.flow = session_flow(
-            runner._model,
-            runner.parallel,
-            0,
-            runner._device,
-            self.job,
-            self.shape[0],
-            self.return_uncond,
-        )
-        self._open = True
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._open, self.flow = False, None
-        if isinstance(exc, JobCancelled):
-            exc.stopped_steps = {0: self.calls}
-        elif exc is None:
-            self.runner._jobs_run += 1
-        else:
-            self.runner._last_error = describe_error(exc)
-
-    def _evaluate(self, x, t):
-        device = self.runner._device
-        began = time.perf_counter()
-        with torch.no_grad():
-            flow = self.flow(x.to(device), t)
-        uncond = self.flow.last_uncond if self.flow.return_uncond else None
-        flow = flow.to("cpu")
-        uncond = None if uncond is None else uncond.to("cpu")
-        return flow, uncond, time.perf_counter() - began, (memory_in_use(device),)
-
-    def _record(self, event: ProgressEvent) -> None:
-        self.runner._progress = {
-            "step": event.step,
-            "total": event.total,
-            "seconds_per_step": event.seconds_per_step,
-            "memory": event.memory_per_rank[0],
         }

@@ -123,6 +123,42 @@ class ForwardSession:
         return flow
 
 
+class Runtime:
+    """What the worker group and the in-process runner share: forward sessions and a ``with`` lifetime."""
+
+    session_class: type[ForwardSession]
+
+    def start(self) -> Runtime:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def forward_session(
+        self,
+        job: GenerationJob,
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        *,
+        return_uncond: bool = False,
+    ) -> ForwardSession:
+        """A ``ForwardSession`` for ``job``'s conditioning, cfg, sync frequency and latent size (``job.latent``'s
+        shape, else width/height/length); ``job.steps`` is the expected number of calls.
+
+        ``with runtime.forward_session(job) as model: flow = model(x, t)``. On a worker group a dead, failing or
+        hung rank raises ``WorkerFailed`` from the call (the group is stopped; the next session restarts it).
+        ``return_uncond`` also returns the negative prompt's flow (``model.last_uncond``), batching cond and uncond
+        even at cfg 1, for ComfyUI's CFG++ samplers.
+        """
+        return self.session_class(self, job, progress, cancelled, return_uncond)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class GroupSession(ForwardSession):
     """A forward session on a ``WorkerGroup``'s ranks: holds the group's run lock from ``__enter__`` to ``__exit__``.
 
@@ -131,6 +167,11 @@ class GroupSession(ForwardSession):
     """
 
     def __init__(self, group, job: GenerationJob, progress, cancelled, return_uncond: bool):
+        if not group.is_leader:
+            raise WanDistriFusionError(
+                f"rank: this group holds ranks {group.spec.first_rank}..{group.spec.local_rank_ids[-1]}; "
+                "jobs are submitted on the host that runs rank 0."
+            )
         config = group.model_config
         super().__init__(job, job.latent_shape(config.out_dim if config else 16), progress, cancelled, return_uncond)
         self.group = group

@@ -25,7 +25,7 @@ from .in_process import InProcessRunner
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
 from .processes import RankProcesses, describe_exit
-from .session import GroupSession, JobCancelled, ProgressCallback, ProgressEvent, WorkerFailed
+from .session import GroupSession, JobCancelled, ProgressEvent, Runtime, WorkerFailed
 from .settings import RuntimeSpec
 from .store import OpenSession, StopServing, connect_store, encode_command, store_drop, store_put
 from .supervision import STARTING, RemoteRanks, Supervisor
@@ -55,13 +55,15 @@ def _close_all() -> None:
             logger.exception("closing a worker group at exit failed")
 
 
-class WorkerGroup:
+class WorkerGroup(Runtime):
     """Ranks ``spec.local_rank_ids`` of a patch-parallel group, one process each.
 
     The group that holds rank 0 (``spec.first_rank == 0``) hosts the rendezvous store on
     ``spec.master_addr:master_port`` and runs sessions; a group with ``first_rank > 0`` (another host, see
     ``cli.py worker``) joins it and gets its commands from there.
     """
+
+    session_class = GroupSession
 
     def __init__(self, spec: RuntimeSpec):
         self.spec = spec
@@ -123,29 +125,6 @@ class WorkerGroup:
             logger.info("worker group ready: %s", self._describe())
             return self
 
-    def forward_session(
-        self,
-        job: GenerationJob,
-        progress: ProgressCallback | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        *,
-        return_uncond: bool = False,
-    ) -> GroupSession:
-        """A forward session on every rank for ``job``'s conditioning, cfg, sync frequency and latent size
-        (``job.latent``'s shape, else width/height/length); ``job.steps`` is the expected number of calls.
-
-        ``with group.forward_session(job) as model: flow = model(x, t)``. A dead, failing or hung rank raises
-        ``WorkerFailed`` from the call (the group is stopped; the next session restarts it). ``return_uncond`` also
-        returns the negative prompt's flow (``model.last_uncond``), batching cond and uncond even at cfg 1, for
-        ComfyUI's CFG++ samplers.
-        """
-        if not self.is_leader:
-            raise WanDistriFusionError(
-                f"rank: this group holds ranks {self.spec.first_rank}..{self.spec.local_rank_ids[-1]}; "
-                "jobs are submitted on the host that runs rank 0."
-            )
-        return GroupSession(self, job, progress, cancelled, return_uncond)
-
     def close(self) -> None:
         """Stop every local rank (asked, then terminated, then killed) and free the store; idempotent."""
         self.supervisor.closing = True
@@ -168,12 +147,6 @@ class WorkerGroup:
             self._store = None
             self._raw_store = None  # the last reference: the store server stops, remote ranks exit
             self.remote = self.supervisor.remote = None
-
-    def __enter__(self) -> WorkerGroup:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- what a session asks of the group -----------------------------------------------------
 
