@@ -568,9 +568,8 @@ def test_sampler_node_checks_the_video_size_before_the_workers_start(files, no_s
     from wan_distrifusion.nodes.sampler import check_before_sending
 
     def model(**overrides) -> DistriFusionModel:
-        settings = RuntimeSettings(
-            "tiny", str(files["good"]), (0, 0), "fp32", "disabled", parallel(**overrides), "cpu", 2, 0
-        )
+        spec = RuntimeSpec(str(files["good"]), parallel(**overrides), "fp32", "disabled", "cpu", 2, 0)
+        settings = RuntimeSettings("tiny", (0, 0), spec)
         return DistriFusionModel(settings)
 
     cases = [

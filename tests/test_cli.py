@@ -270,7 +270,7 @@ def test_cli_worker_once_exits_non_zero_when_it_cannot_join(files, tmp_path):
 
 def test_a_killed_clis_scratch_folder_is_removed_once_its_pid_is_gone(files, tmp_path):
     """``cli.py generate`` names its scratch folder after its pid, so a later run can tell it is an orphan."""
-    from wan_distrifusion.distrifusion.workers import remove_orphaned_log_dirs
+    from wan_distrifusion.distrifusion.processes import remove_orphaned_log_dirs
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
