@@ -169,11 +169,11 @@ def _load_latent(path: str):
     return tensors["latent"].float()
 
 
-def _take_latent_size(job, given: dict) -> None:
-    """The size of ``job.latent`` becomes the job's; a ``--width/--height/--length`` that differs is refused."""
+def _take_latent_size(job, given: dict):
+    """The job with ``job.latent``'s size; a ``--width/--height/--length`` that differs is refused."""
     errors = _module("wanvideo.errors")
     if job.latent.dim() != 5:
-        return  # the runtime's check names the shape it expects
+        return job  # the runtime's check names the shape it expects
     _, _, frames, rows, cols = job.latent.shape
     real = {"width": cols * 8, "height": rows * 8, "length": (frames - 1) * 4 + 1}
     conflicts = [f"--{name} {given[name]}" for name in real if given[name] is not None and given[name] != real[name]]
@@ -183,7 +183,7 @@ def _take_latent_size(job, given: dict) -> None:
             f"but {', '.join(conflicts)} was given; drop --width/--height/--length (the latent sets the size) or "
             f"set them to {real['width']}, {real['height']} and {real['length']}."
         )
-    job.width, job.height, job.length = real["width"], real["height"], real["length"]
+    return job.with_changes(**real)
 
 
 def check_out(path: str) -> Path:
@@ -308,11 +308,9 @@ def generate(args: argparse.Namespace) -> int:
         denoise=args.denoise,
         sync_frequency=args.sync_frequency,
     )
-    job.validate()  # settings first: a bad flag fails before anything starts
-    validation.check_solver(job)
+    validation.check_solver(job)  # settings first (the job checked itself): a bad flag fails before anything starts
     if args.latent:
-        job.latent = _load_latent(args.latent)
-        _take_latent_size(job, given_size)
+        job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
     out = check_out(args.out)
     processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
@@ -325,13 +323,14 @@ def generate(args: argparse.Namespace) -> int:
         config = loading.inspect_wan_checkpoint(model_path).config
         text_dim = config.text_dim
         if args.context:
-            job.positive, job.negative = _load_context(args.context)
+            positive, negative = _load_context(args.context)
         else:
-            job.positive, job.negative = random_context(text_dim, args.seed)
+            positive, negative = random_context(text_dim, args.seed)
             print(
-                f"no --context given: seeded random text context ({job.positive.shape[1]} tokens x {text_dim}, seed {args.seed})"
+                f"no --context given: seeded random text context ({positive.shape[1]} tokens x {text_dim}, seed {args.seed})"
             )
-        job.validate(text_dim=text_dim)
+        job = job.with_changes(positive=positive, negative=negative)
+        job.check_text_dim(text_dim)
         check_before_starting(args, job, parallel, config, device, precision)
 
         where = (

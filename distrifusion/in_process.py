@@ -106,7 +106,6 @@ class InProcessRunner(Runtime):
 
     def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
         """Load the model when needed, check ``job`` and its memory, reset the progress."""
-        job.validate()
         self.start()
         config = self._model.config
         check_job(config, self.parallel, job)

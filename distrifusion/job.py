@@ -1,18 +1,20 @@
-"""What one generation asks of the runtime: latents, conditioning and sampler settings."""
+"""What one generation asks of the runtime: latents, conditioning and sampler settings, checked when built."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationJob:
-    """One clip. Tensors live on the CPU; every rank rebuilds the same noise from ``seed``."""
+    """One clip. Tensors live on the CPU; every rank rebuilds the same noise from ``seed``. Frozen and checked
+    when built (``with_changes`` makes a changed copy, checked again); ``check_text_dim`` is the one check that
+    needs the model."""
 
     positive: torch.Tensor
     """Text context ``[1, L, text_dim]`` (the sampler pads it to 512 tokens)."""
@@ -37,8 +39,11 @@ class GenerationJob:
             return tuple(self.latent.shape)
         return (1, channels, (self.length - 1) // 4 + 1, self.height // 8, self.width // 8)
 
-    def validate(self, text_dim: int | None = None) -> GenerationJob:
-        """Raise ``WanDistriFusionError`` naming the widget that cannot work; return self."""
+    def with_changes(self, **changes) -> GenerationJob:
+        return replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        """Raise ``WanDistriFusionError`` naming the widget that cannot work."""
         if self.width % 16 or self.width < 16:
             raise WanDistriFusionError(f"width: {self.width} is not a positive multiple of 16; use e.g. 832 or 1280.")
         if self.height % 16 or self.height < 16:
@@ -61,14 +66,22 @@ class GenerationJob:
             raise WanDistriFusionError(f"denoise: {self.denoise} must be in (0, 1].")
         if self.sync_frequency < 0:
             raise WanDistriFusionError(f"sync frequency: {self.sync_frequency} must be 0 (never) or more.")
-        for name, cond in (("positive", self.positive), ("negative", self.negative)):
-            if cond is None:
-                continue
+        for name, cond in self._conditionings():
             if cond.dim() != 3 or cond.shape[0] != 1:
                 raise WanDistriFusionError(f"{name}: conditioning must be [1, tokens, width], got {list(cond.shape)}.")
-            if text_dim is not None and cond.shape[-1] != text_dim:
+
+    def check_text_dim(self, text_dim: int) -> None:
+        """The conditioning is as wide as the model's text input (``WanConfig.text_dim``)."""
+        for name, cond in self._conditionings():
+            if cond.shape[-1] != text_dim:
                 raise WanDistriFusionError(
                     f"{name}: conditioning is {cond.shape[-1]} wide but the model expects {text_dim}; "
                     "encode the prompt with Wan's umT5 text encoder (Load CLIP, type wan)."
                 )
-        return self
+
+    def _conditionings(self) -> list[tuple[str, torch.Tensor]]:
+        return [
+            (name, cond)
+            for name, cond in (("positive", self.positive), ("negative", self.negative))
+            if cond is not None
+        ]

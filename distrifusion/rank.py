@@ -35,7 +35,7 @@ def parallel_model(model, config: ParallelConfig, rank: int, device: str | torch
 def job_model(model, config: ParallelConfig, rank: int, device: str | torch.device, job: GenerationJob):
     """What this rank calls for ``job``'s model evaluations: the plain model (world size 1) or its ``ParallelWan``
     with the step count reset (each call = one step). Collective on first use: every rank calls it."""
-    job.validate(text_dim=model.config.text_dim)
+    job.check_text_dim(model.config.text_dim)
     if config.world_size == 1:
         return model
     runner = parallel_model(model, config, rank, device)

@@ -100,7 +100,7 @@ def check_before_start(
 
 def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -> None:
     """``job`` fits the model (conditioning width, latent channels) and the topology (every rank gets tokens)."""
-    job.validate(text_dim=config.text_dim)
+    job.check_text_dim(config.text_dim)
     if job.latent is not None:
         shape = tuple(job.latent.shape)
         if len(shape) != 5 or shape[1] != config.out_dim:

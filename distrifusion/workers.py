@@ -152,7 +152,6 @@ class WorkerGroup(Runtime):
 
     def open_command(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> int:
         """Start the group when needed, check ``job`` and reserve its command number (holding the run lock)."""
-        job.validate()
         if not self.alive:
             self.start()
         check_job(self.model_config, self.parallel, job)

@@ -126,6 +126,11 @@ class OfficialDistriFusionSampler:
 
         mm = _comfy.model_management()
         latent_format = _comfy.wan21_latent_format()
+        start = None
+        if latent is not None:
+            start = latent_to_model_space(latent, latent_format)
+            _, _, frames, rows, cols = start.shape
+            width, height, length = cols * 8, rows * 8, (frames - 1) * 4 + 1
         job = GenerationJob(
             positive=conditioning_context(positive, "positive"),
             negative=conditioning_context(negative, "negative"),
@@ -140,12 +145,8 @@ class OfficialDistriFusionSampler:
             scheduler=scheduler,
             denoise=denoise,
             sync_frequency=sync_frequency,
+            latent=start,
         )
-        if latent is not None:
-            job.latent = latent_to_model_space(latent, latent_format)
-            _, _, frames, rows, cols = job.latent.shape
-            job.width, job.height, job.length = cols * 8, rows * 8, (frames - 1) * 4 + 1
-        job.validate()
         check_before_sending(model, job, return_uncond=comfy_sampling.needs_uncond(sampler))
         shape = job.latent_shape(LATENT_CHANNELS)
         latent_image = job.latent if job.latent is not None else torch.zeros(shape)

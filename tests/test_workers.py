@@ -391,9 +391,7 @@ def test_workers_exit_when_the_controller_dies(hyphenated_controller):
 
 
 def test_job_payload_round_trips_without_pickle():
-    job = tiny_job()
-    job.latent = torch.randn(1, 4, 2, 6, 8)
-    job.extra = {"clip_fea": torch.randn(1, 3, 5), "note": {"a": [1, 2]}}
+    job = tiny_job(latent=torch.randn(1, 4, 2, 6, 8), extra={"clip_fea": torch.randn(1, 3, 5), "note": {"a": [1, 2]}})
 
     def command(number, job):
         return OpenSession(number, job, (1, 4, 2, 6, 8), False, "latents", (0, 1))
@@ -404,9 +402,9 @@ def test_job_payload_round_trips_without_pickle():
     assert torch.equal(back.positive, job.positive) and torch.equal(back.latent, job.latent)
     assert torch.equal(back.extra["clip_fea"], job.extra["clip_fea"]) and back.extra["note"] == {"a": [1, 2]}
     assert (back.steps, back.seed, back.sampler) == (job.steps, job.seed, job.sampler)
-    job.negative = None
+    job = job.with_changes(negative=None)
     assert decode_command(encode_command(command(6, job))).job.negative is None
-    job.extra = {"callback": print}
+    job = job.with_changes(extra={"callback": print})
     with pytest.raises(WanDistriFusionError, match=r"job.extra\['callback'\]"):
         encode_command(command(7, job))
 

@@ -284,7 +284,7 @@ def reference_latent(base: Path, wan21, sampler: dict, *, latent_seed: int | Non
     )
     if latent_seed is not None:
         comfy_latent = test_nodes.DistriFusionTestLatent().make(latent_seed, **size)[0]["samples"]
-        job.latent = wan21.process_in(comfy_latent)
+        job = job.with_changes(latent=wan21.process_in(comfy_latent))
     latent = sample(
         model,
         job.positive,
