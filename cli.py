@@ -259,17 +259,41 @@ def check_before_starting(args, job, parallel, config, device: str, precision: s
         memory_plan.check_host_memory(plan, ranks)
 
 
+JOB_FLAGS = (
+    "width",
+    "height",
+    "length",
+    "steps",
+    "cfg",
+    "shift",
+    "seed",
+    "sampler",
+    "scheduler",
+    "denoise",
+    "sync_frequency",
+)
+"""``GenerationJob`` fields, each the flag of the same name."""
+PARALLEL_FLAGS = {
+    "world_size": "world_size",
+    "split_mode": "split",
+    "patch_size": "patch_size",
+    "patch_overlap": "patch_overlap",
+    "mode": "mode",
+    "cfg_parallel": "cfg_parallel",
+    "warmup_steps": "warmup_steps",
+    "kv_dtype": "kv_dtype",
+    "comm_backend": "comm_backend",
+    "attention_backend": "attention_backend",
+    "compile_blocks": "compile",
+}
+"""``ParallelConfig`` field -> the flag that sets it (``--split``, ``--compile``: the short names of the CLI)."""
+
+
 def generate(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
-    config_module = _module("distrifusion.config")
-    job_module = _module("distrifusion.job")
-    loading = _module("wanvideo.loading")
     validation = _module("distrifusion.validation")
-    workers = _module("distrifusion.workers")
     processes = _module("distrifusion.processes")
-    run_job = _module("distrifusion.run").run_job
 
     began = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,34 +303,11 @@ def generate(args: argparse.Namespace) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    parallel = config_module.ParallelConfig(
-        world_size=args.world_size,
-        split_mode=args.split,
-        patch_size=args.patch_size,
-        patch_overlap=args.patch_overlap,
-        mode=args.mode,
-        cfg_parallel=args.cfg_parallel,
-        warmup_steps=args.warmup_steps,
-        kv_dtype=args.kv_dtype,
-        comm_backend=args.comm_backend,
-        attention_backend=args.attention_backend,
-        compile_blocks=args.compile,
+    parallel = _module("distrifusion.config").ParallelConfig(
+        **{field: getattr(args, flag) for field, flag in PARALLEL_FLAGS.items()}
     )
-    placeholder = torch.zeros(1, 1, 1)
-    job = job_module.GenerationJob(
-        positive=placeholder,
-        negative=None,
-        width=args.width,
-        height=args.height,
-        length=args.length,
-        steps=args.steps,
-        cfg=args.cfg,
-        shift=args.shift,
-        seed=args.seed,
-        sampler=args.sampler,
-        scheduler=args.scheduler,
-        denoise=args.denoise,
-        sync_frequency=args.sync_frequency,
+    job = _module("distrifusion.job").GenerationJob(
+        positive=torch.zeros(1, 1, 1), negative=None, **{name: getattr(args, name) for name in JOB_FLAGS}
     )
     validation.check_solver(job)  # settings first (the job checked itself): a bad flag fails before anything starts
     if args.latent:
@@ -315,30 +316,10 @@ def generate(args: argparse.Namespace) -> int:
     processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
     with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
-        if args.model:
-            model_path = Path(args.model).expanduser()
-        else:
-            print(TINY_NOTICE, flush=True)
-            model_path = build_tiny_checkpoint(Path(scratch), seed=0)
-        config = loading.inspect_wan_checkpoint(model_path).config
-        text_dim = config.text_dim
-        if args.context:
-            positive, negative = _load_context(args.context)
-        else:
-            positive, negative = random_context(text_dim, args.seed)
-            print(
-                f"no --context given: seeded random text context ({positive.shape[1]} tokens x {text_dim}, seed {args.seed})"
-            )
-        job = job.with_changes(positive=positive, negative=negative)
-        job.check_text_dim(text_dim)
+        model_path, config, job = _model_and_context(args, job, Path(scratch))
         check_before_starting(args, job, parallel, config, device, precision)
-
-        where = (
-            f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)"
-            if args.world_size > 1
-            else "in-process"
-        )
-        print(f"starting {where} on {device}, {precision} ...", flush=True)
+        where = f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)" if args.world_size > 1 else ""
+        print(f"starting {where or 'in-process'} on {device}, {precision} ...", flush=True)
         spec = _module("distrifusion.settings").RuntimeSpec(
             str(model_path),
             parallel,
@@ -351,56 +332,71 @@ def generate(args: argparse.Namespace) -> int:
             step_timeout_s=args.step_timeout,
             start_timeout_s=args.start_timeout,
         )
-        runtime = workers.start_runtime(spec)
+        runtime = _module("distrifusion.workers").start_runtime(spec)
         try:
             started = time.perf_counter()
             print(f"ready in {started - began:.1f} s", flush=True)
-            bar = tqdm(total=job.steps, unit="step", desc="sampling", dynamic_ncols=True)
-
-            def progress(event) -> None:
-                bar.total = event.total
-                memory = "/".join(f"{m / 2**30:.1f}" for m in event.memory_per_rank)
-                bar.set_postfix_str(f"{event.seconds_per_step:.2f} s/step, mem {memory} GiB", refresh=False)
-                bar.update(event.step - bar.n)
-
-            try:
-                latent = run_job(runtime, job, progress=progress)
-            finally:
-                bar.close()
+            latent = _sample_with_bar(runtime, job)
             sampled = time.perf_counter()
             status = runtime.status()
         finally:
             runtime.close()
 
-    metadata = {
-        "model": str(args.model or "tiny random Wan"),
-        "settings": json.dumps(
-            {
-                "width": job.width,
-                "height": job.height,
-                "length": job.length,
-                "steps": job.steps,
-                "cfg": job.cfg,
-                "shift": job.shift,
-                "seed": job.seed,
-                "sampler": job.sampler,
-                "scheduler": job.scheduler,
-                "denoise": job.denoise,
-                "sync_frequency": job.sync_frequency,
-                "precision": precision,
-                "quantization": args.quantization,
-                "device": device,
-                "parallel": parallel.to_dict(),
-            }
-        ),
-    }
-    save_latent(latent, out, metadata)
+    save_latent(latent, out, _metadata(args, job, spec))
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
         f"(start {started - began:.1f} s, sampling {sampled - started:.1f} s, "
         f"{(sampled - started) / max(job.steps, 1):.2f} s/step, comm {status.get('comm_backend')})"
     )
     return 0
+
+
+def _model_and_context(args: argparse.Namespace, job, scratch: Path):
+    """The checkpoint (``--model``, or a tiny random one in ``scratch``), its config, and ``job`` with the text
+    context (``--context``, or a seeded random one) checked against it."""
+    if args.model:
+        model_path = Path(args.model).expanduser()
+    else:
+        print(TINY_NOTICE, flush=True)
+        model_path = build_tiny_checkpoint(scratch, seed=0)
+    config = _module("wanvideo.loading").inspect_wan_checkpoint(model_path).config
+    if args.context:
+        positive, negative = _load_context(args.context)
+    else:
+        positive, negative = random_context(config.text_dim, args.seed)
+        print(
+            f"no --context given: seeded random text context ({positive.shape[1]} tokens x {config.text_dim}, "
+            f"seed {args.seed})"
+        )
+    job = job.with_changes(positive=positive, negative=negative)
+    job.check_text_dim(config.text_dim)
+    return model_path, config, job
+
+
+def _sample_with_bar(runtime, job):
+    """``job``'s final latent, with a tqdm bar of the steps (s/step, memory per rank)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=job.steps, unit="step", desc="sampling", dynamic_ncols=True)
+
+    def progress(event) -> None:
+        bar.total = event.total
+        memory = "/".join(f"{m / 2**30:.1f}" for m in event.memory_per_rank)
+        bar.set_postfix_str(f"{event.seconds_per_step:.2f} s/step, mem {memory} GiB", refresh=False)
+        bar.update(event.step - bar.n)
+
+    try:
+        return _module("distrifusion.run").run_job(runtime, job, progress=progress)
+    finally:
+        bar.close()
+
+
+def _metadata(args: argparse.Namespace, job, spec) -> dict:
+    """The output's metadata: the model and every setting the clip was made with."""
+    settings = {name: getattr(job, name) for name in JOB_FLAGS}
+    settings.update(precision=spec.precision, quantization=spec.quantization, device=spec.device)
+    settings["parallel"] = spec.parallel.to_dict()
+    return {"model": str(args.model or "tiny random Wan"), "settings": json.dumps(settings)}
 
 
 def worker(args: argparse.Namespace) -> int:

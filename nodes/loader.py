@@ -119,44 +119,10 @@ class OfficialDistriFusionModelLoader:
             return ""
         return f"{stat.st_size}-{stat.st_mtime_ns}"
 
-    def load(
-        self,
-        model,
-        precision,
-        quantization,
-        gpus,
-        patch_size,
-        patch_overlap,
-        split_mode,
-        world_size,
-        rank,
-        parallel_mode,
-        cfg_parallel,
-        warmup_steps,
-        attention,
-        kv_dtype,
-        comm_backend,
-        compile=False,
-    ):
+    def load(self, compile=False, **widgets):
+        """``widgets``: the inputs above by name (ComfyUI passes each as a keyword argument)."""
         warn_if_official_missing()
-        settings = build_settings(
-            model=model,
-            precision=precision,
-            quantization=quantization,
-            gpus=gpus,
-            patch_size=patch_size,
-            patch_overlap=patch_overlap,
-            split_mode=split_mode,
-            world_size=world_size,
-            rank=rank,
-            parallel_mode=parallel_mode,
-            cfg_parallel=cfg_parallel,
-            warmup_steps=warmup_steps,
-            attention=attention,
-            kv_dtype=kv_dtype,
-            comm_backend=comm_backend,
-            compile_blocks=compile,
-        )
+        settings = build_settings(**widgets, compile_blocks=compile)
         spec = settings.spec
         check_before_start(
             spec.model_path, spec.parallel, device=spec.device, local_ranks=spec.local_ranks, first_rank=spec.first_rank
