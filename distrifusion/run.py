@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..wanvideo.sampling import check_settings, sample_guided
+from ..wanvideo.sampling import sample_guided
 from .job import GenerationJob
 from .session import ProgressCallback
+from .validation import check_solver
 
 
 def run_job(
@@ -24,7 +25,7 @@ def run_job(
     ``cancelled()`` turns true between steps, ``WorkerFailed`` (group stopped) when a rank died, failed or hung; an
     exception from ``progress`` (e.g. ComfyUI's interrupt) ends the session on every rank and is re-raised.
     """
-    check_settings(job.sampler, job.scheduler, job.steps, job.shift, job.denoise, job.seed)  # before any rank works
+    check_solver(job)  # before any rank works
     with runtime.forward_session(job, progress, cancelled) as model:
         return sample_guided(
             model,

@@ -59,7 +59,7 @@ class ForwardSession:
 
     One call = one step of the runtime (the displaced mode's warm-up and stale-K/V counting, progress events,
     the step timeout). The cond/uncond batch, the 512-token context padding and ``uncond + cfg * (cond -
-    uncond)`` happen on the ranks (``wanvideo.sampling.GuidedFlow``, as in the job path). Use it as a context
+    uncond)`` happen on the ranks (``wanvideo.sampling.GuidedFlow``, as ``wanvideo.sampling.sample`` does). Use it as a context
     manager, from ``runtime.forward_session(job, ...)``; leaving the ``with`` block ends the session on every
     rank after the same call, also when an exception leaves it, and the runtime stays usable. ``cancelled()``
     is polled before each call: true raises ``JobCancelled``. An exception raised by ``progress`` propagates

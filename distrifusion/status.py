@@ -327,32 +327,7 @@ def format_report(report: dict) -> str:
     if not report.get("parallel_mode"):
         lines.append("   No Model Loader has run yet: its settings show here once it has.")
     else:
-        lines.append(
-            f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
-            f"attention {runtime.get('attention')}"
-        )
-        ranks = report.get("ranks") or {}
-        local = ranks.get("local") or []
-        local_text = f"{local[0]}-{local[-1]}" if len(local) > 1 else (str(local[0]) if local else "none")
-        devices = [d for d in ranks.get("devices") or [] if d]
-        lines.append(
-            f"📊 World size {report.get('world_size')}: ranks {local_text} on this host, "
-            f"{ranks.get('remote', 0)} on other hosts" + (f" ({', '.join(devices)})" if devices else "")
-        )
-        lines.append(
-            f"   mode {report['parallel_mode']}, CFG parallel {'on' if report.get('cfg_parallel') else 'off'}, "
-            f"warm-up {report.get('warmup_steps')} steps, K/V {report.get('kv_dtype')}"
-        )
-        patch = report.get("patch") or {}
-        lines.append(
-            f"🔲 Patch size {patch.get('size_px')} px, overlap {patch.get('overlap_px')} px, "
-            f"split mode {report.get('split_mode')}"
-        )
-        partition = report.get("partition_tokens")
-        if partition:
-            lines.append(f"   tokens per rank (last clip): {', '.join(str(n) for n in partition)}")
-        if runtime.get("memory_plan"):
-            lines.append(f"   memory plan: {runtime['memory_plan']}")
+        lines.extend(_topology_lines(report, runtime))
 
     step = report.get("step") or {}
     if step.get("total"):
@@ -371,3 +346,35 @@ def format_report(report: dict) -> str:
     if report.get("last_error"):
         lines.append(f"❌ Last error: {report['last_error']}")
     return "\n".join(lines)
+
+
+def _topology_lines(report: dict, runtime: dict) -> list[str]:
+    """The Loader's settings part of the report: precision, ranks, mode, patches, partition, memory plan."""
+    lines = []
+    lines.append(
+        f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
+        f"attention {runtime.get('attention')}"
+    )
+    ranks = report.get("ranks") or {}
+    local = ranks.get("local") or []
+    local_text = f"{local[0]}-{local[-1]}" if len(local) > 1 else (str(local[0]) if local else "none")
+    devices = [d for d in ranks.get("devices") or [] if d]
+    lines.append(
+        f"📊 World size {report.get('world_size')}: ranks {local_text} on this host, "
+        f"{ranks.get('remote', 0)} on other hosts" + (f" ({', '.join(devices)})" if devices else "")
+    )
+    lines.append(
+        f"   mode {report['parallel_mode']}, CFG parallel {'on' if report.get('cfg_parallel') else 'off'}, "
+        f"warm-up {report.get('warmup_steps')} steps, K/V {report.get('kv_dtype')}"
+    )
+    patch = report.get("patch") or {}
+    lines.append(
+        f"🔲 Patch size {patch.get('size_px')} px, overlap {patch.get('overlap_px')} px, "
+        f"split mode {report.get('split_mode')}"
+    )
+    partition = report.get("partition_tokens")
+    if partition:
+        lines.append(f"   tokens per rank (last clip): {', '.join(str(n) for n in partition)}")
+    if runtime.get("memory_plan"):
+        lines.append(f"   memory plan: {runtime['memory_plan']}")
+    return lines

@@ -5,7 +5,7 @@ The ranks check the same things again when they build their ``ParallelWan`` (``a
 then the group itself. These checks need only the widgets, this machine and the checkpoint's headers:
 
     config = check_before_start(path, parallel, device="cuda", local_ranks=2)   # Loader / WorkerGroup.start
-    check_job(config, parallel, job)                                          # Sampler / WorkerGroup.run
+    check_job(config, parallel, job)                                          # Sampler / WorkerGroup.open_command
     check_guidance(parallel, job)                                             # Sampler / cli.py
     check_solver(job)                                                         # cli.py (the ranks' own sampler)
 """
@@ -141,7 +141,7 @@ def check_guidance(parallel: ParallelConfig, job: GenerationJob, *, return_uncon
 
 
 def check_solver(job: GenerationJob) -> None:
-    """``job``'s sampler and scheduler are ones the ranks' own sampler runs (``cli.py``, ``WorkerGroup.run``)."""
+    """``job``'s sampler and scheduler are ones Wan's own solvers run (``cli.py``, ``run.run_job``)."""
     for setting, value, choices in (("sampler", job.sampler, SAMPLERS), ("scheduler", job.scheduler, SCHEDULERS)):
         if value not in choices:
             raise WanDistriFusionError(f"{setting}: {value!r} is unknown; choose one of {', '.join(choices)}.")
