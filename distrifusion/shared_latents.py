@@ -16,10 +16,18 @@ FILE_PREFIX = "wan-distrifusion-"
 group's start when a controller died before that (as its log folders)."""
 
 
-def shared_folder() -> Path:
-    """``/dev/shm`` where it exists (memory, not disk), else the temp folder."""
+def shared_folder(need_bytes: int = 0) -> Path:
+    """``/dev/shm`` where it exists with room for ``need_bytes`` twice over (memory, not disk; a container's is
+    often only 64 MiB, and writing past it would kill the process), else the temp folder."""
     shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    try:
+        usable = shm.is_dir() and os.access(shm, os.W_OK)
+        if usable and need_bytes:
+            stats = os.statvfs(shm)
+            usable = stats.f_bavail * stats.f_frsize >= 2 * need_bytes
+    except OSError:
+        usable = False
+    return shm if usable else Path(tempfile.gettempdir())
 
 
 class SharedLatents:
@@ -39,7 +47,7 @@ class SharedLatents:
     def create(cls, shape: tuple[int, ...]) -> SharedLatents:
         """A new file for ``shape`` (controller side)."""
         name = f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.latents"
-        return cls(shared_folder() / name, shape, create=True)
+        return cls(shared_folder(3 * 4 * math.prod(shape)) / name, shape, create=True)
 
     def unlink(self) -> None:
         """Remove the file's name; the mappings stay valid until both sides drop them."""
