@@ -220,7 +220,7 @@ def test_forward_session_of_two_equals_in_process_and_reports_every_call(group, 
     assert [event.step for event in events] == [1, 2, 3]
     assert all(len(event.memory_per_rank) == 2 and min(event.memory_per_rank) > 0 for event in events)
     assert group.status()["current_step"] == 3
-    assert relative_error(run_job(group, tiny_job()), reference) < 1e-5  # the job path still works after a session
+    assert relative_error(run_job(group, tiny_job()), reference) < 1e-5  # run_job after a raw session
 
 
 def test_forward_session_checks_its_input_and_ends(group, runner):
