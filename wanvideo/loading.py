@@ -93,6 +93,7 @@ _DIFFUSERS_MARKER = re.compile(
 _WAN_LIKE = re.compile(r"(^|\.)blocks\.\d+\.(self_attn|cross_attn|attn1|attn2)\.")
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
 _VERSION_IN_NAME = re.compile(r"wan[\W_]?(2)[\W_]?([12])(?!\d)", re.IGNORECASE)
+_GENERIC_NAME = re.compile(r"^(diffusion_pytorch_model|pytorch_model|model|diffusion_model)$", re.IGNORECASE)
 _EXPERT_IN_NAME = re.compile(r"(high|low)[\W_]?noise", re.IGNORECASE)
 _UNSUPPORTED_VARIANTS = (
     ("img_emb.emb_pos", "a Wan 2.1 first-last-frame (FLF2V) model"),
@@ -400,7 +401,7 @@ class _Checkpoint:
         stated = self._wan_config_metadata()
         version = stated.get("version") if stated.get("version") in VERSIONS else None
         expert = stated.get("expert") if stated.get("expert") in EXPERTS else None
-        names = " ".join(part for file in self.files[:1] for part in file.parts[-3:])
+        names = " ".join(self._naming_parts())
         if version is None and (match := _VERSION_IN_NAME.search(names)):
             version = f"{match.group(1)}.{match.group(2)}"
         if expert is None:
@@ -409,6 +410,15 @@ class _Checkpoint:
         if out_dim == WAN22_LATENT_CHANNELS or (version is None and (expert or (in_dim > out_dim and not clip_image))):
             version = "2.2"
         return version or "2.1", expert if version == "2.2" else ""
+
+    def _naming_parts(self) -> list[str]:
+        """The file's name, and its folders when the name says nothing (the original releases'
+        ``Wan2.2-T2V-A14B/high_noise_model/diffusion_pytorch_model-00001-of-00006.safetensors``)."""
+        if not self.files:
+            return []
+        file = self.files[0]
+        stem = _SHARD.sub(r"\g<stem>", file.name).removesuffix(".safetensors")
+        return list(file.parts[-3:]) if _GENERIC_NAME.match(stem) else [file.name]
 
     def _wan_config_metadata(self) -> dict:
         try:
