@@ -19,6 +19,7 @@ ARCHITECTURES = {
     "ti2v-5b": (dict(in_dim=48, out_dim=48), "Wan 2.2 TI2V 5B"),
     "i2v-a14b": (dict(in_dim=36, out_dim=16), "Wan 2.2 I2V A14B"),
     "i2v-wan21": (dict(in_dim=36, out_dim=16, model_type="i2v", image_dim=32), "Wan 2.1 I2V"),
+    "flf2v-wan21": (dict(in_dim=36, out_dim=16, model_type="i2v", image_dim=32, image_positions=514), "Wan 2.1 FLF2V"),
 }
 
 
@@ -29,7 +30,7 @@ def _inputs(config, seed=0):
     if config.concat_channels:
         kwargs["y"] = torch.randn(1, config.concat_channels, 2, 4, 6, generator=gen)
     if config.clip_image:
-        kwargs["clip_fea"] = torch.randn(1, 257, config.image_dim, generator=gen)
+        kwargs["clip_fea"] = torch.randn(1, 2 * 257 if config.image_positions else 257, config.image_dim, generator=gen)
     t = torch.tensor([[0.0, 600.0]]) if config.per_frame_timesteps else torch.tensor([600.0])
     return (x, t, torch.randn(1, 5, config.text_dim, generator=gen)), kwargs
 
@@ -47,7 +48,7 @@ def test_wan22_architectures_load_in_every_layout(tmp_path, name, layout):
         model.config.out_dim,
         2,
     )
-    assert info.config.version == ("2.1" if name == "i2v-wan21" else "2.2") and info.config.expert == ""
+    assert info.config.version == ("2.1" if name.endswith("wan21") else "2.2") and info.config.expert == ""
     loaded = load_wan_model(path)
     args, kwargs = _inputs(model.config)
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""Wan 2.2 TI2V 5B (48 channels, per-frame and per-token timesteps) and image-to-video (``y`` + CLIP tokens, Wan 2.1;
-``y`` only, Wan 2.2 A14B) through ``ParallelWan``: the exact modes equal the single process at 2, 3 and 4 ranks.
+"""Wan 2.2 TI2V 5B (48 channels, per-frame and per-token timesteps) and image-to-video (``y`` + CLIP tokens: Wan 2.1
+I2V and FLF2V; ``y`` only: Wan 2.2 A14B) through ``ParallelWan``: the exact modes equal the single process at 2, 3 and 4 ranks.
 
 Every mode (sync, ulysses, displaced during its warm-up) x split mode x CFG parallel x uneven token grid runs
 inside one gloo group per world size; each rank computes the single-process reference itself. In the temporal
@@ -24,6 +24,7 @@ CASES = {
     "ti2v-per-frame": (dict(in_dim=48, out_dim=48), "per_frame"),
     "ti2v-per-token": (dict(in_dim=48, out_dim=48), "per_token"),
     "wan21-i2v-y-clip": (dict(model_type="i2v"), "y_clip"),
+    "wan21-flf2v-y-clip": (dict(model_type="i2v", image_positions=514), "y_clip"),
     "wan22-i2v-a14b-y": (dict(in_dim=12), "y"),
 }
 
@@ -49,7 +50,8 @@ def _calls(config, kind: str, grid: tuple[int, int, int], seed: int = 0) -> list
         image = torch.randn(2, config.concat_channels - 4, frames, rows, cols, generator=gen)
         extra["y"] = torch.cat([mask, image], dim=1)
     if kind == "y_clip":
-        extra["clip_fea"] = torch.randn(2, 257, config.image_dim, generator=gen)
+        tokens = 2 * 257 if config.image_positions else 257  # FLF2V: the first and the last frame's
+        extra["clip_fea"] = torch.randn(2, tokens, config.image_dim, generator=gen)
     calls = []
     for step in range(STEPS):
         x = x + 0.3 * torch.randn(shape, generator=gen)

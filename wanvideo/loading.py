@@ -96,7 +96,6 @@ _VERSION_IN_NAME = re.compile(r"wan[\W_]?(2)[\W_]?([12])(?!\d)", re.IGNORECASE)
 _GENERIC_NAME = re.compile(r"^(diffusion_pytorch_model|pytorch_model|model|diffusion_model)$", re.IGNORECASE)
 _EXPERT_IN_NAME = re.compile(r"(high|low)[\W_]?noise", re.IGNORECASE)
 _UNSUPPORTED_VARIANTS = (
-    ("img_emb.emb_pos", "a Wan 2.1 first-last-frame (FLF2V) model"),
     ("vace_", "a Wan VACE model"),
     ("motion_encoder.", "a Wan Animate model"),
     ("face_adapter.", "a Wan Animate model"),
@@ -388,6 +387,7 @@ class _Checkpoint:
             image_dim=self.shape("img_emb.proj.1.weight")[1]
             if "img_emb.proj.1.weight" in names
             else WanConfig.image_dim,
+            image_positions=self.shape("img_emb.emb_pos")[1] if "img_emb.emb_pos" in names else 0,
             version=version,
             expert=expert,
         )
@@ -645,13 +645,20 @@ def _expected_size(file: Path) -> int | None:
 
 
 def _original_key_templates() -> list[str]:
-    """Every original-layout name a one-block I2V Wan has (block names stand for all blocks)."""
+    """Every original-layout name a one-block FLF2V Wan has (block names stand for all blocks)."""
     config = WanConfig(
-        dim=8, ffn_dim=8, num_heads=1, num_layers=1, text_dim=8, freq_dim=8, model_type="i2v", image_dim=8
+        dim=8,
+        ffn_dim=8,
+        num_heads=1,
+        num_layers=1,
+        text_dim=8,
+        freq_dim=8,
+        model_type="i2v",
+        image_dim=8,
+        image_positions=2,
     )
     with torch.device("meta"):
-        names = list(WanModel(config).state_dict())
-    return names + ["img_emb.emb_pos"]
+        return list(WanModel(config).state_dict())
 
 
 def _first(items: Iterable[str], count: int = 5) -> str:

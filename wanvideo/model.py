@@ -42,6 +42,8 @@ class WanConfig:
     model_type: str = "t2v"
     eps: float = 1e-6
     image_dim: int = 1280
+    image_positions: int = 0
+    """Wan 2.1 FLF2V: learned positions of the first and last frame's CLIP tokens (2 x 257); 0 for other models."""
     version: str = "2.1"
     """Wan release the weights come from: the loader reads "2.2" from the shapes (48-channel TI2V 5B, image
     channels without ``img_emb``: I2V A14B) or, for the A14B T2V experts (Wan 2.1 14B shapes), from the file."""
@@ -79,7 +81,7 @@ class WanConfig:
         if self.per_frame_timesteps:
             return "Wan 2.2 TI2V 5B"
         if self.clip_image:
-            return f"Wan {self.version} I2V"
+            return f"Wan {self.version} " + ("FLF2V" if self.image_positions else "I2V")
         task = "I2V" if self.concat_channels else "T2V"
         name = f"Wan {self.version} {task}"
         if self.version == "2.2":
@@ -313,7 +315,9 @@ class WanHead(nn.Module):
 
 
 class WanImageEmbedding(nn.Module):
-    def __init__(self, image_dim: int, dim: int):
+    """CLIP vision tokens to the model width; FLF2V adds learned positions to the first and last frame's tokens."""
+
+    def __init__(self, image_dim: int, dim: int, positions: int = 0):
         super().__init__()
         self.proj = nn.Sequential(
             nn.LayerNorm(image_dim),
@@ -322,8 +326,13 @@ class WanImageEmbedding(nn.Module):
             nn.Linear(image_dim, dim),
             nn.LayerNorm(dim),
         )
+        if positions:
+            self.emb_pos = nn.Parameter(torch.zeros(1, positions, image_dim))
 
     def forward(self, clip_features: Tensor) -> Tensor:
+        if hasattr(self, "emb_pos"):  # as many tokens as both: one image gets the first image's positions
+            positions = self.emb_pos.shape[1]
+            clip_features = clip_features[:, :positions] + self.emb_pos[:, : clip_features.shape[1]].to(clip_features)
         return self.proj(clip_features)
 
 
@@ -348,7 +357,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = WanHead(config)
         if config.model_type == "i2v":
-            self.img_emb = WanImageEmbedding(config.image_dim, dim)
+            self.img_emb = WanImageEmbedding(config.image_dim, dim, config.image_positions)
         self.compute_dtype = torch.float32
         """dtype activations run in; ``loading.py`` sets it (weights may be stored narrower, e.g. fp8)."""
 

@@ -1,4 +1,5 @@
-"""Our Wan DiT against ComfyUI's own ``WanModel`` on the same tiny checkpoints, one per architecture.
+"""Our Wan DiT against ComfyUI's own ``WanModel`` on the same tiny checkpoints, one per architecture (Wan 2.1 I2V
+and FLF2V with ``img_emb``, Wan 2.2 I2V A14B without it, Wan 2.2 TI2V 5B with 48 channels).
 
 ComfyUI (its own python, a subprocess) loads each file the way ``UNETLoader`` does (``comfy.sd.load_diffusion_model``:
 its key detection picks WAN21 / WAN22) and runs its diffusion model on inputs we wrote; we load the same file with
@@ -29,6 +30,12 @@ ARCHITECTURES = {
         "comfyui",
         "wan2.1_i2v_tiny.safetensors",
         "Wan 2.1 I2V",
+    ),
+    "wan21_flf2v": (
+        dict(model_type="i2v", in_dim=36, out_dim=16, image_positions=514),
+        "original",
+        "wan2.1_flf2v_tiny.safetensors",
+        "Wan 2.1 FLF2V",
     ),
     "wan22_i2v_a14b": (
         dict(in_dim=36, out_dim=16),
