@@ -3,8 +3,9 @@ and FLF2V with ``img_emb``, Wan 2.2 I2V A14B without it, Wan 2.2 TI2V 5B with 48
 
 ComfyUI (its own python, a subprocess) loads each file the way ``UNETLoader`` does (``comfy.sd.load_diffusion_model``:
 its key detection picks WAN21 / WAN22) and runs its diffusion model on inputs we wrote; we load the same file with
-``load_wan_model`` and compare in fp32. For the TI2V 5B the per-frame timesteps come from ComfyUI's own
-``WAN22.process_timestep`` on a denoise mask that keeps the first latent frame (``Wan22ImageToVideoLatent``).
+``load_wan_model`` and compare in fp32. For the TI2V 5B, our ``frame_timesteps`` must give what ComfyUI's own
+``WAN22.process_timestep`` makes of a denoise mask that keeps the first latent frame (``Wan22ImageToVideoLatent``)
+or part of a frame.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from comfy_harness import COMFYUI_PATH, COMFYUI_PYTHON
 from safetensors.torch import load_file, save_file
 from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
 from wan_distrifusion.wanvideo.loading import inspect_wan_checkpoint, load_wan_model
+from wan_distrifusion.wanvideo.sampling import frame_timesteps
 
 TOL = 1e-4
 COMFY_SHAPES = dict(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=4096, freq_dim=256, image_dim=1280)
@@ -104,6 +106,10 @@ def _calls(name: str, config, gen: torch.Generator) -> tuple[dict, list[dict]]:
         keep_first[:, :, 0] = 0.0  # Wan22ImageToVideoLatent's noise_mask: the image frame is kept
         inputs["keep_first"] = keep_first
         calls.append(dict(name="per_frame", x="x2", t="t2", context="context2", denoise_mask="keep_first"))
+        partly = keep_first.clone()
+        partly[0, :, 2, : rows // 2] = 0.25  # a frame partly kept: ComfyUI averages the mask over the frame
+        inputs["partly_kept"] = partly
+        calls.append(dict(name="partly_kept", x="x2", t="t2", context="context2", denoise_mask="partly_kept"))
         tokens = frames * (rows // 2) * (cols // 2)
         inputs["t_tokens"] = torch.rand(2, tokens, generator=gen) * 1000
         calls.append(dict(name="per_token", x="x2", t="t_tokens", context="context2"))
@@ -153,12 +159,10 @@ def test_same_forward_as_comfyui(comfy_outputs, name):
         for call in case["calls"]:
             t = inputs[call["t"]]
             if call.get("denoise_mask"):
-                t = load_file(f"{case['inputs']}.{call['name']}.t")["t"]
-                assert (
-                    t.shape == (2, LATENT[0])
-                    and (t[:, 0] == 0).all()
-                    and (t[:, 1:] == inputs[call["t"]][:, None]).all()
-                )
+                t = frame_timesteps(t, inputs[call["denoise_mask"]])
+                comfy_t = load_file(f"{case['inputs']}.{call['name']}.t")["t"]
+                assert t.shape == comfy_t.shape == (2, LATENT[0]) and (t[:, 0] == 0).all()
+                torch.testing.assert_close(t, comfy_t, rtol=1e-6, atol=1e-4)
             ours = model(
                 inputs[call["x"]],
                 t,
