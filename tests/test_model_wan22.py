@@ -113,3 +113,17 @@ def test_released_shapes_have_the_released_sizes(config, billions):
     with torch.device("meta"):
         model = WanModel(config)
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@torch.no_grad()
+def test_compiled_blocks_take_per_frame_timesteps_and_image_context():
+    for overrides, kwargs in (
+        (TI2V, {}),
+        (dict(model_type="i2v"), dict(y=torch.randn(2, 8, 3, 6, 8), clip_fea=torch.randn(2, 257, 32))),
+    ):
+        model = random_model(tiny_config(**overrides), seed=6)
+        x, context = _inputs(model.config)
+        t = torch.tensor([[0.0, 500.0, 500.0]] * 2) if model.config.per_frame_timesteps else torch.tensor([500.0] * 2)
+        eager = model(x, t, context, **kwargs)
+        model.compile_blocks(backend="aot_eager")
+        assert relative_error(model(x, t, context, **kwargs), eager) < FP32_ROUNDOFF
