@@ -18,8 +18,6 @@ from torch import Tensor, nn
 from .attention import AttentionFn, resolve_attention, sdpa_attention, sdpa_backend_order
 from .fp8 import concat_linears
 
-CLIP_TOKENS = 257
-"""Tokens of one CLIP vision embedding (ViT-H/14: 256 patches and the class token)."""
 WAN22_LATENT_CHANNELS = 48
 """Latent channels of the Wan 2.2 VAE (TI2V 5B); Wan 2.1 and Wan 2.2 A14B use 16."""
 VERSIONS = ("2.1", "2.2")
