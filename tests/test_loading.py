@@ -320,10 +320,10 @@ def test_unexpected_tensors(tmp_path, model):
 
 
 def test_unsupported_wan_variant(tmp_path):
-    config = tiny_config(model_type="i2v", num_layers=1)
-    state = dict(random_model(config).state_dict(), **{"img_emb.emb_pos": torch.zeros(1, 514, 32)})
-    message = _error(write_checkpoint(tmp_path / "flf2v.safetensors", state, config=config))
-    assert "first-last-frame" in message
+    config = tiny_config(num_layers=1)
+    state = dict(random_model(config).state_dict(), **{"vace_blocks.0.before_proj.weight": torch.zeros(64, 64)})
+    message = _error(write_checkpoint(tmp_path / "vace.safetensors", state, config=config))
+    assert "a Wan VACE model" in message
 
 
 @pytest.mark.parametrize("quantization", ["fp4", "int8", "FP8"])

@@ -76,7 +76,11 @@ def write_checkpoint(
         tensors[key] = tensor.detach().contiguous()
     info = None
     if metadata and config is not None:
-        info = {"wan_config": json.dumps({k: v for k, v in asdict(config).items() if k in ("num_heads", "eps", "dim")})}
+        info = {
+            "wan_config": json.dumps(
+                {k: v for k, v in asdict(config).items() if k in ("num_heads", "eps", "dim", "version", "expert")}
+            )
+        }
     path = Path(path)
     save_file(tensors, str(path), metadata=info)
     return path

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .errors import WanDistriFusionError
 from .fp8 import Fp8Linear, enable_fp8_matmul, quantize_fp8
-from .model import WanConfig, WanLayerNorm, WanModel, WanRMSNorm
+from .model import EXPERTS, VERSIONS, WAN22_LATENT_CHANNELS, WanConfig, WanLayerNorm, WanModel, WanRMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,10 @@ _DIFFUSERS_MARKER = re.compile(
 )
 _WAN_LIKE = re.compile(r"(^|\.)blocks\.\d+\.(self_attn|cross_attn|attn1|attn2)\.")
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+_VERSION_IN_NAME = re.compile(r"wan[\W_]?(2)[\W_]?([12])(?!\d)", re.IGNORECASE)
+_GENERIC_NAME = re.compile(r"^(diffusion_pytorch_model|pytorch_model|model|diffusion_model)$", re.IGNORECASE)
+_EXPERT_IN_NAME = re.compile(r"(high|low)[\W_]?noise", re.IGNORECASE)
 _UNSUPPORTED_VARIANTS = (
-    ("img_emb.emb_pos", "a Wan 2.1 first-last-frame (FLF2V) model"),
     ("vace_", "a Wan VACE model"),
     ("motion_encoder.", "a Wan Animate model"),
     ("face_adapter.", "a Wan Animate model"),
@@ -234,7 +236,7 @@ def _log_loaded(checkpoint: _Checkpoint, model: WanModel, quantization: str) -> 
         "loaded %s (%s layout): %s, %d layers, dim %d, %d heads, compute %s, weights %s",
         checkpoint.display_name,
         checkpoint.layout,
-        config.model_type,
+        config.variant,
         config.num_layers,
         config.dim,
         config.num_heads,
@@ -372,13 +374,15 @@ class _Checkpoint:
         heads, eps = (num_heads, WanConfig.eps) if num_heads else self._heads_and_eps(dim)
         if dim % heads:
             raise WanDistriFusionError(f"{self.display_name}: {heads} attention heads do not divide the width {dim}.")
+        out_dim = self.shape("head.head.weight")[0] // math.prod(patch_size)
+        version, expert = self._release(in_dim, out_dim, i2v)
         config = WanConfig(
             dim=dim,
             ffn_dim=self.shape("blocks.0.ffn.0.weight")[0],
             num_heads=heads,
             num_layers=max(layers) + 1,
             in_dim=in_dim,
-            out_dim=self.shape("head.head.weight")[0] // math.prod(patch_size),
+            out_dim=out_dim,
             text_dim=self.shape("text_embedding.0.weight")[1],
             freq_dim=self.shape("time_embedding.0.weight")[1],
             patch_size=patch_size,
@@ -387,9 +391,45 @@ class _Checkpoint:
             image_dim=self.shape("img_emb.proj.1.weight")[1]
             if "img_emb.proj.1.weight" in names
             else WanConfig.image_dim,
+            image_positions=self.shape("img_emb.emb_pos")[1] if "img_emb.emb_pos" in names else 0,
+            version=version,
+            expert=expert,
         )
         self._check_tensors(config)
         return config
+
+    def _release(self, in_dim: int, out_dim: int, clip_image: bool) -> tuple[str, str]:
+        """(Wan version, A14B expert): the shapes where they tell (48 channels: TI2V 5B), else the file's
+        ``wan_config`` metadata, else its name or folder (``wan2.2_t2v_high_noise_14B...``, ``high_noise_model/``),
+        else image channels without ``img_emb`` (I2V A14B). The A14B T2V experts have Wan 2.1 14B shapes."""
+        stated = self._wan_config_metadata()
+        version = stated.get("version") if stated.get("version") in VERSIONS else None
+        expert = stated.get("expert") if stated.get("expert") in EXPERTS else None
+        names = " ".join(self._naming_parts())
+        if version is None and (match := _VERSION_IN_NAME.search(names)):
+            version = f"{match.group(1)}.{match.group(2)}"
+        if expert is None:
+            match = _EXPERT_IN_NAME.search(names)
+            expert = f"{match.group(1).lower()}_noise" if match else ""
+        if out_dim == WAN22_LATENT_CHANNELS or (version is None and (expert or (in_dim > out_dim and not clip_image))):
+            version = "2.2"
+        return version or "2.1", expert if version == "2.2" else ""
+
+    def _naming_parts(self) -> list[str]:
+        """The file's name, and its folders when the name says nothing (the original releases'
+        ``Wan2.2-T2V-A14B/high_noise_model/diffusion_pytorch_model-00001-of-00006.safetensors``)."""
+        if not self.files:
+            return []
+        file = self.files[0]
+        stem = _SHARD.sub(r"\g<stem>", file.name).removesuffix(".safetensors")
+        return list(file.parts[-3:]) if _GENERIC_NAME.match(stem) else [file.name]
+
+    def _wan_config_metadata(self) -> dict:
+        try:
+            values = json.loads(self.metadata.get("wan_config", "{}"))
+        except json.JSONDecodeError:
+            return {}
+        return values if isinstance(values, dict) else {}
 
     def _heads_and_eps(self, dim: int) -> tuple[int, float]:
         """Heads are not visible in the shapes: file metadata, then a config.json beside it, then 128-wide heads."""
@@ -454,7 +494,7 @@ class _Checkpoint:
         ]
         if unexpected:
             raise WanDistriFusionError(
-                f"{self.display_name} has {len(unexpected)} tensors a Wan 2.1 {config.model_type} model does not use "
+                f"{self.display_name} has {len(unexpected)} tensors a {config.variant} model does not use "
                 f"({_first(unexpected)}): it is a Wan variant this pack does not run, or a merge of several models. "
                 "Pick a plain Wan 2.1/2.2 diffusion model in the model widget."
             )
@@ -609,13 +649,20 @@ def _expected_size(file: Path) -> int | None:
 
 
 def _original_key_templates() -> list[str]:
-    """Every original-layout name a one-block I2V Wan has (block names stand for all blocks)."""
+    """Every original-layout name a one-block FLF2V Wan has (block names stand for all blocks)."""
     config = WanConfig(
-        dim=8, ffn_dim=8, num_heads=1, num_layers=1, text_dim=8, freq_dim=8, model_type="i2v", image_dim=8
+        dim=8,
+        ffn_dim=8,
+        num_heads=1,
+        num_layers=1,
+        text_dim=8,
+        freq_dim=8,
+        model_type="i2v",
+        image_dim=8,
+        image_positions=2,
     )
     with torch.device("meta"):
-        names = list(WanModel(config).state_dict())
-    return names + ["img_emb.emb_pos"]
+        return list(WanModel(config).state_dict())
 
 
 def _first(items: Iterable[str], count: int = 5) -> str:

@@ -1,8 +1,9 @@
-"""The Wan 2.1 diffusion transformer (T2V and I2V), with original Wan parameter names.
+"""The Wan 2.1/2.2 diffusion transformer (T2V, I2V, TI2V 5B), with original Wan parameter names.
 
 Self-attention goes through ``WanSelfAttention.attention_fn`` so a parallel runtime can swap it per
 block; the model itself never knows it runs on several devices. With ``token_index`` only a subset of
-the token grid goes through the blocks, with rotary positions taken from the *global* grid.
+the token grid goes through the blocks, with rotary positions and per-token timesteps taken from the
+*global* grid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from torch import Tensor, nn
 from .attention import AttentionFn, resolve_attention, sdpa_attention, sdpa_backend_order
 from .fp8 import concat_linears
 
-CLIP_TOKENS = 257
+WAN22_LATENT_CHANNELS = 48
+"""Latent channels of the Wan 2.2 VAE (TI2V 5B); Wan 2.1 and Wan 2.2 A14B use 16."""
+VERSIONS = ("2.1", "2.2")
+EXPERTS = ("", "high_noise", "low_noise")
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,51 @@ class WanConfig:
     model_type: str = "t2v"
     eps: float = 1e-6
     image_dim: int = 1280
+    image_positions: int = 0
+    """Wan 2.1 FLF2V: learned positions of the first and last frame's CLIP tokens (2 x 257); 0 for other models."""
+    version: str = "2.1"
+    """Wan release the weights come from: the loader reads "2.2" from the shapes (48-channel TI2V 5B, image
+    channels without ``img_emb``: I2V A14B) or, for the A14B T2V experts (Wan 2.1 14B shapes), from the file."""
+    expert: str = ""
+    """Wan 2.2 A14B expert the file says it is ("high_noise" / "low_noise"), or "" when it does not say."""
+
+    def __post_init__(self) -> None:
+        if self.version not in VERSIONS:
+            raise ValueError(f"WanConfig.version must be one of {VERSIONS}, not {self.version!r}")
+        if self.expert not in EXPERTS:
+            raise ValueError(f"WanConfig.expert must be one of {EXPERTS}, not {self.expert!r}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels of ``y`` concatenated to the latents (I2V: 4 mask + the image latents; 0 for T2V and TI2V)."""
+        return self.in_dim - self.out_dim
+
+    @property
+    def clip_image(self) -> bool:
+        """Whether the model reads CLIP vision features (``img_emb``: Wan 2.1 I2V; not Wan 2.2 I2V A14B)."""
+        return self.model_type == "i2v"
+
+    @property
+    def per_frame_timesteps(self) -> bool:
+        """TI2V 5B: ComfyUI gives each latent frame its own timestep (a kept image frame gets 0)."""
+        return self.out_dim == WAN22_LATENT_CHANNELS
+
+    @property
+    def variant(self) -> str:
+        """What a user calls this model, for messages and the Status node."""
+        if self.per_frame_timesteps:
+            return "Wan 2.2 TI2V 5B"
+        if self.clip_image:
+            return f"Wan {self.version} " + ("FLF2V" if self.image_positions else "I2V")
+        task = "I2V" if self.concat_channels else "T2V"
+        name = f"Wan {self.version} {task}"
+        if self.version == "2.2":
+            name += " A14B" + (f" ({self.expert.replace('_', '-')} expert)" if self.expert else "")
+        return name
 
 
 def sinusoidal_embedding(dim: int, position: Tensor) -> Tensor:
@@ -137,7 +182,7 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(nn.Module):
-    """Cross-attention to the text tokens, plus (I2V) to the CLIP image tokens that precede them."""
+    """Cross-attention to the text tokens, plus (Wan 2.1 I2V) a second attention to the CLIP image tokens."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, image: bool = False):
         super().__init__()
@@ -161,11 +206,9 @@ class WanCrossAttention(nn.Module):
         self.kv = concat_linears([self.k, self.v])
         del self.k, self.v
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, image_context: Tensor | None = None) -> Tensor:
         heads = (self.num_heads, self.head_dim)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        if self.image:
-            image_context, context = context[:, :CLIP_TOKENS], context[:, CLIP_TOKENS:]
         if self.kv is not None:
             k, v = self.kv(context).chunk(2, dim=-1)
         else:
@@ -174,10 +217,30 @@ class WanCrossAttention(nn.Module):
         v = v.unflatten(-1, heads)
         out = sdpa_attention(q, k, v)
         if self.image:
+            image_context = context if image_context is None else image_context  # no CLIP tokens: as ComfyUI
             k_img = self.norm_k_img(self.k_img(image_context)).unflatten(-1, heads)
             v_img = self.v_img(image_context).unflatten(-1, heads)
             out = out + sdpa_attention(q, k_img, v_img)
         return self.o(out.flatten(2))
+
+
+def per_token(values: Tensor, timestep_of_token: Tensor | None) -> Tensor:
+    """``[B, T, dim]`` per-timestep values as ``[B, tokens, dim]`` (T == 1 stays as is and broadcasts)."""
+    return values if timestep_of_token is None else values[:, timestep_of_token]
+
+
+def timestep_of_tokens(num_timesteps: int, num_tokens: int, token_index: Tensor | None, device) -> Tensor | None:
+    """Which of ``num_timesteps`` timesteps each computed token takes, as ComfyUI's Wan spreads them.
+
+    T timesteps over L tokens (in f,h,w order) cover ``ceil(L / T)`` consecutive tokens each: one per token,
+    one per latent frame (TI2V's per-frame timesteps), or one for all (None).
+    """
+    if num_timesteps == 1:
+        return None
+    if num_timesteps > num_tokens:
+        raise ValueError(f"{num_timesteps} timesteps per item for {num_tokens} tokens: at most one per token")
+    tokens = torch.arange(num_tokens, device=device) if token_index is None else token_index.to(device)
+    return tokens // -(-num_tokens // num_timesteps)
 
 
 class WanBlock(nn.Module):
@@ -194,24 +257,44 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, time_modulation: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        q, k, v, modulation = self.before_attention(x, time_modulation, rope)
-        return self.after_attention(x, self.self_attn.attention_fn(q, k, v), modulation, context)
+    def forward(
+        self,
+        x: Tensor,
+        time_modulation: Tensor,
+        context: Tensor,
+        rope: tuple[Tensor, Tensor],
+        image_context: Tensor | None = None,
+        timestep_of_token: Tensor | None = None,
+    ) -> Tensor:
+        q, k, v, modulation = self.before_attention(x, time_modulation, rope, timestep_of_token)
+        attention = self.self_attn.attention_fn(q, k, v)
+        return self.after_attention(x, attention, modulation, context, image_context, timestep_of_token)
 
     # The block is split around self-attention so ``compile_blocks`` can fuse everything but the
-    # (possibly communicating) attention function.
+    # (possibly communicating) attention function. ``time_modulation`` is ``[B, T, 6, dim]`` for T
+    # timesteps per item; ``timestep_of_token`` (None when T is 1) picks each computed token's one.
     def before_attention(
-        self, x: Tensor, time_modulation: Tensor, rope: tuple[Tensor, Tensor]
+        self, x: Tensor, time_modulation: Tensor, rope: tuple[Tensor, Tensor], timestep_of_token: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         modulation = (self.modulation.float() + time_modulation).to(x.dtype)
-        shift_msa, scale_msa = modulation[:, 0, None], modulation[:, 1, None]
+        shift_msa, scale_msa = (per_token(modulation[:, :, i], timestep_of_token) for i in range(2))
         q, k, v = self.self_attn.project(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), rope)
         return q, k, v, modulation
 
-    def after_attention(self, x: Tensor, attention: Tensor, modulation: Tensor, context: Tensor) -> Tensor:
-        gate_msa, shift_ffn, scale_ffn, gate_ffn = (modulation[:, i, None] for i in range(2, 6))
+    def after_attention(
+        self,
+        x: Tensor,
+        attention: Tensor,
+        modulation: Tensor,
+        context: Tensor,
+        image_context: Tensor | None = None,
+        timestep_of_token: Tensor | None = None,
+    ) -> Tensor:
+        gate_msa, shift_ffn, scale_ffn, gate_ffn = (
+            per_token(modulation[:, :, i], timestep_of_token) for i in range(2, 6)
+        )
         x = torch.addcmul(x, self.self_attn.o(attention.flatten(2)), gate_msa)
-        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + self.cross_attn(self.norm3(x), context, image_context)
         return torch.addcmul(x, self.ffn(torch.addcmul(shift_ffn, self.norm2(x), 1 + scale_ffn)), gate_ffn)
 
 
@@ -222,13 +305,17 @@ class WanHead(nn.Module):
         self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
 
-    def forward(self, x: Tensor, time_embedding: Tensor) -> Tensor:
-        shift, scale = (self.modulation.float() + time_embedding.float()[:, None]).to(x.dtype).unbind(1)
-        return self.head(torch.addcmul(shift[:, None], self.norm(x), 1 + scale[:, None]))
+    def forward(self, x: Tensor, time_embedding: Tensor, timestep_of_token: Tensor | None = None) -> Tensor:
+        """``time_embedding`` ``[B, T, dim]``: one row per timestep, picked per token like the blocks' modulation."""
+        modulation = (self.modulation.float() + time_embedding.float()[:, :, None]).to(x.dtype)
+        shift, scale = (per_token(modulation[:, :, i], timestep_of_token) for i in range(2))
+        return self.head(torch.addcmul(shift, self.norm(x), 1 + scale))
 
 
 class WanImageEmbedding(nn.Module):
-    def __init__(self, image_dim: int, dim: int):
+    """CLIP vision tokens to the model width; FLF2V adds learned positions to the first and last frame's tokens."""
+
+    def __init__(self, image_dim: int, dim: int, positions: int = 0):
         super().__init__()
         self.proj = nn.Sequential(
             nn.LayerNorm(image_dim),
@@ -237,13 +324,23 @@ class WanImageEmbedding(nn.Module):
             nn.Linear(image_dim, dim),
             nn.LayerNorm(dim),
         )
+        if positions:
+            self.emb_pos = nn.Parameter(torch.zeros(1, positions, image_dim))
 
     def forward(self, clip_features: Tensor) -> Tensor:
+        if hasattr(self, "emb_pos"):  # as many tokens as both: one image gets the first image's positions
+            positions = self.emb_pos.shape[1]
+            clip_features = clip_features[:, :positions] + self.emb_pos[:, : clip_features.shape[1]].to(clip_features)
         return self.proj(clip_features)
 
 
 class WanModel(nn.Module):
-    """Wan 2.1 DiT: ``model(x [B,C,F,H,W], t [B], context [B,L,text_dim]) -> flow prediction like x``."""
+    """Wan DiT: ``model(x [B,C,F,H,W], t [B] | [B,T], context [B,L,text_dim]) -> flow prediction like x``.
+
+    ``t`` ``[B, T]`` gives T timesteps per item spread over the tokens in order (``timestep_of_tokens``): T = latent
+    frames is Wan 2.2 TI2V's per-frame form. I2V: ``y`` ``[B, in_dim - out_dim, F, H, W]`` (mask channels, then
+    image latents) is concatenated to ``x``; ``clip_fea`` ``[B, N, image_dim]`` are CLIP vision tokens (Wan 2.1 I2V).
+    """
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -258,7 +355,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = WanHead(config)
         if config.model_type == "i2v":
-            self.img_emb = WanImageEmbedding(config.image_dim, dim)
+            self.img_emb = WanImageEmbedding(config.image_dim, dim, config.image_positions)
         self.compute_dtype = torch.float32
         """dtype activations run in; ``loading.py`` sets it (weights may be stored narrower, e.g. fp8)."""
 
@@ -311,9 +408,18 @@ class WanModel(nn.Module):
         y: Tensor | None = None,
         token_index: Tensor | None = None,
     ) -> Tensor:
-        """Flow prediction; with ``token_index``, only those tokens' head output ``[B, n, C*p]``."""
+        """Flow prediction; with ``token_index``, only those tokens' head output ``[B, n, C*p]``.
+
+        Without ``clip_fea`` a Wan 2.1 I2V model's image attention reads the text tokens, as ComfyUI's does.
+        """
         if y is not None:
-            x = torch.cat([x, y], dim=1)
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != self.config.in_dim:
+            raise ValueError(
+                f"{self.config.variant} takes {self.config.in_dim} input channels (latents"
+                + (f" + {self.config.concat_channels} of y" if self.config.concat_channels else "")
+                + f"), got {x.shape[1]}"
+            )
         compute_dtype = self.compute_dtype
         grid = self.token_grid(x)
         tokens = self.patch_embedding(x.to(compute_dtype)).flatten(2).transpose(1, 2)
@@ -321,20 +427,23 @@ class WanModel(nn.Module):
         if token_index is not None:
             tokens, cos, sin = tokens[:, token_index], cos[token_index], sin[token_index]
 
-        time_embedding = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(compute_dtype)).float()
-        time_modulation = (
-            self.time_projection(time_embedding.to(compute_dtype)).float().unflatten(1, (6, self.config.dim))
-        )
+        t = t.reshape(t.shape[0] if t.dim() else 1, -1)  # [B, T]
+        timestep_of_token = timestep_of_tokens(t.shape[1], math.prod(grid), token_index, x.device)
+        time_embedding = self.time_embedding(
+            sinusoidal_embedding(self.config.freq_dim, t.flatten()).to(compute_dtype)
+        ).float()
+        time_modulation = self.time_projection(time_embedding.to(compute_dtype)).float()
+        time_embedding = time_embedding.unflatten(0, t.shape)  # [B, T, dim]
+        time_modulation = time_modulation.unflatten(0, t.shape).unflatten(2, (6, self.config.dim))
         context = self.text_embedding(context.to(compute_dtype))
-        if self.config.model_type == "i2v":
-            if clip_fea is None:
-                clip_fea = torch.zeros(x.shape[0], CLIP_TOKENS, self.config.image_dim, device=x.device)
-            context = torch.cat([self.img_emb(clip_fea.to(compute_dtype)), context], dim=1)
+        image_context = None
+        if self.config.clip_image and clip_fea is not None:
+            image_context = self.img_emb(clip_fea.to(compute_dtype))
 
         with sdpa_backend_order(x.device):
             for block in self.blocks:
-                tokens = block(tokens, time_modulation, context, (cos, sin))
-        out = self.head(tokens, time_embedding)
+                tokens = block(tokens, time_modulation, context, (cos, sin), image_context, timestep_of_token)
+        out = self.head(tokens, time_embedding, timestep_of_token)
         if token_index is not None:
             return out
         return self.unpatchify(out, grid)

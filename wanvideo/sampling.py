@@ -372,6 +372,13 @@ def sample_guided(
     return x.to("cpu", torch.float32)
 
 
+def frame_timesteps(timestep: Tensor, denoise_mask: Tensor) -> Tensor:
+    """Wan 2.2 TI2V 5B's timesteps per latent frame ``[B, F]``, as ComfyUI's ``WAN22.process_timestep``: each item's
+    timestep times its frame's mean denoise mask ``[B, C, F, H, W]`` (a kept image frame, mask 0, gets 0)."""
+    weights = denoise_mask.float().mean(dim=(1, 3, 4))
+    return weights * timestep.float().reshape(-1, 1)
+
+
 class GuidedFlow:
     """The classifier-free-guided flow prediction ``v(x, t)`` of a Wan model: THE place that pads the text
     contexts and batches [cond; uncond], shared by ``sample`` and the workers' controller-driven sessions.
@@ -380,7 +387,9 @@ class GuidedFlow:
     ``return_uncond`` and a ``negative``) the model is called once per call on the batch [cond; uncond]
     (x and t repeated, contexts stacked) and the result is ``uncond + cfg * (cond - uncond)``; otherwise
     batch 1 with the positive context. ``return_uncond`` also keeps the unguided flow of the last call in
-    ``last_uncond`` (what ComfyUI's CFG++ samplers need).
+    ``last_uncond`` (what ComfyUI's CFG++ samplers need). ``denoise_mask`` ``[1 or batch, C, F, H, W]`` (TI2V 5B,
+    *Wan22ImageToVideoLatent*'s ``noise_mask``) turns the timestep into one per latent frame (``frame_timesteps``);
+    keeping the masked frames' latents fixed stays the sampler's business.
     """
 
     def __init__(
@@ -395,6 +404,7 @@ class GuidedFlow:
         device: str | torch.device = "cpu",
         model_kwargs: Mapping[str, Any] | None = None,
         return_uncond: bool = False,
+        denoise_mask: Tensor | None = None,
     ):
         self.model = model
         self.cfg = _check_cfg(cfg)
@@ -411,11 +421,17 @@ class GuidedFlow:
         self.context = _stack_contexts(conds, names, batch, text_len, self.device)
         self.extra = _model_inputs(model_kwargs, repeat=len(conds), device=self.device)
         self.model_batch = self.context.shape[0]
+        self.denoise_mask = None
+        if denoise_mask is not None:
+            mask = denoise_mask.detach().to(self.device, torch.float32)
+            self.denoise_mask = torch.cat([mask.expand(batch, *mask.shape[1:])] * len(conds))
         self.last_uncond: Tensor | None = None
 
     def __call__(self, x: Tensor, t: float) -> Tensor:
         """The guided flow at ``x`` (on ``device``) and timestep ``t`` (0..1000, Wan's ``sigma * 1000``), float32."""
         timestep = torch.full((self.model_batch,), float(t), dtype=torch.float32, device=self.device)
+        if self.denoise_mask is not None:
+            timestep = frame_timesteps(timestep, self.denoise_mask)
         model_x = torch.cat([x, x]) if self.use_cfg else x
         out = self.model(model_x, timestep, self.context, **self.extra)
         if tuple(out.shape) != tuple(model_x.shape):
