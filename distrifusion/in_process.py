@@ -132,6 +132,10 @@ class InProcessRunner(Runtime):
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def ranks_ready(self) -> tuple[int, int]:
+        """(ranks ready, ranks in the world) while starting: the model is loaded or not."""
+        return int(self._model is not None), 1
+
     def status(self) -> dict:
         device = self._device
         info = {

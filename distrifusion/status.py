@@ -121,6 +121,10 @@ class RunActivity:
     started_at: float | None = None
     finished_at: float | None = None
     last_error: str | None = None
+    """The last failure, until the next successful run."""
+    last_error_at: float | None = None
+    cancelled_at: float | None = None
+    """When the last run was cancelled by the user, if it was (a cancel is not an error)."""
     jobs_done: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -140,12 +144,21 @@ class RunActivity:
                 self.memory_per_rank = [None if m is None else int(m) for m in memory_per_rank]
 
     def finish(self, error: BaseException | str | None = None) -> None:
+        """The run ended: successfully (clears the last error) or with ``error``."""
         with self._lock:
-            self.running, self.finished_at = False, time.time()
+            self.running, self.finished_at, self.cancelled_at = False, time.time(), None
             if error is None:
                 self.jobs_done += 1
+                self.last_error = self.last_error_at = None
             else:
                 self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+                self.last_error_at = self.finished_at
+
+    def cancel(self) -> None:
+        """The user cancelled the run: no error, and an earlier error stays until a run succeeds."""
+        with self._lock:
+            self.running, self.finished_at = False, time.time()
+            self.cancelled_at = self.finished_at
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -160,19 +173,26 @@ class RunActivity:
                 "jobs_done": self.jobs_done,
                 "memory_per_rank": list(self.memory_per_rank),
                 "last_error": self.last_error,
+                "last_error_at": self.last_error_at,
+                "cancelled_at": self.cancelled_at,
             }
 
 
 def status_report(
-    runtime: Any = None, activity: RunActivity | None = None, spec: RuntimeSpec | None = None, model: str | None = None
+    runtime: Any = None,
+    activity: RunActivity | None = None,
+    spec: RuntimeSpec | None = None,
+    model: str | None = None,
+    starting: Any = None,
 ) -> dict:
     """Everything the Status node shows, as JSON-able data.
 
-    ``runtime`` is a running ``WorkerGroup``/``InProcessRunner`` (or ``None``); ``spec`` the Loader's settings of
-    it (else the runtime's own), ``model`` the Loader's model name; ``activity`` the progress the driver recorded.
+    ``runtime`` is a running ``WorkerGroup``/``InProcessRunner`` (or ``None``), ``starting`` one whose ranks are
+    still starting; ``spec`` the Loader's settings of it (else the runtime's own), ``model`` the Loader's model
+    name; ``activity`` the progress the driver recorded.
     """
     runtime_status = _runtime_status(runtime)
-    spec = spec or getattr(runtime, "spec", None)
+    spec = spec or getattr(runtime or starting, "spec", None)
     parallel = spec.parallel if spec is not None else None
     official = warn_if_official_missing()
     progress = (activity or RunActivity()).snapshot()
@@ -191,7 +211,10 @@ def status_report(
         "latent_shape": progress["latent_shape"],
     }
 
-    if runtime is None:
+    if runtime is None and starting is not None:
+        ready, total = starting.ranks_ready()
+        state = f"starting workers: {ready} of {total} ready"
+    elif runtime is None:
         state = "not started"
     elif _is_alive(runtime):
         state = "running a job" if progress["running"] else "ready"
@@ -221,7 +244,9 @@ def status_report(
         **_parallel_report(parallel, progress["latent_shape"]),
         "step": step,
         "memory_per_rank_mib": [None if m is None else round(float(m) / 2**20, 1) for m in memory or []],
-        "last_error": progress["last_error"] or runtime_status.get("last_error"),
+        "last_error": progress["last_error"],
+        "last_error_at": progress["last_error_at"],
+        "cancelled_at": progress["cancelled_at"],
         "runtime_status": _jsonable(runtime_status),
     }
 
@@ -246,8 +271,10 @@ def _is_alive(runtime: Any) -> bool:
 def _parallel_report(parallel: ParallelConfig | None, latent_shape: list | None) -> dict:
     if parallel is None:
         return {"parallel_mode": None, "cfg_parallel": None, "warmup_steps": None, "kv_dtype": None,
-                "split_mode": None, "partition_tokens": None, "patch": {"size_px": None, "overlap_px": None}}  # fmt: skip
+                "split_mode": None, "partition_tokens": None, "patch": {"size_px": None, "overlap_px": None},
+                "comm_backend_setting": None}  # fmt: skip
     return {
+        "comm_backend_setting": parallel.comm_backend,
         "parallel_mode": parallel.mode,
         "cfg_parallel": parallel.cfg_parallel,
         "warmup_steps": parallel.warmup_steps,
@@ -309,9 +336,12 @@ def format_report(report: dict) -> str:
     official = report.get("official") or {}
     if official.get("available"):
         lines.append(f"✅ Official DistriFusion available: distrifuser {official.get('version')}")
-    else:
+        lines.append(f"🔌 Comm backend: {report.get('comm_backend')}")
+    elif report.get("comm_backend_setting") == "official":  # asked for it: the guide's warning and fix
         lines.extend(official_warning_lines(official))
-    lines.append(f"🔌 Comm backend: {report.get('comm_backend')}")
+        lines.append(f"🔌 Comm backend: {report.get('comm_backend')}")
+    else:
+        lines.append(f"🔌 Comm: {report.get('comm_backend')} (same algorithm; official package optional, see README)")
 
     gpus = report.get("gpus") or []
     if gpus:
@@ -343,9 +373,15 @@ def format_report(report: dict) -> str:
             "💾 Memory per rank: "
             + ", ".join(f"rank {i}: {'?' if m is None else f'{m / 1024:.2f} GiB'}" for i, m in enumerate(memory))
         )
+    if report.get("cancelled_at"):
+        lines.append(f"⏹ Last run cancelled by the user at {_clock(report['cancelled_at'])}")
     if report.get("last_error"):
-        lines.append(f"❌ Last error: {report['last_error']}")
+        lines.append(f"❌ Last error at {_clock(report.get('last_error_at'))}: {report['last_error']}")
     return "\n".join(lines)
+
+
+def _clock(timestamp: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "?"
 
 
 def _topology_lines(report: dict, runtime: dict) -> list[str]:

@@ -206,6 +206,10 @@ class WorkerGroup(Runtime):
         reports = {rank: entry.ready for rank, entry in self.processes.ranks.items() if entry.ready is not None}
         return {**reports, **(self.remote.ready if self.remote is not None else {})}
 
+    def ranks_ready(self) -> tuple[int, int]:
+        """(ranks that reported ready, ranks in the world), also while ``start`` is waiting for them."""
+        return len(self.ready_reports()), self.spec.world_size
+
     def status(self) -> dict:
         """A JSON-friendly snapshot for the Status node and the CLI."""
         reports = self.ready_reports()
@@ -385,10 +389,14 @@ def _ranges(ranks: list) -> str:
     return ", ".join(str(r) for r in ranks if r is not None) or "none"
 
 
+def create_runtime(spec: RuntimeSpec) -> WorkerGroup | InProcessRunner:
+    """The runtime for ``spec``, not started: ``InProcessRunner`` for world size 1, else a ``WorkerGroup``."""
+    return InProcessRunner(spec) if spec.world_size == 1 else WorkerGroup(spec)
+
+
 def start_runtime(spec: RuntimeSpec) -> WorkerGroup | InProcessRunner:
-    """A started runtime for ``spec``: ``InProcessRunner`` for world size 1, else a ``WorkerGroup``."""
-    runtime = InProcessRunner(spec) if spec.world_size == 1 else WorkerGroup(spec)
-    return runtime.start()
+    """``create_runtime(spec)``, started."""
+    return create_runtime(spec).start()
 
 
 def serve_remote_ranks(spec: RuntimeSpec, *, once: bool = False, on_event: Callable[[str], None] | None = None) -> int:

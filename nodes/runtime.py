@@ -49,6 +49,7 @@ class RuntimeRegistry:
         self._lock = threading.RLock()
         self._runtime = None
         self._settings: RuntimeSettings | None = None
+        self._starting: tuple | None = None
         self._hooks_installed = False
         self.activity = RunActivity()
 
@@ -61,7 +62,7 @@ class RuntimeRegistry:
                 reason = "settings changed" if self._settings != settings else "its workers stopped"
                 self.release(reason)
             self._install_hooks()
-            from ..distrifusion.workers import start_runtime
+            from ..distrifusion.workers import create_runtime
 
             logger.info(
                 "Starting DistriFusion runtime: %s, %d rank(s) here of world size %d, device %s",
@@ -70,13 +71,22 @@ class RuntimeRegistry:
                 settings.spec.world_size,
                 settings.spec.device,
             )
-            runtime = start_runtime(settings.spec)
+            runtime = create_runtime(settings.spec)
+            self._starting = (runtime, settings)
+            try:
+                runtime.start()
+            finally:
+                self._starting = None
             self._runtime, self._settings = runtime, settings
             return runtime
 
     def current(self):
         """``(runtime, settings)`` now, without waiting for a start in progress."""
         return self._runtime, self._settings
+
+    def starting(self):
+        """``(runtime, settings)`` of a start in progress (its ranks not all ready yet), or ``None``."""
+        return self._starting
 
     def release(self, reason: str = "released") -> bool:
         """Stop the workers (frees their GPU memory); return whether a group was running."""

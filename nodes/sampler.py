@@ -193,11 +193,11 @@ class OfficialDistriFusionSampler:
                     callback=on_step,
                 )
         except JobCancelled as exc:
-            activity.finish("cancelled by the user")
+            activity.cancel()
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException() from exc
         except mm.InterruptProcessingException:
-            activity.finish("cancelled by the user")
+            activity.cancel()
             raise
         except Exception as exc:
             activity.finish(exc)

@@ -49,8 +49,11 @@ class OfficialDistriFusionStatus:
 def current_report(model=None) -> dict:
     """The report of the running group, or of ``model``'s settings when another (or none) runs."""
     runtime, settings = RUNTIMES.current()
+    starting = None
+    if runtime is None and RUNTIMES.starting() is not None:
+        starting, settings = RUNTIMES.starting()
     if model is not None and settings != model.settings:
-        runtime, settings = None, model.settings
+        runtime, starting, settings = None, None, model.settings
     if settings is None:
         return status_report(runtime, RUNTIMES.activity)
-    return status_report(runtime, RUNTIMES.activity, settings.spec, model=settings.model)
+    return status_report(runtime, RUNTIMES.activity, settings.spec, model=settings.model, starting=starting)

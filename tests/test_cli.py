@@ -195,6 +195,14 @@ def test_without_model_builds_a_tiny_random_wan_and_says_so(tmp_path):
     assert list(load_file(str(out))["latent"].shape) == [1, 16, 1, 4, 4]
 
 
+def test_the_demo_uses_stale_kv_after_its_warm_up_and_says_how_often(tmp_path):
+    """The README's main job (no --model, world size 2): more steps than warm-up, and the stale share printed."""
+    out = tmp_path / "demo.safetensors"
+    result = run_cli("generate", "--world-size", "2", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DistriFusion (displaced): 6 of 8 steps used the previous step's K/V" in result.stdout, result.stdout
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
