@@ -211,16 +211,7 @@ def status_report(
         "latent_shape": progress["latent_shape"],
     }
 
-    if runtime is None and starting is not None:
-        ready, total = starting.ranks_ready()
-        state = f"starting workers: {ready} of {total} ready"
-    elif runtime is None:
-        state = "not started"
-    elif _is_alive(runtime):
-        state = "running a job" if progress["running"] else "ready"
-    else:
-        state = "stopped"
-
+    state = _runtime_state(runtime, starting, progress["running"])
     return {
         "official": official,
         "comm_backend": _comm_backend(runtime_status, parallel, device),
@@ -249,6 +240,17 @@ def status_report(
         "cancelled_at": progress["cancelled_at"],
         "runtime_status": _jsonable(runtime_status),
     }
+
+
+def _runtime_state(runtime: Any, starting: Any, running: bool) -> str:
+    if runtime is None and starting is not None:
+        ready, total = starting.ranks_ready()
+        return f"starting workers: {ready} of {total} ready"
+    if runtime is None:
+        return "not started"
+    if _is_alive(runtime):
+        return "running a job" if running else "ready"
+    return "stopped"
 
 
 def _runtime_status(runtime: Any) -> dict:
