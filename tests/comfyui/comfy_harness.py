@@ -107,6 +107,12 @@ class WebSocket:
                     message = json.loads(payload.decode())
                     self.received.append(message)
                     self.messages.put(message)
+                elif opcode == 0x2 and length >= 4:
+                    # a binary frame: 4-byte event type (1 = preview image), then the payload
+                    event = struct.unpack(">I", payload[:4])[0]
+                    message = {"type": "binary", "event": event, "bytes": length - 4, "data": {}}
+                    self.received.append(message)
+                    self.messages.put(message)
                 elif opcode == 0x9:
                     self._send(0xA, payload)
                 elif opcode == 0x8:
@@ -215,6 +221,7 @@ def start_server(python: str, comfy_path: str, base: Path, timeout: float = 180.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     command = [python, str(Path(comfy_path) / "main.py"), "--listen", "127.0.0.1", "--port", str(port)]
     command += ["--base-directory", str(base), "--disable-auto-launch"] + (["--cpu"] if cpu else [])
+    command += ["--preview-method", "auto"]  # live previews on, as a user who wants to see them sets it
     log = open(log_path, "w")
     process = subprocess.Popen(command, cwd=base, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = ComfyServer(process, port, base, log_path)
