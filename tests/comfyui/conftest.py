@@ -34,10 +34,11 @@ SKIP_REASON = (
 )
 
 TINY_CONFIG = dict(
-    dim=128, ffn_dim=256, num_heads=1, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256, image_dim=1280
+    dim=256, ffn_dim=256, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256, image_dim=1280
 )
 """Tiny, yet what ComfyUI's own Wan detection accepts (heads = dim / 128, text 4096, freq 256), so native
-KSampler runs the same checkpoint. The 4-head twin (head dim 32, heads in its metadata) serves Ulysses on 4 ranks."""
+KSampler runs the same checkpoint; 2 heads, so a head-layout difference from native shows (and Ulysses splits
+them over 2 ranks). The 4-head twin (head dim 64, heads in its metadata) serves Ulysses on 4 ranks."""
 
 
 def pytest_collection_modifyitems(config, items):

@@ -72,6 +72,12 @@ SAMPLER_WIDGETS = {
 }
 
 
+NATIVE_TOLERANCE = 1e-5
+"""Relative error of our Sampler's latent vs native KSampler's on the same 2-head checkpoint (fp32 round-off):
+measured 1.4e-6 to 4.4e-6 at 1 rank and at 2 ranks in sync, ulysses and displaced during warm-up; the README
+states the same bound."""
+
+
 def output_files(comfy, entry: dict, node: str, key: str) -> list[Path]:
     results = entry["outputs"][node][key]
     return [comfy.base / "output" / r["subfolder"] / r["filename"] for r in results]
@@ -309,6 +315,17 @@ def test_same_latent_as_native_ksampler_two_ranks(comfy, sampler):
     check_same_latent_as_native_ksampler(comfy, TWO_RANKS, sampler)
 
 
+@pytest.mark.parametrize(
+    "loader",
+    [{"parallel_mode": "ulysses"}, {"parallel_mode": "displaced", "warmup_steps": 4}],
+    ids=["ulysses", "displaced during warm-up"],
+)
+def test_same_latent_as_native_ksampler_two_ranks_other_modes(comfy, loader):
+    """Ulysses (heads split over the ranks) and displaced while every step is a warm-up step (exact K/V) equal
+    native KSampler too; 4 steps, so the displaced run never reaches a stale step."""
+    check_same_latent_as_native_ksampler(comfy, {"gpus": 2, **loader}, "euler")
+
+
 def test_status_node_and_route(comfy):
     prompt = base_prompt(loader_inputs(**TWO_RANKS))
     prompt["status"] = {"class_type": STATUS, "inputs": {"model": ["loader", 0], "latent": ["sampler", 0]}}
@@ -502,7 +519,8 @@ def check_same_latent_as_native_ksampler(
     ours_latent = load_latent(output_files(comfy, entry, "save", "latents")[0])
     native_latent = load_latent(output_files(comfy, entry, "save_native", "latents")[0])
     assert ours_latent.shape == native_latent.shape
-    assert relative_error(ours_latent, native_latent) < 1e-4
+    error = relative_error(ours_latent, native_latent)
+    assert error < NATIVE_TOLERANCE, f"relative error {error:.2e} vs native KSampler"
 
 
 def _running(pid: int) -> bool:
