@@ -29,8 +29,9 @@ from comfy_harness import (
 
 HERE = Path(__file__).resolve().parent
 SKIP_REASON = (
-    "real ComfyUI not configured: set COMFYUI_PATH and COMFYUI_PYTHON "
-    '(eval "$(../shared/tools/comfyui-setup.sh /tmp/comfyui)")'
+    "{count} real-ComfyUI and browser tests in tests/comfyui/ left out (this one skipped, the rest deselected): "
+    "real ComfyUI not configured; set COMFYUI_PATH and COMFYUI_PYTHON "
+    '(eval "$(../shared/tools/comfyui-setup.sh /tmp/comfyui)"), or run them all with `bash .ci/run`'
 )
 
 TINY_CONFIG = dict(
@@ -47,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.comfyui)
     if here and not (COMFYUI_PATH and COMFYUI_PYTHON):
         # One line in the summary: keep the first test as the skipped one, deselect the rest.
-        here[0].add_marker(pytest.mark.skip(reason=SKIP_REASON))
+        here[0].add_marker(pytest.mark.skip(reason=SKIP_REASON.format(count=len(here))))
         rest = set(map(id, here[1:]))
         config.hook.pytest_deselected(items=here[1:])
         items[:] = [item for item in items if id(item) not in rest]
