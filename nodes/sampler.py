@@ -165,12 +165,14 @@ class OfficialDistriFusionSampler:
 
         def on_step(step: int, denoised, x, total: int) -> None:
             now = time.perf_counter()
-            activity.update(step + 1, total, now - last["time"], last["memory"])
-            last["time"] = now
             preview = None
             if previewer is not None and denoised is not None:
                 preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
-            bar.update_absolute(step + 1, total, preview)  # ComfyUI's interrupt point: raises on Cancel
+            # ComfyUI's interrupt point: on Cancel it raises before sending this step's progress, so the status
+            # counts the step only after it (the Status node and /ws then show the same last step)
+            bar.update_absolute(step + 1, total, preview)
+            activity.update(step + 1, total, now - last["time"], last["memory"])
+            last["time"] = now
 
         activity.begin(steps, shape)
         try:

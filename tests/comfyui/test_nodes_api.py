@@ -388,6 +388,10 @@ def test_progress_live_status_and_interrupt(comfy):
     assert "execution_interrupted" in kinds, kinds
     done = comfy.get("/distrifusion/status").json()
     assert not done["step"]["running"] and done["step"]["current"] < 400
+    sent = [
+        m["data"]["value"] for m in ws.received if m["type"] == "progress" and m["data"].get("prompt_id") == prompt_id
+    ]
+    assert done["step"]["current"] == sent[-1], f"status step {done['step']['current']}, last /ws progress {sent[-1]}"
     assert "cancel" in (done["last_error"] or "")
 
     comfy.run(base_prompt(loader_inputs(**TWO_RANKS), sampler_inputs(seed=12)))  # ranks free and reused
