@@ -89,6 +89,21 @@ try {
   }, null, { timeout: 20000 }).catch(() => {});
   report.status_text = await page.evaluate(() => window.app.graph.nodes
     .find((n) => n.type === "OfficialDistriFusionStatus")?.widgets?.find((w) => w.name === "status_report")?.value ?? null);
+  await page.evaluate(() => window.app.extensionManager?.command?.execute?.("Comfy.Canvas.FitView"));
+  await page.waitForTimeout(500);
+  // How much of the report shows: the node's size and its text box's size on screen, and the report's lines.
+  report.status_box = await page.evaluate(() => {
+    const node = window.app.graph.nodes.find((n) => n.type === "OfficialDistriFusionStatus");
+    const widget = node?.widgets?.find((w) => w.name === "status_report");
+    const el = widget?.inputEl ?? widget?.element;
+    const scale = window.app.canvas?.ds?.scale ?? 1;
+    return {
+      size: node ? [...node.size] : null,
+      text_height: el ? el.clientHeight / scale : null,
+      text_scroll_height: el ? el.scrollHeight / scale : null,
+      lines: (widget?.value ?? "").split("\n").length,
+    };
+  });
   report.created_prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
   await page.screenshot({ path: join(screenshotDir, "created_nodes.png") });
 } finally {

@@ -146,3 +146,12 @@ def test_status_extension_shows_the_live_report(editor):
     assert "🎯 Official DistriFusion Status" in text and "Comm backend" in text, text
     ours = [e for e in editor["startup_errors"] if OUR_EXTENSION in e]
     assert ours == [], ours
+
+
+def test_status_node_from_the_library_shows_the_whole_report(editor):
+    """Added from the node library the Status node is big enough for its report (ComfyUI's default for a node
+    with one text box is 225 x 96, which squashes it into one line)."""
+    box = editor["status_box"]
+    assert box["size"][0] >= 480 and box["size"][1] >= 300, box
+    assert box["lines"] >= 8, box  # the live report, several lines
+    assert box["text_height"] >= 0.9 * box["text_scroll_height"], f"the report does not fit its box: {box}"
