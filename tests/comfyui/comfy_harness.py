@@ -355,3 +355,30 @@ def base_prompt(loader: dict | None = None, sampler: dict | None = None, prefix:
         "sampler": {"class_type": SAMPLER, "inputs": sampler or sampler_inputs()},
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": prefix}},
     }
+
+
+def stand_in_prompt(prompt: dict, prefix: str, *, width: int, height: int, length: int) -> dict:
+    """A bundled API-format workflow as shipped, with stand-ins only where the real files cannot be had here: the
+    umT5 text encoder (test conditioning node, same node id), the Wan weights (tiny), the VAE (random), a tiny clip
+    size (2 steps) and ``prefix`` for the saved files. Node ids stay those of the UI workflow."""
+    prompt = json.loads(json.dumps(prompt))
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPLoader":
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {
+                "class_type": "DistriFusionTestConditioning",
+                "inputs": {"seed": int(node_id), "tokens": 8, "width": 4096},
+            }
+        elif kind == LOADER:
+            # one 16 px token row per rank at least; Ulysses needs heads divisible by the ranks
+            model = TINY_MODEL_4_HEADS if inputs["parallel_mode"] == "ulysses" else TINY_MODEL
+            inputs.update(model=model, patch_size=16)
+        elif kind == SAMPLER:
+            inputs.update(steps=2, width=width, height=height, length=length)
+        elif kind == "VAELoader":
+            inputs["vae_name"] = RANDOM_VAE
+        elif kind in ("SaveVideo", "SaveAnimatedWEBP"):
+            inputs["filename_prefix"] = prefix
+    return prompt

@@ -29,6 +29,7 @@ from comfy_harness import (
     loader_inputs,
     reference_latent,
     sampler_inputs,
+    stand_in_prompt,
 )
 
 CATEGORY = "WanVideoWrapper/Official DistriFusion"
@@ -148,6 +149,10 @@ def test_workflow_templates_list_our_examples(comfy):
     for name in ours:
         response = comfy.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
         assert response.status_code == 200 and "nodes" in response.json()
+        # the template browser shows a custom node's template with <name>.jpg beside it, and its file name as title
+        thumbnail = comfy.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")
+        assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff", name  # a JPEG
+        assert name.startswith("Wan 2.1 T2V ") and " GPUs (" in name, f"not a readable title: {name}"
 
 
 # --- settings rejected before anything runs -------------------------------------------------------
@@ -452,26 +457,8 @@ def test_example_api_workflows_run_with_tiny_stand_ins(comfy, name):
     kinds = sorted(node["class_type"] for node in prompt.values())
     assert kinds.count(LOADER) == kinds.count(SAMPLER) == kinds.count(STATUS) == 1
     assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "VAEDecode"} <= set(kinds)
-    for node_id, node in list(prompt.items()):
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CLIPLoader":
-            assert inputs["type"] == "wan"
-            del prompt[node_id]
-        elif kind == "CLIPTextEncode":
-            prompt[node_id] = {
-                "class_type": "DistriFusionTestConditioning",
-                "inputs": {"seed": int(node_id), "tokens": 8, "width": 4096},
-            }
-        elif kind == LOADER:
-            # 64 px tall clip: one 16 px token row per rank; Ulysses needs heads divisible by the ranks.
-            model = TINY_MODEL_4_HEADS if inputs["parallel_mode"] == "ulysses" else TINY_MODEL
-            inputs.update(model=model, patch_size=16)
-        elif kind == SAMPLER:
-            inputs.update(steps=2, width=32, height=64, length=5)
-        elif kind == "VAELoader":
-            inputs["vae_name"] = RANDOM_VAE
-        elif kind in ("SaveVideo", "SaveAnimatedWEBP"):
-            inputs["filename_prefix"] = f"examples/{name}"
+    assert next(n for n in prompt.values() if n["class_type"] == "CLIPLoader")["inputs"]["type"] == "wan"
+    prompt = stand_in_prompt(prompt, f"examples/{name}", width=32, height=64, length=5)
     entry = comfy.run(prompt, timeout=300)
     saved = list((comfy.base / "output" / "examples").glob(f"{name}*"))
     assert saved and all(f.stat().st_size > 0 for f in saved), entry["outputs"]
