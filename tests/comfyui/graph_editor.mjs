@@ -157,6 +157,24 @@ try {
   });
   report.created_prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
   await page.screenshot({ path: join(screenshotDir, "created_nodes.png") });
+
+  // The template browser, as a user opens it: our category's thumbnails load and the titles read as names.
+  const ours = "/workflow_templates/ComfyUI-WanVideo-DistriFusion/";
+  report.template_requests = [];
+  page.on("response", (r) => {
+    if (r.url().includes(ours)) report.template_requests.push([r.status(), decodeURIComponent(r.url())]);
+  });
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+  await page.waitForTimeout(2000);
+  await page.getByText("ComfyUI-WanVideo-DistriFusion", { exact: true }).first().click().catch(() => {});
+  await page.waitForTimeout(3000);
+  report.template_browser = await page.evaluate(() => ({
+    // the frontend fetches a thumbnail and shows it from a blob: URL, so look at the dialog's images
+    images: [...document.querySelectorAll(".p-dialog img")]
+      .map((img) => ({ alt: img.alt, loaded: img.complete && img.naturalWidth > 0 })),
+    text: [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText).join("\n"),
+  }));
+  await page.screenshot({ path: join(screenshotDir, "template_browser.png") });
 } finally {
   await browser.close();
 }

@@ -229,3 +229,17 @@ def test_templates_stay_readable_after_a_run(editor):
         assert right <= width - 8 and bottom <= height - 8, (
             f"{name}: graph reaches ({right}, {bottom}) on {width} x {height}"
         )
+
+
+def test_template_browser_shows_thumbnails_and_readable_titles(editor):
+    """Templates → our pack: each template's ``.jpg`` thumbnail loads (no 404) and its title is its readable file
+    name (the frontend titles a custom node's template by its file name)."""
+    browser = editor["template_browser"]
+    failed = [r for r in editor["template_requests"] if r[0] >= 400]
+    assert failed == [], failed
+    fetched = {url.rsplit("/", 1)[-1] for status, url in editor["template_requests"] if status == 200}
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        assert f"{path.stem}.jpg" in fetched, (path.stem, editor["template_requests"])
+        shown = [i for i in browser["images"] if i["alt"] == path.stem]
+        assert shown and all(i["loaded"] for i in shown), (path.stem, browser["images"])
+        assert path.stem in browser["text"], (path.stem, browser["text"][:2000])
