@@ -73,6 +73,7 @@ def editor(comfy, tmp_path_factory):
     node, chromium, playwright = browser_tools()
     shots = tmp_path_factory.mktemp("screenshots")
     env = dict(os.environ, PLAYWRIGHT_CORE_DIR=playwright, CHROMIUM_PATH=chromium)
+    comfy.post("/api/settings/Comfy.Minimap.Visible", False)  # screenshots without the overlay in the corner
     stand_ins = shots / "stand_in_prompts.json"
     stand_ins.write_text(json.dumps(stand_in_prompts()))
     result = subprocess.run(
