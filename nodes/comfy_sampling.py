@@ -155,13 +155,16 @@ def sample(
         return latent_image
     if sampler in WAN_SOLVERS:
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image)
+        last_call: dict[str, Tensor] = {}
 
         def velocity(x: Tensor, sigma: float) -> Tensor:
-            return forward(x, sigma * NUM_TRAIN_TIMESTEPS)
+            v = forward(x, sigma * NUM_TRAIN_TIMESTEPS)
+            last_call.update(x=x, sigma=torch.tensor(sigma, dtype=torch.float32), v=v)
+            return v
 
         def on_step(step: int, total: int, x: Tensor) -> None:
             if callback is not None:
-                callback(step, None, x, total)
+                callback(step, denoised_estimate(model_sampling, last_call), x, total)
 
         with torch.no_grad():
             x = sample_flow(velocity, x, sigmas, sampler, on_step)
@@ -180,3 +183,12 @@ def sample(
         None,
         not comfy.utils.PROGRESS_BAR_ENABLED,
     )
+
+
+def denoised_estimate(model_sampling, last_call: dict[str, Tensor]) -> Tensor | None:
+    """The x0 estimate of the latest model call (flow: ``x0 = x - sigma * v``), what KSampler's samplers hand the
+    step callback as ``denoised`` and ComfyUI's previews decode; ``None`` before the first call."""
+    if not last_call:
+        return None
+    x, v = last_call["x"], last_call["v"].to(last_call["x"].device, last_call["x"].dtype)
+    return model_sampling.calculate_denoised(last_call["sigma"], v, x)

@@ -92,17 +92,6 @@ class OfficialDistriFusionSampler:
     CATEGORY = CATEGORY
     DESCRIPTION = "Samples a Wan 2.1 video with DistriFusion patch parallelism across the Loader's GPUs."
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, width=None, height=None, length=None):
-        problems = []
-        if width is not None and (width % 16 or not 16 <= width <= MAX_SIZE):
-            problems.append(f"width: {width} must be a multiple of 16 from 16 to {MAX_SIZE}, e.g. 832 or 1280")
-        if height is not None and (height % 16 or not 16 <= height <= MAX_SIZE):
-            problems.append(f"height: {height} must be a multiple of 16 from 16 to {MAX_SIZE}, e.g. 480 or 720")
-        if length is not None and ((length - 1) % 4 or not 1 <= length <= MAX_LENGTH):
-            problems.append(f"length: {length} frames must be of the form 4k+1 from 1 to {MAX_LENGTH}, e.g. 81")
-        return "; ".join(problems) if problems else True
-
     def sample(
         self,
         model,
@@ -166,12 +155,14 @@ class OfficialDistriFusionSampler:
 
         def on_step(step: int, denoised, x, total: int) -> None:
             now = time.perf_counter()
-            activity.update(step + 1, total, now - last["time"], last["memory"])
-            last["time"] = now
             preview = None
             if previewer is not None and denoised is not None:
                 preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
-            bar.update_absolute(step + 1, total, preview)  # ComfyUI's interrupt point: raises on Cancel
+            # ComfyUI's interrupt point: on Cancel it raises before sending this step's progress, so the status
+            # counts the step only after it (the Status node and /ws then show the same last step)
+            bar.update_absolute(step + 1, total, preview)
+            activity.update(step + 1, total, now - last["time"], last["memory"])
+            last["time"] = now
 
         activity.begin(steps, shape)
         try:

@@ -12,6 +12,11 @@ from parallel_harness import digest, rel_err, run_ranks, tiny_model
 OVERLAPS_PX = (0, 16, 32)
 SYNC_FREQUENCIES = (0, 4, 2, 1)  # 0 = never after warm-up ... 1 = every step (exact)
 STEPS, WARMUP = 10, 2
+PINNED_TABLE = {(0, 0): 4.58e-3, (16, 0): 3.86e-3, (32, 0): 3.08e-3, (0, 4): 2.94e-3, (0, 2): 2.21e-3}
+"""Final-latent relative error of the sweep below, (overlap px, sync frequency): measured, CPU fp32."""
+PINNED_DTYPES = {("bf16", "sync"): 1.84e-4, ("fp8_e4m3fn", "sync"): 1.25e-3, ("fp8_e4m3fn", "displaced"): 4.77e-3}
+"""The same with narrower K/V buffers (overlap 0, sync frequency 0): measured."""
+PINNED_RTOL = 0.15
 
 
 def displaced_sweep(rank: int, world_size: int) -> dict:
@@ -127,7 +132,12 @@ def test_displaced_error_shrinks_with_overlap_and_sync_frequency():
     # narrower K/V buffers: small, finite quantisation error; fp8 coarser than bf16
     dtypes = result["dtypes"]
     assert 0 < dtypes["bf16", "sync"] < dtypes["fp8_e4m3fn", "sync"] < 0.1
-    assert dtypes["fp8_e4m3fn", "displaced"] < 2 * table[0, 0] + 0.1
+    # pinned: the errors of this fixed case as measured (fp32 on CPU, deterministic); a real regression of the
+    # stale K/V (older K/V, wrong halo, wrong ranks' K/V) moves them far more than PINNED_RTOL
+    for (overlap, frequency), value in PINNED_TABLE.items():
+        assert abs(table[overlap, frequency] - value) < PINNED_RTOL * value, (overlap, frequency, table)
+    for key, value in PINNED_DTYPES.items():
+        assert abs(dtypes[key] - value) < PINNED_RTOL * value, (key, dtypes)
 
 
 def stale_repeat_checks(rank: int, world_size: int, comm_backend: str = "builtin") -> dict:

@@ -48,13 +48,17 @@ def test_fp8_linear_uses_the_scaled_matmul_only_when_enabled():
     linear.use_fp8_matmul = True
     scaled = linear(x)
     assert not torch.equal(upcast, scaled)
-    assert torch.equal(scaled, scaled_fp8_linear(x, linear.weight, linear.scale_weight, linear.bias))
-    assert relative_error(scaled.float(), upcast.float()) < 0.06
-    assert torch.equal(linear(x.float()), _fp8_linear_upcast(linear, x.float()))  # fp32 input: upcast path
-
-
-def _fp8_linear_upcast(linear: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, linear.weight.float() * linear.scale_weight, linear.bias.float())
+    # Independent references: the weight dequantized in fp32, F.linear in fp32; the scaled path also rounds each
+    # row of x to e4m3 at its own scale first.
+    weight = linear.weight.float() * linear.scale_weight.float().reshape(-1, 1)
+    reference = torch.nn.functional.linear(x.float(), weight, linear.bias.float())
+    row_scale = x.float().abs().amax(-1, keepdim=True) / torch.finfo(E4M3).max
+    x_fp8 = (x.float() / row_scale).to(E4M3).float() * row_scale
+    scaled_reference = torch.nn.functional.linear(x_fp8, weight, linear.bias.float())
+    assert relative_error(upcast.float(), reference) < 4e-3  # bf16 compute: measured 2.5e-3
+    assert relative_error(scaled.float(), scaled_reference) < 3e-3  # bf16 output: measured 1.6e-3
+    assert relative_error(scaled.float(), reference) > 1e-2  # x really went through e4m3: measured 2.5e-2
+    assert relative_error(linear(x.float()), reference) < 1e-6  # fp32 input: upcast path in fp32 (measured 0)
 
 
 def test_the_row_wise_probe_runs_where_scaled_matmul_exists():
@@ -138,4 +142,4 @@ def test_fused_fp8_model_with_scaled_matmul_stays_close_to_bf16():
     inputs = dict(t=torch.tensor([300.0]), context=torch.randn(1, 6, 32, generator=generator))
     with torch.no_grad():
         error = relative_error(quantized(x, **inputs).float(), bf16(x, **inputs).float())
-    assert 1e-4 < error < 0.1
+    assert 5e-3 < error < 0.025  # really fp8, and close: measured 1.5e-2

@@ -153,6 +153,10 @@ def test_model_from_state_dict_shares_tensors(model, inputs, layout):
 # -- fp8 storage ------------------------------------------------------------------------------------
 
 
+FP8_OUTPUT_ERROR = {"fp8_e4m3fn": (5e-3, 0.015), "fp8_e5m2": (1e-2, 0.03)}
+"""Bounds on the relative error of the fp8-stored model's output vs fp32: measured 9.9e-3 (e4m3), 2.1e-2 (e5m2)."""
+
+
 @pytest.mark.parametrize("quantization", FP8)
 def test_fp8_storage_runs_within_fp8_error(checkpoint, inputs, model, quantization):
     loaded = load_wan_model(checkpoint, quantization=quantization)
@@ -162,7 +166,8 @@ def test_fp8_storage_runs_within_fp8_error(checkpoint, inputs, model, quantizati
     assert loaded.head.head.weight.dtype == torch.float32  # only the blocks' Linear weights are fp8
     assert loaded.blocks[0].ffn[0].bias.dtype == torch.float32
     error = relative_error(_output(loaded, inputs), _output(model, inputs))
-    assert 1e-4 < error < (0.05 if quantization == "fp8_e4m3fn" else 0.1)  # really quantized, still close
+    low, high = FP8_OUTPUT_ERROR[quantization]
+    assert low < error < high  # really quantized, still close
 
 
 def _block_linear_bytes(model) -> int:

@@ -6,6 +6,7 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const STATUS_NODE = "OfficialDistriFusionStatus";
 const POLL_MS = 2000;
+const REPORT_SIZE = [520, 380]; // room for the whole report (about 16 lines) when the node comes from the library
 const statusNodes = new Set();
 let pollTimer = null;
 
@@ -69,6 +70,8 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       reportWidget(this);
+      // A workflow's saved size is applied after this (configure), so only a new node gets the default.
+      this.setSize([Math.max(this.size[0], REPORT_SIZE[0]), Math.max(this.size[1], REPORT_SIZE[1])]);
       statusNodes.add(this);
       refreshAll();
       return result;

@@ -107,6 +107,12 @@ class WebSocket:
                     message = json.loads(payload.decode())
                     self.received.append(message)
                     self.messages.put(message)
+                elif opcode == 0x2 and length >= 4:
+                    # a binary frame: 4-byte event type (1 = preview image), then the payload
+                    event = struct.unpack(">I", payload[:4])[0]
+                    message = {"type": "binary", "event": event, "bytes": length - 4, "data": {}}
+                    self.received.append(message)
+                    self.messages.put(message)
                 elif opcode == 0x9:
                     self._send(0xA, payload)
                 elif opcode == 0x8:
@@ -215,6 +221,7 @@ def start_server(python: str, comfy_path: str, base: Path, timeout: float = 180.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     command = [python, str(Path(comfy_path) / "main.py"), "--listen", "127.0.0.1", "--port", str(port)]
     command += ["--base-directory", str(base), "--disable-auto-launch"] + (["--cpu"] if cpu else [])
+    command += ["--preview-method", "auto"]  # live previews on, as a user who wants to see them sets it
     log = open(log_path, "w")
     process = subprocess.Popen(command, cwd=base, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = ComfyServer(process, port, base, log_path)
@@ -355,3 +362,30 @@ def base_prompt(loader: dict | None = None, sampler: dict | None = None, prefix:
         "sampler": {"class_type": SAMPLER, "inputs": sampler or sampler_inputs()},
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": prefix}},
     }
+
+
+def stand_in_prompt(prompt: dict, prefix: str, *, width: int, height: int, length: int) -> dict:
+    """A bundled API-format workflow as shipped, with stand-ins only where the real files cannot be had here: the
+    umT5 text encoder (test conditioning node, same node id), the Wan weights (tiny), the VAE (random), a tiny clip
+    size (2 steps) and ``prefix`` for the saved files. Node ids stay those of the UI workflow."""
+    prompt = json.loads(json.dumps(prompt))
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPLoader":
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {
+                "class_type": "DistriFusionTestConditioning",
+                "inputs": {"seed": int(node_id), "tokens": 8, "width": 4096},
+            }
+        elif kind == LOADER:
+            # one 16 px token row per rank at least; Ulysses needs heads divisible by the ranks
+            model = TINY_MODEL_4_HEADS if inputs["parallel_mode"] == "ulysses" else TINY_MODEL
+            inputs.update(model=model, patch_size=16)
+        elif kind == SAMPLER:
+            inputs.update(steps=2, width=width, height=height, length=length)
+        elif kind == "VAELoader":
+            inputs["vae_name"] = RANDOM_VAE
+        elif kind in ("SaveVideo", "SaveAnimatedWEBP"):
+            inputs["filename_prefix"] = prefix
+    return prompt

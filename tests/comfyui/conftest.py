@@ -29,15 +29,17 @@ from comfy_harness import (
 
 HERE = Path(__file__).resolve().parent
 SKIP_REASON = (
-    "real ComfyUI not configured: set COMFYUI_PATH and COMFYUI_PYTHON "
-    '(eval "$(../shared/tools/comfyui-setup.sh /tmp/comfyui)")'
+    "{count} real-ComfyUI and browser tests in tests/comfyui/ left out (this one skipped, the rest deselected): "
+    "real ComfyUI not configured; set COMFYUI_PATH and COMFYUI_PYTHON "
+    '(eval "$(../shared/tools/comfyui-setup.sh /tmp/comfyui)"), or run them all with `bash .ci/run`'
 )
 
 TINY_CONFIG = dict(
-    dim=128, ffn_dim=256, num_heads=1, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256, image_dim=1280
+    dim=256, ffn_dim=256, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256, image_dim=1280
 )
 """Tiny, yet what ComfyUI's own Wan detection accepts (heads = dim / 128, text 4096, freq 256), so native
-KSampler runs the same checkpoint. The 4-head twin (head dim 32, heads in its metadata) serves Ulysses on 4 ranks."""
+KSampler runs the same checkpoint; 2 heads, so a head-layout difference from native shows (and Ulysses splits
+them over 2 ranks). The 4-head twin (head dim 64, heads in its metadata) serves Ulysses on 4 ranks."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.comfyui)
     if here and not (COMFYUI_PATH and COMFYUI_PYTHON):
         # One line in the summary: keep the first test as the skipped one, deselect the rest.
-        here[0].add_marker(pytest.mark.skip(reason=SKIP_REASON))
+        here[0].add_marker(pytest.mark.skip(reason=SKIP_REASON.format(count=len(here))))
         rest = set(map(id, here[1:]))
         config.hook.pytest_deselected(items=here[1:])
         items[:] = [item for item in items if id(item) not in rest]

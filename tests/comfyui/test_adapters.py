@@ -131,3 +131,32 @@ def test_every_ksampler_sampler_runs_through_the_worker_model():
     """)
     result = subprocess.run([COMFYUI_PYTHON, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:] + result.stdout[-2000:]
+
+
+def test_wan_solvers_hand_the_step_callback_the_x0_of_the_latest_model_call():
+    """What the preview decodes for ``unipc`` / ``dpm++``: x0 = x - sigma * v of the step's model call (flow
+    matching), computed here from the calls the solver made, as KSampler's samplers pass ``denoised``."""
+    code = PACK_IN_COMFYUI + textwrap.dedent("""
+        cs = import_module(PACK + ".nodes.comfy_sampling")
+        sampling = cs.model_sampling_sd3(3.0)
+        for name in ("unipc", "dpm++"):
+            calls, seen = [], []
+            def forward(x, t):
+                v = torch.sin(x * 3 + t / 1000)  # any smooth flow
+                calls.append((x.clone(), t / 1000, v.clone()))
+                return v
+            sigmas = cs.sampler_sigmas(sampling, name, "simple", 4, 3.0, 1.0)
+            noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+            cs.sample(forward, model_sampling=sampling, sampler=name, sigmas=sigmas, noise=noise,
+                      latent_image=torch.zeros_like(noise), cfg=5.0, seed=0,
+                      callback=lambda i, denoised, x, total: seen.append((i, denoised, total)))
+            assert [s[0] for s in seen] == [0, 1, 2, 3] and {s[2] for s in seen} == {4}, name
+            assert len(calls) == 4, name
+            for (i, denoised, _), (x, sigma, v) in zip(seen, calls):
+                assert denoised is not None, name
+                expected = x - sigma * v
+                assert torch.allclose(denoised, expected, rtol=0, atol=1e-6), (name, i)
+        print("ok")
+    """)
+    result = subprocess.run([COMFYUI_PYTHON, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

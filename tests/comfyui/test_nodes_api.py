@@ -29,6 +29,7 @@ from comfy_harness import (
     loader_inputs,
     reference_latent,
     sampler_inputs,
+    stand_in_prompt,
 )
 
 CATEGORY = "WanVideoWrapper/Official DistriFusion"
@@ -70,6 +71,12 @@ SAMPLER_WIDGETS = {
     "length": (81, 1, 1025, 4),
     "sync_frequency": (0, 0, 1000, 1),
 }
+
+
+NATIVE_TOLERANCE = 1e-5
+"""Relative error of our Sampler's latent vs native KSampler's on the same 2-head checkpoint (fp32 round-off):
+measured 1.4e-6 to 4.4e-6 at 1 rank and at 2 ranks in sync, ulysses and displaced during warm-up; the README
+states the same bound."""
 
 
 def output_files(comfy, entry: dict, node: str, key: str) -> list[Path]:
@@ -142,28 +149,35 @@ def test_workflow_templates_list_our_examples(comfy):
     for name in ours:
         response = comfy.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
         assert response.status_code == 200 and "nodes" in response.json()
+        # the template browser shows a custom node's template with <name>.jpg beside it, and its file name as title
+        thumbnail = comfy.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")
+        assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff", name  # a JPEG
+        assert name.startswith("Wan 2.1 T2V ") and " GPUs (" in name, f"not a readable title: {name}"
 
 
 # --- settings rejected before anything runs -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("where", "inputs", "kind", "needle"),
+    ("where", "inputs", "kind"),
     [
-        ("sampler", {"width": 500}, "custom_validation_failed", "width: 500 must be a multiple of 16"),
-        ("sampler", {"length": 80}, "custom_validation_failed", "length: 80 frames must be of the form 4k+1"),
-        ("loader", {"gpus": 9}, "value_bigger_than_max", "gpus"),
-        ("loader", {"split_mode": "diagonal"}, "value_not_in_list", "split_mode"),
-        ("sampler", {"sampler": "no_such_sampler"}, "value_not_in_list", "sampler"),
+        ("sampler", {"width": 4112}, "value_bigger_than_max"),
+        ("sampler", {"height": 0}, "value_smaller_than_min"),
+        ("sampler", {"length": 2000}, "value_bigger_than_max"),
+        ("loader", {"gpus": 9}, "value_bigger_than_max"),
+        ("loader", {"split_mode": "diagonal"}, "value_not_in_list"),
+        ("sampler", {"sampler": "no_such_sampler"}, "value_not_in_list"),
     ],
 )
-def test_bad_widget_values_are_rejected_naming_the_widget(comfy, where, inputs, kind, needle):
+def test_bad_widget_values_are_rejected_once_on_that_widget(comfy, where, inputs, kind):
+    """ComfyUI's own check at POST /prompt: one error, tagged with the widget that is wrong (no other widget)."""
     prompt = base_prompt()
     prompt[where]["inputs"].update(inputs)
     response = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
     assert response.status_code == 400
     errors = response.json()["node_errors"][where]["errors"]
-    assert any(e["type"] == kind and needle in e["details"] for e in errors), errors
+    (widget,) = inputs
+    assert [(e["type"], e["extra_info"]["input_name"]) for e in errors] == [(kind, widget)], errors
 
 
 @pytest.mark.parametrize(
@@ -190,8 +204,10 @@ def test_bad_settings_fail_the_loader_with_the_fix(comfy, inputs, needle):
         ({"patch_size": 16}, {"height": 16}, "split mode 'spatial': "),  # one token row for two ranks
         ({"split_mode": "temporal"}, {"length": 1}, "split mode 'temporal': "),  # one latent frame for two ranks
         ({"cfg_parallel": True}, {"cfg": 1.0}, "CFG parallel: cfg is 1, so the negative prompt is not run"),
+        ({}, {"width": 500}, "width: 500 is not a positive multiple of 16"),
+        ({}, {"length": 80}, "length: 80 frames is not of the form 4k+1"),
     ],
-    ids=["rows", "frames", "cfg parallel at cfg 1"],
+    ids=["rows", "frames", "cfg parallel at cfg 1", "width", "length"],
 )
 def test_video_size_is_checked_at_the_sampler_before_the_workers_start(comfy, loader, sampler, needle):
     """Settings that depend on the Sampler's video size fail it at once: no group is started (or restarted)."""
@@ -309,6 +325,17 @@ def test_same_latent_as_native_ksampler_two_ranks(comfy, sampler):
     check_same_latent_as_native_ksampler(comfy, TWO_RANKS, sampler)
 
 
+@pytest.mark.parametrize(
+    "loader",
+    [{"parallel_mode": "ulysses"}, {"parallel_mode": "displaced", "warmup_steps": 4}],
+    ids=["ulysses", "displaced during warm-up"],
+)
+def test_same_latent_as_native_ksampler_two_ranks_other_modes(comfy, loader):
+    """Ulysses (heads split over the ranks) and displaced while every step is a warm-up step (exact K/V) equal
+    native KSampler too; 4 steps, so the displaced run never reaches a stale step."""
+    check_same_latent_as_native_ksampler(comfy, {"gpus": 2, **loader}, "euler")
+
+
 def test_status_node_and_route(comfy):
     prompt = base_prompt(loader_inputs(**TWO_RANKS))
     prompt["status"] = {"class_type": STATUS, "inputs": {"model": ["loader", 0], "latent": ["sampler", 0]}}
@@ -372,6 +399,10 @@ def test_progress_live_status_and_interrupt(comfy):
     assert "execution_interrupted" in kinds, kinds
     done = comfy.get("/distrifusion/status").json()
     assert not done["step"]["running"] and done["step"]["current"] < 400
+    sent = [
+        m["data"]["value"] for m in ws.received if m["type"] == "progress" and m["data"].get("prompt_id") == prompt_id
+    ]
+    assert done["step"]["current"] == sent[-1], f"status step {done['step']['current']}, last /ws progress {sent[-1]}"
     assert done["cancelled_at"] and not done["last_error"]  # a cancel is not an error
     assert "cancelled by the user at" in done["text"] and "❌" not in done["text"]
 
@@ -441,26 +472,8 @@ def test_example_api_workflows_run_with_tiny_stand_ins(comfy, name):
     kinds = sorted(node["class_type"] for node in prompt.values())
     assert kinds.count(LOADER) == kinds.count(SAMPLER) == kinds.count(STATUS) == 1
     assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "VAEDecode"} <= set(kinds)
-    for node_id, node in list(prompt.items()):
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CLIPLoader":
-            assert inputs["type"] == "wan"
-            del prompt[node_id]
-        elif kind == "CLIPTextEncode":
-            prompt[node_id] = {
-                "class_type": "DistriFusionTestConditioning",
-                "inputs": {"seed": int(node_id), "tokens": 8, "width": 4096},
-            }
-        elif kind == LOADER:
-            # 64 px tall clip: one 16 px token row per rank; Ulysses needs heads divisible by the ranks.
-            model = TINY_MODEL_4_HEADS if inputs["parallel_mode"] == "ulysses" else TINY_MODEL
-            inputs.update(model=model, patch_size=16)
-        elif kind == SAMPLER:
-            inputs.update(steps=2, width=32, height=64, length=5)
-        elif kind == "VAELoader":
-            inputs["vae_name"] = RANDOM_VAE
-        elif kind in ("SaveVideo", "SaveAnimatedWEBP"):
-            inputs["filename_prefix"] = f"examples/{name}"
+    assert next(n for n in prompt.values() if n["class_type"] == "CLIPLoader")["inputs"]["type"] == "wan"
+    prompt = stand_in_prompt(prompt, f"examples/{name}", width=32, height=64, length=5)
     entry = comfy.run(prompt, timeout=300)
     saved = list((comfy.base / "output" / "examples").glob(f"{name}*"))
     assert saved and all(f.stat().st_size > 0 for f in saved), entry["outputs"]
@@ -517,7 +530,8 @@ def check_same_latent_as_native_ksampler(
     ours_latent = load_latent(output_files(comfy, entry, "save", "latents")[0])
     native_latent = load_latent(output_files(comfy, entry, "save_native", "latents")[0])
     assert ours_latent.shape == native_latent.shape
-    assert relative_error(ours_latent, native_latent) < 1e-4
+    error = relative_error(ours_latent, native_latent)
+    assert error < NATIVE_TOLERANCE, f"relative error {error:.2e} vs native KSampler"
 
 
 def _running(pid: int) -> bool:
