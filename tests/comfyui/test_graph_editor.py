@@ -186,7 +186,7 @@ def test_our_nodes_created_from_the_library_have_every_widget(editor):
 
 def test_status_extension_shows_the_live_report(editor):
     text = editor["status_text"] or ""
-    assert "🎯 Official DistriFusion Status" in text and "Comm backend" in text, text
+    assert "🎯 Official DistriFusion Status" in text and "🔌 Comm" in text, text
     ours = [e for e in editor["startup_errors"] if OUR_EXTENSION in e]
     assert ours == [], ours
 
