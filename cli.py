@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--step-timeout", type=float, default=600.0, help="seconds without progress before giving up")
     gen.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every rank to be ready")
     gen.add_argument("--out", required=True, help="output .safetensors (key 'latent')")
+    gen.add_argument(
+        "--decode",
+        metavar="VAE_FILE",
+        help="also decode with this Wan 2.1 VAE (wan_2.1_vae.safetensors) on the same ranks, rows split over them: "
+        "PNG frames in <out>_frames/, and <out>.mp4 when ffmpeg is on PATH",
+    )
     gen.add_argument("-v", "--verbose", action="store_true", help="log the runtime's steps (workers, memory plan)")
 
     work = commands.add_parser(
@@ -313,6 +319,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.latent:
         job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
     out = check_out(args.out)
+    vae = _load_vae(args.decode) if args.decode else None
     processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
     with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
@@ -339,10 +346,13 @@ def generate(args: argparse.Namespace) -> int:
             latent = _sample_with_bar(runtime, job)
             sampled = time.perf_counter()
             status = runtime.status()
+            pixels = _decode_with_bar(runtime, vae, latent, precision) if vae is not None else None
         finally:
             runtime.close()
 
     save_latent(latent, out, _metadata(args, job, spec))
+    if pixels is not None:
+        _write_video(pixels, out)
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
         f"(start {started - began:.1f} s, sampling {sampled - started:.1f} s, "
@@ -389,6 +399,50 @@ def _sample_with_bar(runtime, job):
         return _module("distrifusion.run").run_job(runtime, job, progress=progress)
     finally:
         bar.close()
+
+
+def _load_vae(path: str) -> dict:
+    """``--decode``'s VAE weights, checked (a Wan 2.1 VAE) before anything starts."""
+    from safetensors.torch import load_file
+
+    errors = _module("wanvideo.errors")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise errors.WanDistriFusionError(f"decode: {file} is not a file; give the path of wan_2.1_vae.safetensors.")
+    try:
+        state_dict = load_file(str(file))
+    except Exception as error:
+        raise errors.WanDistriFusionError(f"decode: cannot read {file} as safetensors ({error}).") from error
+    try:
+        _module("wanvideo.vae").vae_config_from_state_dict(state_dict)
+    except errors.WanDistriFusionError as error:
+        raise errors.WanDistriFusionError(f"decode: {file}: {error}") from error
+    return state_dict
+
+
+def _decode_with_bar(runtime, vae: dict, latent, precision: str):
+    """The sampled latent decoded on the runtime's ranks, with a tqdm bar of the latent frames."""
+    import torch
+    from tqdm import tqdm
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    z = _module("wanvideo.vae").latent_for_vae(latent.to(torch.float32))
+    bar = tqdm(total=z.shape[2], unit="frame", desc="decoding", dynamic_ncols=True)
+    try:
+        return _module("distrifusion.vae_session").decode_on_runtime(
+            runtime, vae, z, dtype=dtype, progress=lambda done, total: bar.update(done - bar.n)
+        )
+    finally:
+        bar.close()
+
+
+def _write_video(pixels, out: Path) -> None:
+    files = _module("wanvideo.video_files")
+    frames = files.to_uint8_frames(pixels)
+    folder = out.with_name(f"{out.stem}_frames")
+    pngs = files.write_pngs(frames, folder)
+    mp4 = files.write_mp4(frames, out.with_suffix(".mp4"))
+    print(f"wrote {len(pngs)} frames to {folder}" + (f" and {mp4}" if mp4 else " (no ffmpeg on PATH: no mp4)"))
 
 
 def _metadata(args: argparse.Namespace, job, spec) -> dict:

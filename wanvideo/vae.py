@@ -27,6 +27,23 @@ logger = logging.getLogger(__name__)
 
 PAST_FRAMES = 2
 """A temporal kernel of 3 sees two frames before the current one."""
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+"""The Wan 2.1 VAE's per-channel latent statistics: the DiT samples ``(z - mean) / std``."""
+
+
+def latent_for_vae(model_latent: Tensor) -> Tensor:
+    """The DiT's normalised latent (what the CLI saves) -> the VAE's own latent (what a ComfyUI LATENT holds)."""
+    shape = (1, len(WAN21_LATENT_MEAN), 1, 1, 1)
+    mean = torch.tensor(WAN21_LATENT_MEAN, dtype=model_latent.dtype).view(shape)
+    std = torch.tensor(WAN21_LATENT_STD, dtype=model_latent.dtype).view(shape)
+    return model_latent * std.to(model_latent.device) + mean.to(model_latent.device)
 
 
 class RowContext:
