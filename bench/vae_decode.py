@@ -114,17 +114,17 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     dim = 8 if args.tiny else 96
     sizes = ["tiny"] if args.tiny else args.sizes
-    vae, memory_plan = pkg_vae(), C.pkg("distrifusion.memory_plan")
+    memory_plan = C.pkg("distrifusion.memory_plan")
     ours, peer = build_models(dim, device, dtype)
     results, rows = {"environment": C.environment(cuda=device.type == "cuda"), "sizes": {}}, []
     for size in sizes:
         c, f, h, w = SIZES[size]
         z = torch.randn(1, c, f, h, w, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         with torch.no_grad():
-            theirs_s, theirs_gib, theirs = measure(lambda: peer.decode(z).sample, device, args.reps)
+            theirs_s, theirs_gib, theirs = measure(lambda z=z: peer.decode(z).sample, device, args.reps)
             theirs = theirs.float().cpu()
             C.free()
-            ours_s, ours_gib, mine = measure(lambda: ours.decode(z).clamp(-1.0, 1.0), device, args.reps)
+            ours_s, ours_gib, mine = measure(lambda z=z: ours.decode(z).clamp(-1.0, 1.0), device, args.reps)
             error = C.rel_err(mine.float().cpu(), theirs)
             del mine
             C.free()
@@ -145,9 +145,20 @@ def main(argv=None) -> int:
                 share_s, share_gib, out = measure(lambda slab=slab: ours.decode(slab), device, 1)
                 del out
                 C.free()
-                plan = memory_plan.plan_vae_decode((1, c, f, h, w), n, "fp32" if dtype == torch.float32 else "bf16", dim)
+                plan = memory_plan.plan_vae_decode(
+                    (1, c, f, h, w), n, "fp32" if dtype == torch.float32 else "bf16", dim
+                )
                 entry["shares"][n] = {"seconds": share_s, "peak_gib": share_gib, "plan_gib": plan.total_bytes / 2**30}
-                rows.append([size, f"share of {n}", C.fmt(share_s), "", C.fmt(share_gib), f"plan {plan.total_bytes / 2**30:.2f}"])
+                rows.append(
+                    [
+                        size,
+                        f"share of {n}",
+                        C.fmt(share_s),
+                        "",
+                        C.fmt(share_gib),
+                        f"plan {plan.total_bytes / 2**30:.2f}",
+                    ]
+                )
         results["sizes"][size] = entry
         print(f"{size}: ours vs diffusers relative error {error:.2e} (tol {args.tol})", flush=True)
         if error > args.tol:
