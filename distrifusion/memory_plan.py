@@ -345,7 +345,7 @@ class VAEDecodePlan:
 
 @functools.lru_cache(maxsize=32)
 def plan_vae_decode(
-    latent_shape: tuple[int, ...], world_size: int, dtype_name: str = "bf16", dim: int = 96
+    latent_shape: tuple[int, ...], world_size: int, dtype_name: str = "bf16", dim: int | None = None
 ) -> VAEDecodePlan:
     """Per-rank memory of decoding ``latent_shape`` [B, C, F, H, W] split over ``world_size`` ranks.
 
@@ -361,11 +361,13 @@ def plan_vae_decode(
     dtype = DTYPES[dtype_name] if dtype_name in DTYPES else PRECISIONS[dtype_name]
     b, c, frames, rows, cols = latent_shape
     slab_rows = split_rows(rows, world_size)[0]
-    config = WanVAEConfig(dim=dim, z_dim=c)
+    version = "2.2" if c == 48 else "2.1"  # the real decoders' widths unless ``dim`` is given
+    config = WanVAEConfig(dim=dim or (256 if version == "2.2" else 96), z_dim=c, version=version)
+    scale = config.spatial_scale
     with torch.device("meta"):
         decoder = WanVAEDecoder(config).to(dtype)
         z = torch.empty(b, c, min(frames, 3), slab_rows, cols, dtype=dtype)
-        out = torch.empty(b, 3, config.output_frames(z.shape[2]), slab_rows * 8, cols * 8, dtype=dtype)
+        out = torch.empty(b, 3, config.output_frames(z.shape[2]), slab_rows * scale, cols * scale, dtype=dtype)
     weights = sum(p.numel() * p.element_size() for p in decoder.parameters())
 
     class SlabOfMany(RowContext):  # the shapes a rank of the split sees: halos, gathered edges, all rows

@@ -35,15 +35,35 @@ WAN21_LATENT_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
-"""The Wan 2.1 VAE's per-channel latent statistics: the DiT samples ``(z - mean) / std``."""
+WAN22_LATENT_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+WAN22_LATENT_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
+"""The Wan VAEs' per-channel latent statistics: the DiT samples ``(z - mean) / std``."""
+LATENT_STATISTICS = {16: (WAN21_LATENT_MEAN, WAN21_LATENT_STD), 48: (WAN22_LATENT_MEAN, WAN22_LATENT_STD)}
 
 
 def latent_for_vae(model_latent: Tensor) -> Tensor:
     """The DiT's normalised latent (what the CLI saves) -> the VAE's own latent (what a ComfyUI LATENT holds)."""
-    shape = (1, len(WAN21_LATENT_MEAN), 1, 1, 1)
-    mean = torch.tensor(WAN21_LATENT_MEAN, dtype=model_latent.dtype).view(shape)
-    std = torch.tensor(WAN21_LATENT_STD, dtype=model_latent.dtype).view(shape)
-    return model_latent * std.to(model_latent.device) + mean.to(model_latent.device)
+    channels = model_latent.shape[1]
+    if channels not in LATENT_STATISTICS:
+        raise WanDistriFusionError(f"VAE: a latent of {channels} channels is neither Wan 2.1 (16) nor Wan 2.2 (48).")
+    mean, std = (
+        torch.tensor(v, dtype=model_latent.dtype, device=model_latent.device) for v in LATENT_STATISTICS[channels]
+    )
+    return model_latent * std.view(1, channels, 1, 1, 1) + mean.view(1, channels, 1, 1, 1)
 
 
 class RowContext:
@@ -60,17 +80,30 @@ class RowContext:
 
 @dataclass(frozen=True)
 class WanVAEConfig:
-    """The decoder's shape, read from the weights: base width, latent channels (16 for Wan 2.1)."""
+    """The decoder's shape, read from the weights: base width, latent channels (16 for Wan 2.1, 48 for Wan 2.2).
+
+    Wan 2.2's decoder (``version="2.2"``) keeps the channels through each upsampling, adds a parameter-free
+    shortcut around every up block and ends in 12 channels that unfold into 2×2 pixels: 16× in all."""
 
     dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_upsample: tuple[bool, ...] = (True, True, False)
+    version: str = "2.1"
+
+    def __post_init__(self):
+        if self.version not in ("2.1", "2.2"):
+            raise WanDistriFusionError(f"VAE: version {self.version!r} is not 2.1 or 2.2.")
+
+    @property
+    def patch(self) -> int:
+        """Pixels per side that one output position of the decoder unfolds into (Wan 2.2: 2)."""
+        return 2 if self.version == "2.2" else 1
 
     @property
     def spatial_scale(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return 2 ** (len(self.dim_mult) - 1) * self.patch
 
     def output_frames(self, latent_frames: int) -> int:
         return 1 + 4 * (latent_frames - 1)
@@ -180,13 +213,14 @@ class AttentionBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """Nearest 2× in space then a 3×3 convolution halving the channels; ``upsample3d`` doubles time first."""
+    """Nearest 2× in space then a 3×3 convolution (Wan 2.1: halving the channels); ``upsample3d`` doubles time first."""
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None):
         super().__init__()
         self.mode = mode
+        out_dim = dim // 2 if out_dim is None else out_dim
         self.resample = nn.Sequential(
-            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3)
+            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, out_dim, 3)
         )
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
@@ -202,7 +236,42 @@ class Resample(nn.Module):
         upsample, conv = self.resample
         frames = rows.pad_rows(upsample(frames), 1)
         frames = F.conv2d(frames, conv.weight, conv.bias, padding=(0, 1))
-        return frames.reshape(b, t, c // 2, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+        return frames.reshape(b, t, conv.out_channels, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+
+
+class DupUp3D(nn.Module):
+    """Wan 2.2's parameter-free shortcut of an up block: channels repeated, then unfolded into 2× rows and
+    columns (and 2× frames, less the first chunk's first); each output row comes from one input row."""
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int):
+        super().__init__()
+        self.out_dim, self.factor_t, self.factor_s = out_dim, factor_t, factor_s
+        self.repeats = out_dim * factor_t * factor_s * factor_s // in_dim
+
+    def forward(self, x: Tensor, first_chunk: bool) -> Tensor:
+        b, _, t, h, w = x.shape
+        ft, fs = self.factor_t, self.factor_s
+        x = x.repeat_interleave(self.repeats, dim=1).view(b, self.out_dim, ft, fs, fs, t, h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_dim, t * ft, h * fs, w * fs)
+        return x[:, :, ft - 1 :] if first_chunk else x
+
+
+class UpBlock(nn.Module):
+    """Wan 2.2: residual blocks then a resample (``upsamples``), plus the ``DupUp3D`` shortcut around them."""
+
+    def __init__(self, in_dim: int, out_dim: int, blocks: int, temporal: bool, upsample: bool):
+        super().__init__()
+        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(blocks)]
+        if upsample:
+            layers.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d", out_dim=out_dim))
+        self.upsamples = nn.Sequential(*layers)
+        self.shortcut = DupUp3D(in_dim, out_dim, 2 if temporal else 1, 2) if upsample else None
+
+    def forward(self, x: Tensor, cache: TimeCache, rows: RowContext, first_chunk: bool) -> Tensor:
+        main = x
+        for layer in self.upsamples:
+            main = layer(main, cache, rows, first_chunk) if isinstance(layer, Resample) else layer(main, cache, rows)
+        return main if self.shortcut is None else main + self.shortcut(x, first_chunk)
 
 
 class Decoder3d(nn.Module):
@@ -216,15 +285,19 @@ class Decoder3d(nn.Module):
         )
         upsamples = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            temporal = i < len(config.temporal_upsample) and config.temporal_upsample[i]
+            if config.version == "2.2":
+                upsamples.append(UpBlock(in_dim, out_dim, config.num_res_blocks + 1, temporal, i != len(mult) - 1))
+                continue
             if i > 0:  # the previous resample halved the channels
                 in_dim //= 2
             for _ in range(config.num_res_blocks + 1):
                 upsamples.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if i != len(mult) - 1:
-                upsamples.append(Resample(out_dim, "upsample3d" if config.temporal_upsample[i] else "upsample2d"))
+                upsamples.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d"))
         self.upsamples = nn.Sequential(*upsamples)
-        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3))
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3 * config.patch**2, 3))
 
     def forward(self, x: Tensor, cache: TimeCache, rows: RowContext, first_chunk: bool) -> Tensor:
         cache.start_chunk()
@@ -232,7 +305,10 @@ class Decoder3d(nn.Module):
         for layer in self.middle:
             x = layer(x, rows) if isinstance(layer, AttentionBlock) else layer(x, cache, rows)
         for layer in self.upsamples:
-            x = layer(x, cache, rows, first_chunk) if isinstance(layer, Resample) else layer(x, cache, rows)
+            if isinstance(layer, Resample | UpBlock):
+                x = layer(x, cache, rows, first_chunk)
+            else:
+                x = layer(x, cache, rows)
         norm, silu, conv = self.head
         return cache.step(conv, silu(norm(x)), rows)
 
@@ -275,13 +351,22 @@ class WanVAEDecoder(nn.Module):
         x = self.conv2(z, None, rows)
         written = 0
         for i in range(frames):
-            chunk = self.decoder(x[:, :, i : i + 1], cache, rows, first_chunk=i == 0)
+            chunk = unpatchify(self.decoder(x[:, :, i : i + 1], cache, rows, first_chunk=i == 0), self.config.patch)
             out[:, :, written : written + chunk.shape[2]] = chunk.to(out)
             written += chunk.shape[2]
             del chunk
             if on_chunk is not None:
                 on_chunk(i + 1, frames)
         return out
+
+
+def unpatchify(x: Tensor, patch: int) -> Tensor:
+    """[B, 3 * patch², T, H, W] -> [B, 3, T, H * patch, W * patch], channel ``c * patch² + col * patch + row``."""
+    if patch == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.view(b, c // patch**2, patch, patch, t, h, w)  # (c, col, row)
+    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c // patch**2, t, h * patch, w * patch)
 
 
 def is_wan21_vae(state_dict: dict[str, Tensor]) -> bool:
@@ -291,19 +376,16 @@ def is_wan21_vae(state_dict: dict[str, Tensor]) -> bool:
 
 
 def vae_config_from_state_dict(state_dict: dict[str, Tensor]) -> WanVAEConfig:
-    """The decoder's widths from its tensors; a Wan 2.2 or non-Wan VAE is refused with what to load instead."""
-    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in state_dict:
+    """The decoder's widths from its tensors (Wan 2.1 or Wan 2.2); another VAE is refused with what to load."""
+    if "decoder.middle.0.residual.0.gamma" not in state_dict or "conv2.weight" not in state_dict:
         raise WanDistriFusionError(
-            "VAE: this is the Wan 2.2 VAE (48 channels, 16x); the DistriFusion VAE Decode handles the Wan 2.1 VAE "
-            "(wan_2.1_vae.safetensors) so far: use ComfyUI's VAE Decode for this one."
-        )
-    if not is_wan21_vae(state_dict):
-        raise WanDistriFusionError(
-            "VAE: not a Wan VAE (no decoder.middle.0.residual.0.gamma): load wan_2.1_vae.safetensors in Load VAE."
+            "VAE: not a Wan VAE (no decoder.middle.0.residual.0.gamma): load wan_2.1_vae.safetensors (or "
+            "wan2.2_vae.safetensors for the Wan 2.2 TI2V 5B) in Load VAE."
         )
     head = state_dict["decoder.head.2.weight"]
     z_dim = state_dict["conv2.weight"].shape[0]
-    return WanVAEConfig(dim=head.shape[1], z_dim=z_dim)
+    version = "2.1" if is_wan21_vae(state_dict) else "2.2"
+    return WanVAEConfig(dim=head.shape[1], z_dim=z_dim, version=version)
 
 
 def load_vae_decoder(
