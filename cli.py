@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--decode",
         metavar="VAE_FILE",
-        help="also decode with this Wan 2.1 VAE (wan_2.1_vae.safetensors) on the same ranks, rows split over them: "
+        help="also decode with this Wan VAE (wan_2.1_vae.safetensors; wan2.2_vae.safetensors for the TI2V 5B) on the "
+        "same ranks, rows split over them: "
         "PNG frames in <out>_frames/, and <out>.mp4 when ffmpeg is on PATH",
     )
     gen.add_argument("-v", "--verbose", action="store_true", help="log the runtime's steps (workers, memory plan)")
@@ -325,6 +326,8 @@ def generate(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
         model_path, config, job = _model_and_context(args, job, Path(scratch))
         check_before_starting(args, job, parallel, config, device, precision)
+        if vae is not None:
+            _check_vae_fits(vae, config, job, args.world_size)
         where = f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)" if args.world_size > 1 else ""
         print(f"starting {where or 'in-process'} on {device}, {precision} ...", flush=True)
         spec = _module("distrifusion.settings").RuntimeSpec(
@@ -402,7 +405,7 @@ def _sample_with_bar(runtime, job):
 
 
 def _load_vae(path: str) -> dict:
-    """``--decode``'s VAE weights, checked (a Wan 2.1 VAE) before anything starts."""
+    """``--decode``'s VAE weights, checked (a Wan 2.1 or 2.2 VAE) before anything starts."""
     from safetensors.torch import load_file
 
     errors = _module("wanvideo.errors")
@@ -418,6 +421,18 @@ def _load_vae(path: str) -> dict:
     except errors.WanDistriFusionError as error:
         raise errors.WanDistriFusionError(f"decode: {file}: {error}") from error
     return state_dict
+
+
+def _check_vae_fits(vae: dict, config, job, world_size: int) -> None:
+    """The VAE's latent channels are the model's, and its rows split over the ranks (before anything starts)."""
+    errors = _module("wanvideo.errors")
+    z_dim = _module("wanvideo.vae").vae_config_from_state_dict(vae).z_dim
+    if z_dim != config.out_dim:
+        raise errors.WanDistriFusionError(
+            f"decode: the VAE takes {z_dim}-channel latents but the model makes {config.out_dim}: use "
+            f"{'wan2.2_vae.safetensors' if config.out_dim == 48 else 'wan_2.1_vae.safetensors'} with this model."
+        )
+    _module("distrifusion.vae_split").split_rows(job.latent_shape(config.out_dim)[-2], world_size)
 
 
 def _decode_with_bar(runtime, vae: dict, latent, precision: str):

@@ -23,8 +23,8 @@ def split_rows(rows: int, world_size: int) -> list[int]:
     """Latent rows per rank, the first ``rows % world_size`` ranks one more; every rank at least one."""
     if rows < world_size:
         raise WanDistriFusionError(
-            f"VAE decode: {rows} latent rows cannot be split over {world_size} GPUs (each needs one row, "
-            f"{rows * 8} pixels): lower GPUs or decode a taller video."
+            f"VAE decode: {rows} latent rows cannot be split over {world_size} GPUs (each needs at least one latent "
+            "row): lower GPUs or decode a taller video."
         )
     base, extra = divmod(rows, world_size)
     return [base + (1 if r < extra else 0) for r in range(world_size)]

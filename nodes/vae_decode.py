@@ -21,7 +21,7 @@ class OfficialDistriFusionVAEDecode:
                 "samples": socket("LATENT", "The Wan video latent to decode (the Sampler's output)."),
                 "vae": socket(
                     "VAE",
-                    "The Wan 2.1 VAE from Load VAE (wan_2.1_vae.safetensors); its weights go to the workers once.",
+                    "The Wan VAE from Load VAE (wan_2.1_vae.safetensors, or wan2.2_vae.safetensors for the TI2V 5B); its weights go to the workers once.",
                 ),
                 "model": socket(
                     MODEL_TYPE, "The Loader's model: its GPUs decode the video, each a slab of rows (exact, no tiles)."
@@ -35,7 +35,7 @@ class OfficialDistriFusionVAEDecode:
     FUNCTION = "decode"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Decodes a Wan 2.1 video latent on the Loader's GPUs: each GPU decodes a slab of rows and exchanges one "
+        "Decodes a Wan 2.1 or Wan 2.2 video latent on the Loader's GPUs: each GPU decodes a slab of rows and exchanges one "
         "row with its neighbours per convolution, so the frames equal ComfyUI's VAE Decode (not tiles blended at "
         "seams) while each GPU holds about 1/N of the decoder's activations. At GPUs = 1 it decodes here."
     )
@@ -48,9 +48,12 @@ class OfficialDistriFusionVAEDecode:
         mm = _comfy.model_management()
         state_dict = getattr(vae, "first_stage_model", None)
         if state_dict is None:
-            raise WanDistriFusionError("vae: this VAE has no weights; connect Load VAE with wan_2.1_vae.safetensors.")
+            raise WanDistriFusionError("vae: this VAE has no weights; connect Load VAE with a Wan VAE file.")
         state_dict = state_dict.state_dict()
-        vae_config_from_state_dict(state_dict)  # a Wan 2.2 or non-Wan VAE is refused here, before any work
+        try:  # a non-Wan VAE is refused here, before any work
+            vae_config_from_state_dict(state_dict)
+        except WanDistriFusionError as error:
+            raise WanDistriFusionError(f"vae: {error}") from error
         latent = samples["samples"]
         if latent.ndim != 5:
             raise WanDistriFusionError(

@@ -42,3 +42,14 @@ def test_decode_with_a_file_that_is_not_a_wan_vae_fails_first(tmp_path):
     assert result.returncode != 0
     assert "decode:" in result.stderr and "not a Wan VAE" in result.stderr, result.stderr[-2000:]
     assert "starting" not in result.stdout and not out.exists()
+
+
+def test_decode_with_a_vae_of_other_latent_channels_fails_before_the_ranks_start(tmp_path):
+    vae = tmp_path / "wan2.2_vae_tiny.safetensors"
+    decoder = random_decoder(dim=8, version="2.2")
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(vae))
+    out = tmp_path / "clip.safetensors"
+    result = run_cli("generate", "--device", "cpu", "--decode", str(vae), "--out", str(out), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "decode: the VAE takes 48-channel latents but the model makes 16" in result.stderr, result.stderr[-2000:]
+    assert "starting" not in result.stdout and not out.exists()
