@@ -73,6 +73,8 @@ class RankProcess:
         self.backend = "none"
         self.inbox: deque[wire.Message] = deque()
         """Control messages read ahead (e.g. a session's first ``Forward`` before its command was taken)."""
+        self.vae_decoder = None
+        """(weights key, decoder) of the last VAE decode, kept for the next (``vae_session.serve_decode``)."""
 
     # -- channels ------------------------------------------------------------------------------
 

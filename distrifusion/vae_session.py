@@ -197,7 +197,7 @@ def serve_decode(rank, command: DecodeVAE) -> bool:
     total = command.latent.shape[2]
     try:
         dtype = DTYPES[command.dtype]
-        held = getattr(rank, "vae_decoder", None)
+        held = rank.vae_decoder
         if held is None or held[0] != command.weights:
             rank.vae_decoder = None  # the previous decoder's memory goes before the next one loads
             _, tensors = decode_payload(store_take(rank.store, command.weights))
