@@ -1,7 +1,8 @@
 """A VAE decode on the runtime: in this process at world size 1, else split by rows over the worker group.
 
-The controller posts the decoder's weights to the rendezvous store once per group (``vae/<fingerprint>``) and
-a ``DecodeVAE`` command per decode; every rank reads the weights the first time, keeps its decoder, decodes
+The controller posts the decoder's weights to the rendezvous store once per group and VAE
+(``vae/<fingerprint>``, dropped from the store once every rank has read them) and a ``DecodeVAE`` command per
+decode; every rank reads the weights the first time, keeps its decoder, decodes
 its slab of rows (``vae_split.py``) and writes its pixel rows straight into one shared file, which the
 controller reads when every rank has ended. Rank 0 reports each latent frame (``DecodeProgress``) and, between
 frames, tells the other ranks whether the controller asked to stop (``End``): all ranks stop after the same frame.
@@ -120,7 +121,8 @@ def _decode_on_group(group, key, state_dict, latent, dtype, shape, progress, can
     with group.run_lock:
         number = group.reserve_command()
         try:
-            if key not in group.posted_payloads:
+            if key not in group.posted_payloads:  # the ranks keep one decoder: a new VAE replaces the last
+                group.posted_payloads.difference_update([k for k in group.posted_payloads if k.startswith("vae/")])
                 began = time.perf_counter()
                 group.post_payload(key, encode_payload({"kind": "vae"}, decoder_state_dict(state_dict)))
                 logger.info("VAE weights posted to the workers in %.1f s", time.perf_counter() - began)
@@ -131,6 +133,7 @@ def _decode_on_group(group, key, state_dict, latent, dtype, shape, progress, can
             command = DecodeVAE(number, key, dtype_name, latent.detach().to("cpu", torch.float32), str(path))
             group.post_command(number, command)
             stop = _wait_for_decode(group, number, latent.shape[2], progress, cancelled)
+            group.drop_payload(key)  # every rank has read the weights before its first frame: free the store's copy
             if stop is not None:
                 raise stop
             return pixels.clone()

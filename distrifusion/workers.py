@@ -87,7 +87,7 @@ class WorkerGroup(Runtime):
         self._jobs_run = 0
         self._last_plan: MemoryPlan | None = None
         self.posted_payloads: set[str] = set()
-        """Store keys posted to this group's store (the VAE's weights), forgotten when the group stops."""
+        """Payloads the ranks were sent through the store (the VAE's weights), forgotten when the group stops."""
 
     # -- public --------------------------------------------------------------------------------
 
@@ -195,6 +195,13 @@ class WorkerGroup(Runtime):
         except Exception as error:
             self.supervisor.fail(None, f"could not post {key} to the workers' store ({wire.describe_error(error)})")
         self.posted_payloads.add(key)
+
+    def drop_payload(self, key: str) -> None:
+        """Free ``key``'s bytes in the store once every rank has read them (``posted_payloads`` keeps the key)."""
+        try:
+            store_drop(self._store, key)
+        except Exception:
+            logger.debug("could not drop %s from the store", key, exc_info=True)
 
     def end_command(self, number: int) -> None:
         self._progress["session"] = None

@@ -71,3 +71,10 @@ def test_two_rank_group_decodes_exactly_and_cancels(checkpoint, vae):
         assert relative_error(again, reference) < TOL and len(group.posted_payloads) == 1
         with pytest.raises(WanDistriFusionError, match="lower GPUs"):
             decode_on_runtime(group, state_dict, latent[..., :1, :])
+        # another VAE replaces the ranks' decoder (posted once, its store copy dropped); back to the first one
+        other = random_decoder(dim=8, seed=5)
+        with torch.no_grad():
+            other_reference = other.decode(latent)
+        assert relative_error(decode_on_runtime(group, other.state_dict(), latent), other_reference) < TOL
+        assert len(group.posted_payloads) == 1
+        assert relative_error(decode_on_runtime(group, state_dict, latent), reference) < TOL
