@@ -64,9 +64,43 @@ def test_same_frames_as_native_vae_decode(comfy, ranks):
     assert progress == [1, 2, 3], ws.received[-20:]
 
 
+def test_cancel_stops_the_ranks_and_the_next_decode_runs(comfy):
+    """Cancel during a long 2-rank decode interrupts the prompt; the same ranks then decode the next one."""
+    ws = comfy.connect_ws()
+    prompt = decode_prompt(loader_inputs(**TWO_RANKS), "cancelled")
+    prompt["latent"]["inputs"] = {**LATENT, "length": 161}  # 41 latent frames
+    for name in ("native", "save_native"):
+        del prompt[name]
+    pids = comfy.get("/distrifusion/status").json()["runtime"]["pids"]
+    prompt_id = comfy.queue(prompt)
+    ws.wait_for(
+        lambda m: (
+            m["type"] == "progress"
+            and m["data"].get("prompt_id") == prompt_id
+            and m["data"]["node"] == "ours"
+            and m["data"]["value"] >= 2
+        ),
+        timeout=180,
+    )
+    assert comfy.post("/interrupt").status_code == 200
+    entry = comfy.wait(prompt_id, timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]]
+    values = [
+        m["data"]["value"]
+        for m in ws.received
+        if m["type"] == "progress" and m["data"].get("prompt_id") == prompt_id and m["data"]["node"] == "ours"
+    ]
+    assert max(values) < 41, values  # stopped before the end
+    test_same_frames_as_native_vae_decode(comfy, 2)  # the group still serves
+    assert comfy.get("/distrifusion/status").json()["runtime"]["pids"] == pids
+
+
 def test_image_latent_is_refused_naming_the_input(comfy):
     prompt = decode_prompt(loader_inputs(), "bad")
     prompt["latent"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    for name in ("native", "save_native"):  # only our node sees the image latent
+        del prompt[name]
     entry = comfy.wait(comfy.queue(prompt))
     assert entry["status"]["status_str"] == "error"
     messages = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
