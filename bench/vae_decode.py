@@ -5,6 +5,7 @@ against the memory plan. One command:
 
     python bench/vae_decode.py --out $OUT          # 832x480x81 and 1280x720x81, bf16, on cuda
     python bench/vae_decode.py --tiny              # CPU check of every code path at toy size (no timings worth reading)
+    python bench/vae_decode.py --meta              # no GPU: both decoders' peak live tensors, counted on ``meta``
 
 diffusers' weights are drawn at random (seeded) in its own layout and renamed to the Wan checkpoint's names for
 ours (``to_wan_names``); outputs must agree to bf16 round-off (relative error < --tol) after diffusers' clamp.
@@ -32,6 +33,11 @@ SIZES = {"832x480x81": (16, 21, 60, 104), "1280x720x81": (16, 21, 90, 160), "tin
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU, base width 8, latent 3x6x5")
+    p.add_argument(
+        "--meta",
+        action="store_true",
+        help="no GPU: peak live tensor bytes of both decoders at --sizes, counted on the meta device (bf16)",
+    )
     p.add_argument("--sizes", nargs="*", default=["832x480x81", "1280x720x81"], choices=list(SIZES))
     p.add_argument("--shares", nargs="*", type=int, default=[2, 4, 8], help="world sizes of the slab shares")
     p.add_argument("--reps", type=int, default=2, help="timed decodes per model (after one warm-up)")
@@ -107,9 +113,37 @@ def measure(fn, device, reps: int) -> tuple[float, float, torch.Tensor]:
     return C.median(times), C.peak_memory_gib(device), out
 
 
+def meta_peaks(size: str) -> tuple[float, float]:
+    """(ours, diffusers) GiB of live tensors at the peak of a bf16 decode of ``size`` with the frames kept on the
+    device (as diffusers returns them), weights not counted; the ``meta`` device does no arithmetic."""
+    from diffusers import AutoencoderKLWan
+
+    vae, memory_plan = pkg_vae(), C.pkg("distrifusion.memory_plan")
+    with torch.device("meta"):
+        peer = AutoencoderKLWan(base_dim=96, z_dim=16).to(torch.bfloat16).eval()
+        peer.encoder = None
+        ours = vae.WanVAEDecoder(vae.WanVAEConfig()).to(torch.bfloat16).eval()
+        z = torch.empty(1, *SIZES[size], dtype=torch.bfloat16)
+    peaks = []
+    with torch.no_grad():
+        for decode in (ours.decode, lambda z: peer.decode(z).sample):
+            with memory_plan.live_bytes() as live:
+                out = decode(z)
+            del out
+            peaks.append(live.peak / 2**30)
+    return peaks[0], peaks[1]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     C.safe_env()
+    if args.meta:
+        rows = []
+        for size in args.sizes:
+            ours, theirs = meta_peaks(size)
+            rows.append([size, C.fmt(ours, ".2f"), C.fmt(theirs, ".2f"), C.fmt(ours / theirs, ".2f")])
+        print(C.table(["size", "ours GiB", "diffusers GiB", "ratio"], rows))
+        return 0
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     dim = 8 if args.tiny else 96
