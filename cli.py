@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--step-timeout", type=float, default=600.0, help="seconds without progress before giving up")
     gen.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every rank to be ready")
     gen.add_argument("--out", required=True, help="output .safetensors (key 'latent')")
+    gen.add_argument(
+        "--decode",
+        metavar="VAE_FILE",
+        help="also decode with this Wan VAE (wan_2.1_vae.safetensors; wan2.2_vae.safetensors for the TI2V 5B) on the "
+        "same ranks, rows split over them: "
+        "PNG frames in <out>_frames/, and <out>.mp4 when ffmpeg is on PATH",
+    )
     gen.add_argument("-v", "--verbose", action="store_true", help="log the runtime's steps (workers, memory plan)")
 
     work = commands.add_parser(
@@ -316,11 +323,14 @@ def generate(args: argparse.Namespace) -> int:
     if args.latent:
         job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
     out = check_out(args.out)
+    vae = _load_vae(args.decode) if args.decode else None
     processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
     with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
         model_path, config, job = _model_and_context(args, job, Path(scratch))
         check_before_starting(args, job, parallel, config, device, precision)
+        if vae is not None:
+            _check_vae_fits(vae, config, job, args.world_size)
         where = f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)" if args.world_size > 1 else ""
         print(f"starting {where or 'in-process'} on {device}, {precision} ...", flush=True)
         spec = _module("distrifusion.settings").RuntimeSpec(
@@ -342,10 +352,13 @@ def generate(args: argparse.Namespace) -> int:
             latent = _sample_with_bar(runtime, job)
             sampled = time.perf_counter()
             status = runtime.status()
+            pixels = _decode_with_bar(runtime, vae, latent, precision) if vae is not None else None
         finally:
             runtime.close()
 
     save_latent(latent, out, _metadata(args, job, spec))
+    if pixels is not None:
+        _write_video(pixels, out)
     if parallel.mode == "displaced" and spec.world_size > 1:
         print(displaced_share(parallel.schedule(job.sync_frequency), job.steps))
     print(
@@ -404,6 +417,62 @@ def _sample_with_bar(runtime, job):
         return _module("distrifusion.run").run_job(runtime, job, progress=progress)
     finally:
         bar.close()
+
+
+def _load_vae(path: str) -> dict:
+    """``--decode``'s VAE weights, checked (a Wan 2.1 or 2.2 VAE) before anything starts."""
+    from safetensors.torch import load_file
+
+    errors = _module("wanvideo.errors")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise errors.WanDistriFusionError(f"decode: {file} is not a file; give the path of wan_2.1_vae.safetensors.")
+    try:
+        state_dict = load_file(str(file))
+    except Exception as error:
+        raise errors.WanDistriFusionError(f"decode: cannot read {file} as safetensors ({error}).") from error
+    try:
+        _module("wanvideo.vae").vae_config_from_state_dict(state_dict)
+    except errors.WanDistriFusionError as error:
+        raise errors.WanDistriFusionError(f"decode: {file}: {error}") from error
+    return state_dict
+
+
+def _check_vae_fits(vae: dict, config, job, world_size: int) -> None:
+    """The VAE's latent channels are the model's, and its rows split over the ranks (before anything starts)."""
+    errors = _module("wanvideo.errors")
+    z_dim = _module("wanvideo.vae").vae_config_from_state_dict(vae).z_dim
+    if z_dim != config.out_dim:
+        raise errors.WanDistriFusionError(
+            f"decode: the VAE takes {z_dim}-channel latents but the model makes {config.out_dim}: use "
+            f"{'wan2.2_vae.safetensors' if config.out_dim == 48 else 'wan_2.1_vae.safetensors'} with this model."
+        )
+    _module("distrifusion.vae_split").split_rows(job.latent_shape(config.out_dim)[-2], world_size)
+
+
+def _decode_with_bar(runtime, vae: dict, latent, precision: str):
+    """The sampled latent decoded on the runtime's ranks, with a tqdm bar of the latent frames."""
+    import torch
+    from tqdm import tqdm
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    z = _module("wanvideo.vae").latent_for_vae(latent.to(torch.float32))
+    bar = tqdm(total=z.shape[2], unit="frame", desc="decoding", dynamic_ncols=True)
+    try:
+        return _module("distrifusion.vae_session").decode_on_runtime(
+            runtime, vae, z, dtype=dtype, progress=lambda done, total: bar.update(done - bar.n)
+        )
+    finally:
+        bar.close()
+
+
+def _write_video(pixels, out: Path) -> None:
+    files = _module("wanvideo.video_files")
+    frames = files.to_uint8_frames(pixels)
+    folder = out.with_name(f"{out.stem}_frames")
+    pngs = files.write_pngs(frames, folder)
+    mp4 = files.write_mp4(frames, out.with_suffix(".mp4"))
+    print(f"wrote {len(pngs)} frames to {folder}" + (f" and {mp4}" if mp4 else " (no ffmpeg on PATH: no mp4)"))
 
 
 def _metadata(args: argparse.Namespace, job, spec) -> dict:

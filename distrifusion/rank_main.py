@@ -40,6 +40,7 @@ from .shared_latents import SharedLatents
 from .store import (
     PG_STORE_PREFIX,
     STORE_WATCH_S,
+    DecodeVAE,
     OpenSession,
     StopServing,
     connect_store,
@@ -72,6 +73,8 @@ class RankProcess:
         self.backend = "none"
         self.inbox: deque[wire.Message] = deque()
         """Control messages read ahead (e.g. a session's first ``Forward`` before its command was taken)."""
+        self.vae_decoder = None
+        """(weights key, decoder) of the last VAE decode, kept for the next (``vae_session.serve_decode``)."""
 
     # -- channels ------------------------------------------------------------------------------
 
@@ -192,9 +195,14 @@ class RankProcess:
                 case OpenSession():
                     if not self.serve_session(command):
                         return EXIT_FAILED
+                case DecodeVAE():
+                    from .vae_session import serve_decode
+
+                    if not serve_decode(self, command):
+                        return EXIT_FAILED
             number += 1
 
-    def next_command(self, number: int) -> OpenSession | StopServing | None:
+    def next_command(self, number: int) -> OpenSession | DecodeVAE | StopServing | None:
         """Block until command ``number`` is in the store; ``None`` when the controller is gone."""
         key = f"cmd/{number}"
         while True:

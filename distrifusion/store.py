@@ -54,14 +54,31 @@ class OpenSession:
 
 
 @dataclass(frozen=True)
+class DecodeVAE:
+    """Command: decode ``latent`` with the VAE decoder whose weights are under ``vae/<weights>`` in the store
+    (read once per rank, then kept), in ``dtype``; rows split over the ranks, every rank writing its rows of
+    the pixels into the shared file ``output`` (``vae_session.py``)."""
+
+    session: int
+    weights: str
+    dtype: str
+    latent: torch.Tensor
+    output: str
+
+
+@dataclass(frozen=True)
 class StopServing:
     """Command: leave the serve loop and exit."""
 
 
-def encode_command(command: OpenSession | StopServing) -> bytes:
+def encode_command(command: OpenSession | DecodeVAE | StopServing) -> bytes:
     """A command as a store payload: the job's tensors (and tensors in ``job.extra``) by value, the rest as JSON."""
     if isinstance(command, StopServing):
         return encode_payload({"kind": "StopServing"})
+    if isinstance(command, DecodeVAE):
+        header = {"kind": "DecodeVAE", "session": command.session, "weights": command.weights}
+        header.update(dtype=command.dtype, output=command.output)
+        return encode_payload(header, {"latent": command.latent})
     header, tensors = encode_job(command.job)
     header.update(
         kind="OpenSession",
@@ -74,10 +91,13 @@ def encode_command(command: OpenSession | StopServing) -> bytes:
     return encode_payload(header, tensors)
 
 
-def decode_command(data: bytes) -> OpenSession | StopServing:
+def decode_command(data: bytes) -> OpenSession | DecodeVAE | StopServing:
     header, tensors = decode_payload(data)
     if header["kind"] == "StopServing":
         return StopServing()
+    if header["kind"] == "DecodeVAE":
+        fields = ("session", "weights", "dtype", "output")
+        return DecodeVAE(**{name: header[name] for name in fields}, latent=tensors["latent"])
     return OpenSession(
         session=header["session"],
         job=decode_job(header, tensors),

@@ -86,6 +86,8 @@ class WorkerGroup(Runtime):
         self._progress = {"step": 0, "total": 0, "seconds_per_step": None, "memory_per_rank": [], "session": None}
         self._jobs_run = 0
         self._last_plan: MemoryPlan | None = None
+        self.posted_payloads: set[str] = set()
+        """Payloads the ranks were sent through the store (the VAE's weights), forgotten when the group stops."""
 
     # -- public --------------------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class WorkerGroup(Runtime):
                 except Exception:
                     logger.debug("could not post the shutdown", exc_info=True)
             self.processes.stop(kill)
+            self.posted_payloads = set()
             self._store = None
             self._raw_store = None  # the last reference: the store server stops, remote ranks exit
             self.remote = self.supervisor.remote = None
@@ -176,6 +179,29 @@ class WorkerGroup(Runtime):
             if isinstance(error, WanDistriFusionError):
                 raise
             self.supervisor.fail(None, f"could not post the job to the workers' store ({wire.describe_error(error)})")
+
+    def reserve_command(self) -> int:
+        """Start the group when needed and reserve a command number (holding the run lock): VAE decodes."""
+        if not self.alive:
+            self.start()
+        number = self._next_command
+        self._next_command += 1
+        return number
+
+    def post_payload(self, key: str, data: bytes) -> None:
+        """Leave ``data`` under ``key`` in the store for the ranks to read (the ranks keep what they read)."""
+        try:
+            store_put(self._store, key, data)
+        except Exception as error:
+            self.supervisor.fail(None, f"could not post {key} to the workers' store ({wire.describe_error(error)})")
+        self.posted_payloads.add(key)
+
+    def drop_payload(self, key: str) -> None:
+        """Free ``key``'s bytes in the store once every rank has read them (``posted_payloads`` keeps the key)."""
+        try:
+            store_drop(self._store, key)
+        except Exception:
+            logger.debug("could not drop %s from the store", key, exc_info=True)
 
     def end_command(self, number: int) -> None:
         self._progress["session"] = None

@@ -1,4 +1,4 @@
-"""The three ComfyUI nodes: thin adapters between ComfyUI's types and the runtime.
+"""The ComfyUI nodes: thin adapters between ComfyUI's types and the runtime.
 
 ComfyUI modules are imported only inside the nodes' functions (see ``_comfy``), so this package
 imports without ComfyUI.
@@ -7,17 +7,20 @@ imports without ComfyUI.
 from .loader import OfficialDistriFusionModelLoader
 from .sampler import OfficialDistriFusionSampler
 from .status import OfficialDistriFusionStatus
+from .vae_decode import OfficialDistriFusionVAEDecode
 
 NODE_CLASS_MAPPINGS = {
     "OfficialDistriFusionModelLoader": OfficialDistriFusionModelLoader,
     "OfficialDistriFusionSampler": OfficialDistriFusionSampler,
     "OfficialDistriFusionStatus": OfficialDistriFusionStatus,
+    "OfficialDistriFusionVAEDecode": OfficialDistriFusionVAEDecode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "OfficialDistriFusionModelLoader": "🎯 Official DistriFusion Model Loader",
     "OfficialDistriFusionSampler": "🎯 Official DistriFusion Sampler",
     "OfficialDistriFusionStatus": "🎯 Official DistriFusion Status",
+    "OfficialDistriFusionVAEDecode": "🎯 Official DistriFusion VAE Decode",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -37,6 +37,7 @@ DISPLAY = {
     LOADER: "🎯 Official DistriFusion Model Loader",
     SAMPLER: "🎯 Official DistriFusion Sampler",
     STATUS: "🎯 Official DistriFusion Status",
+    "OfficialDistriFusionVAEDecode": "🎯 Official DistriFusion VAE Decode",
 }
 LOADER_WIDGETS = {
     # name: (default, min, max, step) for numbers, (default, options) for lists

@@ -58,7 +58,28 @@ class DistriFusionTestLatent:
         return ({"samples": torch.randn(shape, generator=generator) * 1.5 + 0.25},)
 
 
+class DistriFusionTestSaveImage:
+    """An IMAGE saved exactly (float32 safetensors in the output folder), for comparisons beyond 8-bit PNG."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "filename": ("STRING", {"default": "images.safetensors"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    def save(self, images, filename):
+        import folder_paths
+        from safetensors.torch import save_file
+
+        save_file({"images": images.float().contiguous()}, f"{folder_paths.get_output_directory()}/{filename}")
+        return {"ui": {"tensors": [{"filename": filename, "subfolder": "", "type": "output"}]}}
+
+
 NODE_CLASS_MAPPINGS = {
     "DistriFusionTestConditioning": DistriFusionTestConditioning,
     "DistriFusionTestLatent": DistriFusionTestLatent,
+    "DistriFusionTestSaveImage": DistriFusionTestSaveImage,
 }
