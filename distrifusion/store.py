@@ -20,6 +20,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.lora import LoraFile
 from .job import GenerationJob
 
 STORE_PREFIX = "wan_distrifusion/"
@@ -58,10 +59,19 @@ class StopServing:
     """Command: leave the serve loop and exit."""
 
 
-def encode_command(command: OpenSession | StopServing) -> bytes:
+@dataclass(frozen=True)
+class ApplyLoras:
+    """Command: merge this LoRA chain into the loaded weights, from the unmodified weights (``[]``: none)."""
+
+    loras: tuple[LoraFile, ...]
+
+
+def encode_command(command: OpenSession | StopServing | ApplyLoras) -> bytes:
     """A command as a store payload: the job's tensors (and tensors in ``job.extra``) by value, the rest as JSON."""
     if isinstance(command, StopServing):
         return encode_payload({"kind": "StopServing"})
+    if isinstance(command, ApplyLoras):
+        return encode_payload({"kind": "ApplyLoras", "loras": [dataclasses.asdict(lora) for lora in command.loras]})
     header, tensors = encode_job(command.job)
     header.update(
         kind="OpenSession",
@@ -74,10 +84,12 @@ def encode_command(command: OpenSession | StopServing) -> bytes:
     return encode_payload(header, tensors)
 
 
-def decode_command(data: bytes) -> OpenSession | StopServing:
+def decode_command(data: bytes) -> OpenSession | StopServing | ApplyLoras:
     header, tensors = decode_payload(data)
     if header["kind"] == "StopServing":
         return StopServing()
+    if header["kind"] == "ApplyLoras":
+        return ApplyLoras(tuple(LoraFile(**lora) for lora in header["loras"]))
     return OpenSession(
         session=header["session"],
         job=decode_job(header, tensors),

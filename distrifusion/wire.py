@@ -73,6 +73,16 @@ class SessionEnded:
 
 
 @dataclass(frozen=True)
+class LorasApplied:
+    """A rank merged the LoRA chain of command ``command`` into its weights."""
+
+    command: int
+    rank: int
+    tensors: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Failure:
     """A rank failed (then exits); ``phase`` is ``start``, ``session`` or ``serve``."""
 
@@ -129,8 +139,11 @@ class ControllerGone:
     """Not sent: what a rank's inbox holds once the controller's connection reached EOF."""
 
 
-Message = Hello | Ready | Prediction | SessionEnded | Failure | Forward | End | Shutdown | ControllerGone
-_KINDS = {kind.__name__: kind for kind in (Hello, Ready, Prediction, SessionEnded, Failure, Forward, End, Shutdown)}
+Message = Hello | Ready | Prediction | SessionEnded | LorasApplied | Failure | Forward | End | Shutdown | ControllerGone
+_KINDS = {
+    kind.__name__: kind
+    for kind in (Hello, Ready, Prediction, SessionEnded, LorasApplied, Failure, Forward, End, Shutdown)
+}
 
 
 def encode(message: Message) -> bytes:
