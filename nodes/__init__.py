@@ -1,10 +1,11 @@
-"""The three ComfyUI nodes: thin adapters between ComfyUI's types and the runtime.
+"""The ComfyUI nodes: thin adapters between ComfyUI's types and the runtime.
 
 ComfyUI modules are imported only inside the nodes' functions (see ``_comfy``), so this package
 imports without ComfyUI.
 """
 
 from .loader import OfficialDistriFusionModelLoader
+from .lora import OfficialDistriFusionLora
 from .sampler import OfficialDistriFusionSampler
 from .status import OfficialDistriFusionStatus
 
@@ -12,12 +13,14 @@ NODE_CLASS_MAPPINGS = {
     "OfficialDistriFusionModelLoader": OfficialDistriFusionModelLoader,
     "OfficialDistriFusionSampler": OfficialDistriFusionSampler,
     "OfficialDistriFusionStatus": OfficialDistriFusionStatus,
+    "OfficialDistriFusionLora": OfficialDistriFusionLora,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "OfficialDistriFusionModelLoader": "🎯 Official DistriFusion Model Loader",
     "OfficialDistriFusionSampler": "🎯 Official DistriFusion Sampler",
     "OfficialDistriFusionStatus": "🎯 Official DistriFusion Status",
+    "OfficialDistriFusionLora": "🎯 Official DistriFusion LoRA",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -13,7 +13,8 @@ from ..distrifusion.validation import check_before_start
 from ..wanvideo.attention import ATTENTION_BACKENDS
 from ..wanvideo.errors import WanDistriFusionError
 from . import _comfy
-from ._widgets import bool_widget, combo_widget, int_widget
+from ._widgets import bool_widget, combo_widget, int_widget, socket
+from .lora import LORA_CHAIN_TYPE, with_loras
 from .runtime import MODEL_TYPE, DistriFusionModel, RuntimeSettings, master_address
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ TOOLTIPS = {
     "Wan nodes, the first prompt about 25 s longer. Off by default so the first prompt is never slower than native.",
 }
 
+LORA_TOOLTIP = (
+    "Optional LoRA chain (🎯 Official DistriFusion LoRA nodes): merged into the weights on every rank; a changed "
+    "chain or strength re-merges on the running workers without restarting them."
+)
+
 
 class OfficialDistriFusionModelLoader:
     """Loads a Wan 2.1 checkpoint on a group of worker processes, one per GPU, kept alive between prompts."""
@@ -99,6 +105,7 @@ class OfficialDistriFusionModelLoader:
                 "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
                 "compile": bool_widget(False, tip["compile"]),
             },
+            "optional": {"lora": socket(LORA_CHAIN_TYPE, LORA_TOOLTIP)},
         }
 
     RETURN_TYPES = (MODEL_TYPE,)
@@ -119,10 +126,10 @@ class OfficialDistriFusionModelLoader:
             return ""
         return f"{stat.st_size}-{stat.st_mtime_ns}"
 
-    def load(self, compile=False, **widgets):
+    def load(self, compile=False, lora=None, **widgets):
         """``widgets``: the inputs above by name (ComfyUI passes each as a keyword argument)."""
         warn_if_official_missing()
-        settings = build_settings(**widgets, compile_blocks=compile)
+        settings = with_loras(build_settings(**widgets, compile_blocks=compile), lora)
         spec = settings.spec
         check_before_start(
             spec.model_path, spec.parallel, device=spec.device, local_ranks=spec.local_ranks, first_rank=spec.first_rank
