@@ -21,7 +21,7 @@ from wan_distrifusion.wanvideo.loading import to_diffusers_key
 from wan_distrifusion.wanvideo.model import WanConfig, WanModel
 
 FORMATS = ("comfyui", "kohya", "peft", "diffusers", "lightx2v")
-UNMATCHED_KEYS = ("diffusion_model.blocks.0.self_attn.q.diff_m", "text_encoder.layers.0.q.lora_up.weight")
+UNMATCHED_KEYS = ("diffusion_model.blocks.0.diff_m", "text_encoder.layers.0.q.lora_up.weight")
 """Keys every written file also carries that match no layer (listed in one warning, never applied)."""
 
 
@@ -32,9 +32,12 @@ class LowRank:
     alpha: float | None
 
 
-def random_lora(config: WanConfig, seed: int = 1, with_diffs: bool = False, scale: float = 0.2) -> dict[str, object]:
+def random_lora(
+    config: WanConfig, seed: int = 1, with_diffs: bool = False, scale: float = 0.2, modulation: bool = True
+) -> dict[str, object]:
     """Original weight name -> ``LowRank`` for every Linear (ranks 1..4 and alphas differing per layer; some layers
-    without alpha); with ``with_diffs`` also bias / norm / modulation name -> full delta tensor."""
+    without alpha); with ``with_diffs`` also bias / norm name -> full delta tensor, and modulation tables unless
+    ``modulation`` is False (native ComfyUI 0.3.64 skips those: see README, LoRA)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in WanModel(config).state_dict().items()}
@@ -46,7 +49,7 @@ def random_lora(config: WanConfig, seed: int = 1, with_diffs: bool = False, scal
             up = torch.randn(shape[0], rank, generator=generator) * scale
             down = torch.randn(rank, shape[1], generator=generator) * scale
             lora[name] = LowRank(up, down, alpha)
-        elif with_diffs and (name.endswith(".bias") or "norm" in name or name.endswith("modulation")):
+        elif with_diffs and (name.endswith(".bias") or "norm" in name or (modulation and name.endswith("modulation"))):
             if name.startswith("blocks.") or name.startswith("head."):
                 lora[name] = torch.randn(shape, generator=generator) * scale * 0.1
     return lora

@@ -413,7 +413,8 @@ def write_tiny_loras(folder: Path, config: dict) -> None:
 
     wan = tiny_config(**config)
     for seed, (fmt, name) in enumerate(LORA_FILES.items(), start=11):
-        lora = random_lora(wan, seed=seed, with_diffs=fmt == "lightx2v", scale=0.05)
+        # modulation deltas travel as ``diff_m`` in real lightx2v files, which native ComfyUI leaves out (listed)
+        lora = random_lora(wan, seed=seed, with_diffs=fmt == "lightx2v", scale=0.05, modulation=False)
         write_lora(folder / name, lora, fmt)
         if fmt == "diffusers":
             write_lora(folder / LORA_DIFFUSERS_TWIN, lora, "comfyui")
