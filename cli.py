@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=("fp32", "bf16", "fp16"), help="compute dtype (default bf16 on cuda, fp32 on cpu)"
     )
     gen.add_argument("--quantization", default="disabled", help="weights: disabled, fp8_e4m3fn or fp8_e5m2")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="LoRA .safetensors merged on every rank, strength default 1.0 (repeat for a chain)",
+    )
     gen.add_argument("--context", help="text context .safetensors: 'positive' [1, L, text_dim], optional 'negative'")
     gen.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address other hosts reach (multi-host)")
     gen.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
@@ -245,6 +252,27 @@ def save_latent(latent, out: Path, metadata: dict) -> None:
     )
 
 
+def parse_loras(values: list[str]) -> tuple:
+    """``--lora FILE[:STRENGTH]`` values as ``LoraFile``s (a trailing ``:number`` is the strength, default 1.0)."""
+    lora = _module("wanvideo.lora")
+    errors = _module("wanvideo.errors")
+    chain = []
+    for value in values:
+        path, _, tail = value.rpartition(":")
+        try:
+            strength = float(tail) if path else 1.0
+        except ValueError:
+            path, strength = value, 1.0  # a colon inside the path
+        if not path:
+            path = value
+        try:
+            chain.append(lora.LoraFile(path, strength))
+        except errors.WanDistriFusionError as error:
+            reason = str(error).split(": ", 1)[-1]  # without the widget's name
+            raise errors.WanDistriFusionError(f"lora: --lora {value}: {reason} (--lora FILE[:STRENGTH])") from error
+    return tuple(chain)
+
+
 def check_before_starting(args, job, parallel, config, device: str, precision: str) -> None:
     """What ``generate`` checks once the model's shape is known, before a rank starts: the job against the model
     and the topology, CFG parallel's use, and on the CPU this host's RAM for its ranks."""
@@ -316,11 +344,13 @@ def generate(args: argparse.Namespace) -> int:
     if args.latent:
         job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
     out = check_out(args.out)
+    loras = parse_loras(args.lora)
     processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
     with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
         model_path, config, job = _model_and_context(args, job, Path(scratch))
         check_before_starting(args, job, parallel, config, device, precision)
+        _module("wanvideo.lora").plan_loras(loras, config)  # a LoRA for another model fails here, naming it
         where = f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)" if args.world_size > 1 else ""
         print(f"starting {where or 'in-process'} on {device}, {precision} ...", flush=True)
         spec = _module("distrifusion.settings").RuntimeSpec(
@@ -334,6 +364,7 @@ def generate(args: argparse.Namespace) -> int:
             master_port=args.master_port,
             step_timeout_s=args.step_timeout,
             start_timeout_s=args.start_timeout,
+            loras=loras,
         )
         runtime = _module("distrifusion.workers").start_runtime(spec)
         try:
@@ -411,6 +442,7 @@ def _metadata(args: argparse.Namespace, job, spec) -> dict:
     settings = {name: getattr(job, name) for name in JOB_FLAGS}
     settings.update(precision=spec.precision, quantization=spec.quantization, device=spec.device)
     settings["parallel"] = spec.parallel.to_dict()
+    settings["loras"] = [{"file": lora.name, "strength": lora.strength} for lora in spec.loras]
     return {"model": str(args.model or "tiny random Wan"), "settings": json.dumps(settings)}
 
 

@@ -57,7 +57,9 @@ class LoraFile:
     def __post_init__(self) -> None:
         path = Path(self.path).expanduser()
         if not path.is_file():
-            raise WanDistriFusionError(f"lora: {path} does not exist; put the LoRA in ComfyUI's models/loras folder.")
+            raise WanDistriFusionError(
+                f"lora: {path} does not exist; pick an existing LoRA .safetensors (in ComfyUI: models/loras)."
+            )
         if path.suffix.lower() != ".safetensors":
             raise WanDistriFusionError(
                 f"lora: {path.name} is not a .safetensors file; convert the LoRA to safetensors."
