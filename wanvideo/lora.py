@@ -179,27 +179,40 @@ def expected_shapes(config: WanConfig) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in WanModel(config).state_dict().items()}
 
 
-def lora_deltas(plans: Sequence[LoraPlan], device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """Original tensor name -> the chain's summed change, fp32: ``strength * scale * up @ down`` or
-    ``strength * diff`` for each update."""
-    deltas: dict[str, Tensor] = {}
-    for plan in plans:
-        if plan.file.strength == 0:
-            continue
-        with safe_open(plan.file.path, framework="pt", device="cpu") as handle:
+class ChainDeltas:
+    """The chain's summed change of each original tensor, fp32 on ``device``, computed one tensor at a time (so a
+    merge holds one full-size delta at once, never the whole chain's): ``strength * scale * up @ down`` or
+    ``strength * diff`` per update. Keeps the LoRA files open; use as a context manager."""
+
+    def __init__(self, plans: Sequence[LoraPlan], device: torch.device | str = "cpu"):
+        self.device = device
+        self._stack = ExitStack()
+        self.sources: dict[str, list[tuple[object, LoraUpdate, float]]] = {}
+        for plan in plans:
+            if plan.file.strength == 0:
+                continue
+            handle = self._stack.enter_context(safe_open(plan.file.path, framework="pt", device="cpu"))
             for update in plan.updates:
-                tensors = [handle.get_tensor(key).to(device=device, dtype=torch.float32) for key in update.keys]
-                if len(tensors) == 2:
-                    up, down = tensors
-                    delta = (up.flatten(1) @ down.flatten(1)) * (plan.file.strength * update.scale)
-                else:
-                    delta = tensors[0] * plan.file.strength
-                delta = delta.reshape(update.shape)
-                if update.target in deltas:
-                    deltas[update.target] += delta
-                else:
-                    deltas[update.target] = delta
-    return deltas
+                self.sources.setdefault(update.target, []).append((handle, update, plan.file.strength))
+
+    def __enter__(self) -> ChainDeltas:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def delta(self, target: str) -> Tensor:
+        total = None
+        for handle, update, strength in self.sources[target]:
+            tensors = [handle.get_tensor(key).to(device=self.device, dtype=torch.float32) for key in update.keys]
+            if len(tensors) == 2:
+                up, down = tensors
+                change = (up.flatten(1) @ down.flatten(1)).mul_(strength * update.scale)
+            else:
+                change = tensors[0].mul_(strength)
+            change = change.reshape(update.shape)
+            total = change if total is None else total.add_(change)
+        return total
 
 
 # -- merging into a model ------------------------------------------------------------------------------------
@@ -212,21 +225,22 @@ def apply_loras(model: WanModel, checkpoint_path: str | Path, files: Sequence[Lo
     began = time.perf_counter()
     plans = plan_loras(files, model.config)
     device = next(model.parameters()).device
-    deltas = lora_deltas(plans, device)
     previous: set[str] = getattr(model, "_lora_targets", set())
-    targets = set(deltas) | previous
-    with ExitStack() as stack:
+    with ChainDeltas(plans, device) as deltas, ExitStack() as stack:
+        changed = set(deltas.sources)
         checkpoint = _Checkpoint.open(Path(checkpoint_path), stack)
-        for name in sorted(targets):
-            _write_tensor(model, checkpoint, name, deltas.get(name), device)
-    model._lora_targets = set(deltas)
+        for name in sorted(changed | previous):
+            _write_tensor(model, checkpoint, name, deltas.delta(name) if name in changed else None, device)
+    model._lora_targets = changed
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
-    summary = {"files": [plan.file.name for plan in plans], "tensors": len(deltas), "seconds": seconds}
+    summary = {"files": [plan.file.name for plan in plans], "tensors": len(changed), "seconds": seconds}
     logger.info(
         "lora chain %s merged: %d tensors changed, %d restored, %.2f s",
         ", ".join(f"{p.file.name}:{p.file.strength:g}" for p in plans) or "(none)",
-        len(deltas),
-        len(previous - set(deltas)),
+        len(changed),
+        len(previous - changed),
         seconds,
     )
     return summary
