@@ -72,3 +72,13 @@ def test_strength_change_re_merges_on_the_running_ranks(files, world_size):
     print(f"world size {world_size}: strength 1.0, -0.6, none vs the directly merged checkpoint: {errors}")
     assert relative_error(first, second) > 1e-2  # the strength really changed the result
     assert max(errors) < 1e-5
+
+
+def test_status_names_the_chain(files):
+    from wan_distrifusion.distrifusion.status import RunActivity, format_report, status_report
+
+    _, _, checkpoint, _, lora_path = files
+    spec = RuntimeSpec(str(checkpoint), device="cpu", loras=(LoraFile(lora_path, 0.75),))
+    assert "LoRA: lightx2v_style.safetensors at 0.75" in format_report(status_report(activity=RunActivity(), spec=spec))
+    plain = format_report(status_report(activity=RunActivity(), spec=spec.with_changes(loras=())))
+    assert "LoRA" not in plain
