@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--world-size", type=int, default=1, help="total ranks (default 1: in-process, no workers)")
     gen.add_argument("--local-ranks", type=int, help="ranks on this host (default: the world size)")
     gen.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available, else cpu")
-    gen.add_argument("--mode", default="displaced", help="displaced, sync or ulysses (default displaced)")
+    gen.add_argument("--mode", default="displaced", help="displaced, sync, ulysses or auto (default displaced)")
     gen.add_argument("--split", default="spatial", help="spatial, temporal or spatiotemporal (default spatial)")
     gen.add_argument(
         "--cfg-parallel", action="store_true", help="cond and uncond on two rank groups (needs --cfg other than 1)"
@@ -285,7 +285,13 @@ def check_before_starting(args, job, parallel, config, device: str, precision: s
         guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
         shape = job.latent_shape(config.out_dim)
         plan = memory_plan.plan_memory(
-            config, parallel, shape, precision, args.quantization, guidance_batch=guidance, check=False
+            config,
+            parallel.for_job(job.steps, job.sync_frequency),
+            shape,
+            precision,
+            args.quantization,
+            guidance_batch=guidance,
+            check=False,
         )
         memory_plan.check_host_memory(plan, ranks)
 
@@ -377,7 +383,7 @@ def generate(args: argparse.Namespace) -> int:
             runtime.close()
 
     save_latent(latent, out, _metadata(args, job, spec))
-    if parallel.mode == "displaced" and spec.world_size > 1:
+    if parallel.for_job(job.steps, job.sync_frequency).mode == "displaced" and spec.world_size > 1:
         print(displaced_share(parallel.schedule(job.sync_frequency), job.steps))
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "

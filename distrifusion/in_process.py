@@ -120,7 +120,7 @@ class InProcessRunner(Runtime):
         guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
         self._last_plan = plan_memory(
             config,
-            self.parallel,
+            self.parallel.for_job(job.steps, job.sync_frequency),
             job.latent_shape(config.out_dim),
             self.spec.precision,
             self.spec.quantization,

@@ -39,6 +39,7 @@ def job_model(model, config: ParallelConfig, rank: int, device: str | torch.devi
     job.check_text_dim(model.config.text_dim)
     if config.world_size == 1:
         return model
+    config = config.for_job(job.steps, job.sync_frequency)  # ``auto`` resolved the same way on every rank
     runner = parallel_model(model, config, rank, device)
     runner.begin_job(config.schedule(job.sync_frequency))
     return runner

@@ -374,7 +374,7 @@ class WorkerGroup(Runtime):
         guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
         self._last_plan = plan_memory(
             self.model_config,
-            self.parallel,
+            self.parallel.for_job(job.steps, job.sync_frequency),
             job.latent_shape(self.model_config.out_dim),
             self.spec.precision,
             self.spec.quantization,

@@ -52,7 +52,9 @@ TOOLTIPS = {
     "take the ranks after it.",
     "parallel_mode": "displaced = DistriFusion: other ranks' K/V from the previous step, exchanged while computing "
     "(fastest, slightly approximate). sync = exact, gathers all K/V every layer. ulysses = exact head-parallel "
-    "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B).",
+    "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B). auto = per job: sync when fewer than 8 steps "
+    "would use stale K/V (few-step / distilled runs: the stale steps' error would save ~2%), else displaced; the "
+    "Status node says what it picked and why.",
     "cfg_parallel": "Run the positive and the negative prompt on two halves of the ranks at once (exact; needs an even "
     "world size); each half splits the video over its ranks. Needs a Sampler cfg other than 1: at cfg 1 there is no "
     "negative prompt to run, and the Sampler refuses rather than leave half the ranks idle (turn this off there).",
@@ -97,7 +99,7 @@ class OfficialDistriFusionModelLoader:
                 "split_mode": combo_widget(SPLIT_MODES, "spatial", tip["split_mode"]),
                 "world_size": int_widget(0, 0, 64, tip["world_size"]),
                 "rank": int_widget(0, 0, 63, tip["rank"]),
-                "parallel_mode": combo_widget(PARALLEL_MODES, "displaced", tip["parallel_mode"]),
+                "parallel_mode": combo_widget(PARALLEL_MODES, "auto", tip["parallel_mode"]),
                 "cfg_parallel": bool_widget(False, tip["cfg_parallel"]),
                 "warmup_steps": int_widget(4, 0, 100, tip["warmup_steps"]),
                 "attention": combo_widget(ATTENTION_BACKENDS, "auto", tip["attention"]),
