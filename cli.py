@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--world-size", type=int, default=1, help="total ranks (default 1: in-process, no workers)")
     gen.add_argument("--local-ranks", type=int, help="ranks on this host (default: the world size)")
     gen.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available, else cpu")
-    gen.add_argument("--mode", default="displaced", help="displaced, sync or ulysses (default displaced)")
+    gen.add_argument("--mode", default="displaced", help="displaced, sync, ulysses or auto (default displaced)")
     gen.add_argument("--split", default="spatial", help="spatial, temporal or spatiotemporal (default spatial)")
     gen.add_argument(
         "--cfg-parallel", action="store_true", help="cond and uncond on two rank groups (needs --cfg other than 1)"
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=("fp32", "bf16", "fp16"), help="compute dtype (default bf16 on cuda, fp32 on cpu)"
     )
     gen.add_argument("--quantization", default="disabled", help="weights: disabled, fp8_e4m3fn or fp8_e5m2")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="LoRA .safetensors merged on every rank, strength default 1.0 (repeat for a chain)",
+    )
     gen.add_argument("--context", help="text context .safetensors: 'positive' [1, L, text_dim], optional 'negative'")
     gen.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address other hosts reach (multi-host)")
     gen.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
@@ -252,6 +259,27 @@ def save_latent(latent, out: Path, metadata: dict) -> None:
     )
 
 
+def parse_loras(values: list[str]) -> tuple:
+    """``--lora FILE[:STRENGTH]`` values as ``LoraFile``s (a trailing ``:number`` is the strength, default 1.0)."""
+    lora = _module("wanvideo.lora")
+    errors = _module("wanvideo.errors")
+    chain = []
+    for value in values:
+        path, _, tail = value.rpartition(":")
+        try:
+            strength = float(tail) if path else 1.0
+        except ValueError:
+            path, strength = value, 1.0  # a colon inside the path
+        if not path:
+            path = value
+        try:
+            chain.append(lora.LoraFile(path, strength))
+        except errors.WanDistriFusionError as error:
+            reason = str(error).split(": ", 1)[-1]  # without the widget's name
+            raise errors.WanDistriFusionError(f"lora: --lora {value}: {reason} (--lora FILE[:STRENGTH])") from error
+    return tuple(chain)
+
+
 def check_before_starting(args, job, parallel, config, device: str, precision: str) -> None:
     """What ``generate`` checks once the model's shape is known, before a rank starts: the job against the model
     and the topology, CFG parallel's use, and on the CPU this host's RAM for its ranks."""
@@ -264,7 +292,13 @@ def check_before_starting(args, job, parallel, config, device: str, precision: s
         guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
         shape = job.latent_shape(config.out_dim)
         plan = memory_plan.plan_memory(
-            config, parallel, shape, precision, args.quantization, guidance_batch=guidance, check=False
+            config,
+            parallel.for_job(job.steps, job.sync_frequency),
+            shape,
+            precision,
+            args.quantization,
+            guidance_batch=guidance,
+            check=False,
         )
         memory_plan.check_host_memory(plan, ranks)
 
@@ -324,6 +358,7 @@ def generate(args: argparse.Namespace) -> int:
         job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
     out = check_out(args.out)
     vae = _load_vae(args.decode) if args.decode else None
+    loras = parse_loras(args.lora)
     processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
     with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
@@ -331,6 +366,7 @@ def generate(args: argparse.Namespace) -> int:
         check_before_starting(args, job, parallel, config, device, precision)
         if vae is not None:
             _check_vae_fits(vae, config, job, args.world_size)
+        _module("wanvideo.lora").plan_loras(loras, config)  # a LoRA for another model fails here, naming it
         where = f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)" if args.world_size > 1 else ""
         print(f"starting {where or 'in-process'} on {device}, {precision} ...", flush=True)
         spec = _module("distrifusion.settings").RuntimeSpec(
@@ -344,6 +380,7 @@ def generate(args: argparse.Namespace) -> int:
             master_port=args.master_port,
             step_timeout_s=args.step_timeout,
             start_timeout_s=args.start_timeout,
+            loras=loras,
         )
         runtime = _module("distrifusion.workers").start_runtime(spec)
         try:
@@ -359,7 +396,7 @@ def generate(args: argparse.Namespace) -> int:
     save_latent(latent, out, _metadata(args, job, spec))
     if pixels is not None:
         _write_video(pixels, out)
-    if parallel.mode == "displaced" and spec.world_size > 1:
+    if parallel.for_job(job.steps, job.sync_frequency).mode == "displaced" and spec.world_size > 1:
         print(displaced_share(parallel.schedule(job.sync_frequency), job.steps))
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
@@ -480,6 +517,7 @@ def _metadata(args: argparse.Namespace, job, spec) -> dict:
     settings = {name: getattr(job, name) for name in JOB_FLAGS}
     settings.update(precision=spec.precision, quantization=spec.quantization, device=spec.device)
     settings["parallel"] = spec.parallel.to_dict()
+    settings["loras"] = [{"file": lora.name, "strength": lora.strength} for lora in spec.loras]
     return {"model": str(args.model or "tiny random Wan"), "settings": json.dumps(settings)}
 
 

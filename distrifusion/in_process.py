@@ -14,7 +14,7 @@ from ..wanvideo.errors import WanDistriFusionError
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
-from .rank import load_rank_model, session_flow
+from .rank import apply_rank_loras, load_rank_model, session_flow
 from .session import ForwardSession, JobCancelled, ProgressEvent, Runtime
 from .settings import RuntimeSpec
 from .validation import check_job
@@ -104,6 +104,13 @@ class InProcessRunner(Runtime):
         self._model = load_rank_model(self.spec, self._device)
         return self
 
+    def apply_loras(self, loras) -> None:
+        """Make ``loras`` the merged chain: re-merged from the unmodified weights when the model is loaded."""
+        spec = self.spec.with_changes(loras=tuple(loras))
+        if self._model is not None:
+            apply_rank_loras(self._model, spec, spec.loras)
+        self.spec = spec
+
     def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
         """Load the model when needed, check ``job`` and its memory, reset the progress."""
         self.start()
@@ -113,7 +120,7 @@ class InProcessRunner(Runtime):
         guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
         self._last_plan = plan_memory(
             config,
-            self.parallel,
+            self.parallel.for_job(job.steps, job.sync_frequency),
             job.latent_shape(config.out_dim),
             self.spec.precision,
             self.spec.quantization,

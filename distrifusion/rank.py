@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..wanvideo.loading import PRECISIONS, load_wan_model
+from ..wanvideo.lora import apply_loras
 from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
@@ -38,6 +39,7 @@ def job_model(model, config: ParallelConfig, rank: int, device: str | torch.devi
     job.check_text_dim(model.config.text_dim)
     if config.world_size == 1:
         return model
+    config = config.for_job(job.steps, job.sync_frequency)  # ``auto`` resolved the same way on every rank
     runner = parallel_model(model, config, rank, device)
     runner.begin_job(config.schedule(job.sync_frequency))
     return runner
@@ -59,10 +61,18 @@ def load_rank_model(spec: RuntimeSpec, device: torch.device) -> torch.nn.Module:
     )
     model.eval()
     model.fuse_projections()
+    if spec.loras:
+        apply_loras(model, spec.model_path, spec.loras)
     model.set_attention_backend(spec.parallel.attention_backend)
     if spec.parallel.compile_blocks:
         model.compile_blocks()
     return model
+
+
+def apply_rank_loras(model, spec: RuntimeSpec, loras) -> dict:
+    """Re-merge ``loras`` into this rank's loaded model from its unmodified weights (read again from the checkpoint)."""
+    with torch.no_grad():
+        return apply_loras(model, spec.model_path, loras)
 
 
 def session_flow(

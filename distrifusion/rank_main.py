@@ -34,12 +34,13 @@ import torch.distributed as dist
 from ..wanvideo.errors import WanDistriFusionError
 from . import wire
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
-from .rank import last_stats, load_rank_model, session_flow
+from .rank import apply_rank_loras, last_stats, load_rank_model, session_flow
 from .settings import RuntimeSpec
 from .shared_latents import SharedLatents
 from .store import (
     PG_STORE_PREFIX,
     STORE_WATCH_S,
+    ApplyLoras,
     DecodeVAE,
     OpenSession,
     StopServing,
@@ -200,9 +201,23 @@ class RankProcess:
 
                     if not serve_decode(self, command):
                         return EXIT_FAILED
+                case ApplyLoras():
+                    if not self.apply_loras(number, command):
+                        return EXIT_FAILED
             number += 1
 
-    def next_command(self, number: int) -> OpenSession | DecodeVAE | StopServing | None:
+    def apply_loras(self, number: int, command: ApplyLoras) -> bool:
+        """Re-merge the LoRA chain from the unmodified weights; False when it failed (the controller stops the group)."""
+        try:
+            summary = apply_rank_loras(self.model, self.spec, command.loras)
+        except BaseException as error:
+            self.report_error(error, "lora")
+            return False
+        self.spec = self.spec.with_changes(loras=command.loras)
+        self.send(wire.LorasApplied(number, self.rank, summary["tensors"], summary["seconds"]))
+        return True
+
+    def next_command(self, number: int) -> OpenSession | DecodeVAE | StopServing | ApplyLoras | None:
         """Block until command ``number`` is in the store; ``None`` when the controller is gone."""
         key = f"cmd/{number}"
         while True:

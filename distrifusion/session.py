@@ -134,6 +134,10 @@ class Runtime:
     def close(self) -> None:
         raise NotImplementedError
 
+    def apply_loras(self, loras) -> None:
+        """Make ``loras`` (``LoraFile``s) the chain merged into the weights, without restarting the ranks."""
+        raise NotImplementedError
+
     def forward_session(
         self,
         job: GenerationJob,

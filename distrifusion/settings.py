@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import PRECISIONS, resolve_quantization
+from ..wanvideo.lora import LoraFile
 from .config import ParallelConfig
 
 DEVICES = ("cuda", "cpu")
@@ -41,6 +42,8 @@ class RuntimeSpec:
     """How long a ready rank on another host may go without a heartbeat before the job fails."""
     threads_per_rank: int | None = None
     """CPU threads per rank (default on CPU: the cores shared out over the local ranks)."""
+    loras: tuple[LoraFile, ...] = ()
+    """The LoRA chain every rank merges after loading; a change re-merges on the running ranks (no restart)."""
 
     def __post_init__(self) -> None:
         world = self.parallel.world_size
@@ -72,6 +75,7 @@ class RuntimeSpec:
                 "second)."
             )
         object.__setattr__(self, "model_path", str(path))
+        object.__setattr__(self, "loras", tuple(x if isinstance(x, LoraFile) else LoraFile(**x) for x in self.loras))
         object.__setattr__(self, "local_ranks", local)
         for name in ("step_timeout_s", "start_timeout_s", "remote_timeout_s"):
             object.__setattr__(self, name, float(getattr(self, name)))

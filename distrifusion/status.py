@@ -222,6 +222,7 @@ def status_report(
             "model": model,
             "precision": spec.precision if spec is not None else None,
             "quantization": spec.quantization if spec is not None else None,
+            "loras": [[lora.name, lora.strength] for lora in spec.loras] if spec is not None else [],
             "attention": parallel.attention_backend if parallel is not None else None,
             "pids": runtime_status.get("pids") or [],
             "memory_plan": runtime_status.get("memory_plan"),
@@ -233,6 +234,9 @@ def status_report(
             "devices": runtime_status.get("device_names") or [],
         },
         **_parallel_report(parallel, progress["latent_shape"]),
+        "auto_mode": list(parallel.auto_choice(step["total"]))
+        if parallel and parallel.mode == "auto" and step["total"]
+        else None,
         "step": step,
         "memory_per_rank_mib": [None if m is None else round(float(m) / 2**20, 1) for m in memory or []],
         "last_error": progress["last_error"],
@@ -393,6 +397,8 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
         f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
         f"attention {runtime.get('attention')}"
     )
+    if runtime.get("loras"):
+        lines.append("   LoRA: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime["loras"]))
     ranks = report.get("ranks") or {}
     local = ranks.get("local") or []
     local_text = f"{local[0]}-{local[-1]}" if len(local) > 1 else (str(local[0]) if local else "none")
@@ -401,6 +407,9 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
         f"📊 World size {report.get('world_size')}: ranks {local_text} on this host, "
         f"{ranks.get('remote', 0)} on other hosts" + (f" ({', '.join(devices)})" if devices else "")
     )
+    if report.get("auto_mode"):
+        mode, why = report["auto_mode"]
+        lines.append(f"   auto picked {mode} for the last job ({report['step']['total']} steps): {why}")
     lines.append(
         f"   mode {report['parallel_mode']}, CFG parallel {'on' if report.get('cfg_parallel') else 'off'}, "
         f"warm-up {report.get('warmup_steps')} steps, K/V {report.get('kv_dtype')}"

@@ -20,6 +20,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.lora import LoraFile
 from .job import GenerationJob
 
 STORE_PREFIX = "wan_distrifusion/"
@@ -71,10 +72,19 @@ class StopServing:
     """Command: leave the serve loop and exit."""
 
 
-def encode_command(command: OpenSession | DecodeVAE | StopServing) -> bytes:
+@dataclass(frozen=True)
+class ApplyLoras:
+    """Command: merge this LoRA chain into the loaded weights, from the unmodified weights (``[]``: none)."""
+
+    loras: tuple[LoraFile, ...]
+
+
+def encode_command(command: OpenSession | DecodeVAE | StopServing | ApplyLoras) -> bytes:
     """A command as a store payload: the job's tensors (and tensors in ``job.extra``) by value, the rest as JSON."""
     if isinstance(command, StopServing):
         return encode_payload({"kind": "StopServing"})
+    if isinstance(command, ApplyLoras):
+        return encode_payload({"kind": "ApplyLoras", "loras": [dataclasses.asdict(lora) for lora in command.loras]})
     if isinstance(command, DecodeVAE):
         header = {"kind": "DecodeVAE", "session": command.session, "weights": command.weights}
         header.update(dtype=command.dtype, output=command.output)
@@ -91,10 +101,12 @@ def encode_command(command: OpenSession | DecodeVAE | StopServing) -> bytes:
     return encode_payload(header, tensors)
 
 
-def decode_command(data: bytes) -> OpenSession | DecodeVAE | StopServing:
+def decode_command(data: bytes) -> OpenSession | DecodeVAE | StopServing | ApplyLoras:
     header, tensors = decode_payload(data)
     if header["kind"] == "StopServing":
         return StopServing()
+    if header["kind"] == "ApplyLoras":
+        return ApplyLoras(tuple(LoraFile(**lora) for lora in header["loras"]))
     if header["kind"] == "DecodeVAE":
         fields = ("session", "weights", "dtype", "output")
         return DecodeVAE(**{name: header[name] for name in fields}, latent=tensors["latent"])

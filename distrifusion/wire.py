@@ -79,6 +79,15 @@ class DecodeProgress:
     session: int
     chunk: int
     total: int
+
+
+@dataclass(frozen=True)
+class LorasApplied:
+    """A rank merged the LoRA chain of command ``command`` into its weights."""
+
+    command: int
+    rank: int
+    tensors: int
     seconds: float
 
 
@@ -140,11 +149,21 @@ class ControllerGone:
 
 
 Message = (
-    Hello | Ready | Prediction | SessionEnded | DecodeProgress | Failure | Forward | End | Shutdown | ControllerGone
+    Hello
+    | Ready
+    | Prediction
+    | SessionEnded
+    | DecodeProgress
+    | LorasApplied
+    | Failure
+    | Forward
+    | End
+    | Shutdown
+    | ControllerGone
 )
 _KINDS = {
     kind.__name__: kind
-    for kind in (Hello, Ready, Prediction, SessionEnded, DecodeProgress, Failure, Forward, End, Shutdown)
+    for kind in (Hello, Ready, Prediction, SessionEnded, DecodeProgress, LorasApplied, Failure, Forward, End, Shutdown)
 }
 
 

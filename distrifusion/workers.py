@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.lora import LoraFile, plan_loras
 from ..wanvideo.model import WanConfig
 from . import wire
 from .in_process import InProcessRunner
@@ -27,7 +28,7 @@ from .memory_plan import MemoryPlan, plan_memory
 from .processes import RankProcesses, describe_exit
 from .session import GroupSession, JobCancelled, ProgressEvent, Runtime, WorkerFailed
 from .settings import RuntimeSpec
-from .store import OpenSession, StopServing, connect_store, encode_command, store_drop, store_put
+from .store import ApplyLoras, OpenSession, StopServing, connect_store, encode_command, store_drop, store_put
 from .supervision import STARTING, RemoteRanks, Supervisor
 from .validation import check_before_start, check_job
 
@@ -150,6 +151,43 @@ class WorkerGroup(Runtime):
             self._store = None
             self._raw_store = None  # the last reference: the store server stops, remote ranks exit
             self.remote = self.supervisor.remote = None
+
+    def apply_loras(self, loras: tuple[LoraFile, ...]) -> None:
+        """Make ``loras`` the chain merged on every rank: the running ranks re-merge from their unmodified weights
+        (same processes, no reload); a group not running takes it at its next start. Checked against the model
+        before any rank changes a weight."""
+        loras = tuple(loras)
+        with self.run_lock:
+            if not self.alive:
+                self.spec = self.spec.with_changes(loras=loras)
+                return
+            plan_loras(loras, self.model_config)  # raises naming the file before anything is posted
+            number = self._next_command
+            self._next_command += 1
+            try:
+                self.post_command(number, ApplyLoras(loras))
+                applied: set[int] = set()
+
+                def take(rank: int, message: wire.Message) -> None:
+                    if isinstance(message, wire.LorasApplied) and message.command == number:
+                        applied.add(rank)
+
+                local = set(self.spec.local_rank_ids)
+                self.supervisor.wait(
+                    take,
+                    lambda: applied >= local,
+                    doing="the ranks were merging LoRAs",
+                    phase="while merging LoRAs",
+                    timeout_s=self.spec.start_timeout_s,
+                    on_timeout=lambda: (
+                        None,
+                        f"the ranks did not finish merging LoRAs within {self.spec.start_timeout_s:.0f} s",
+                    ),
+                )
+            finally:
+                self.end_command(number)
+            self.spec = self.spec.with_changes(loras=loras)
+            logger.info("LoRA chain applied on ranks %s", sorted(applied))
 
     # -- what a session asks of the group -----------------------------------------------------
 
@@ -362,7 +400,7 @@ class WorkerGroup(Runtime):
         guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
         self._last_plan = plan_memory(
             self.model_config,
-            self.parallel,
+            self.parallel.for_job(job.steps, job.sync_frequency),
             job.latent_shape(self.model_config.out_dim),
             self.spec.precision,
             self.spec.quantization,

@@ -5,6 +5,7 @@ imports without ComfyUI.
 """
 
 from .loader import OfficialDistriFusionModelLoader
+from .lora import OfficialDistriFusionLora
 from .sampler import OfficialDistriFusionSampler
 from .status import OfficialDistriFusionStatus
 from .vae_decode import OfficialDistriFusionVAEDecode
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "OfficialDistriFusionSampler": OfficialDistriFusionSampler,
     "OfficialDistriFusionStatus": OfficialDistriFusionStatus,
     "OfficialDistriFusionVAEDecode": OfficialDistriFusionVAEDecode,
+    "OfficialDistriFusionLora": OfficialDistriFusionLora,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -21,6 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OfficialDistriFusionSampler": "🎯 Official DistriFusion Sampler",
     "OfficialDistriFusionStatus": "🎯 Official DistriFusion Status",
     "OfficialDistriFusionVAEDecode": "🎯 Official DistriFusion VAE Decode",
+    "OfficialDistriFusionLora": "🎯 Official DistriFusion LoRA",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

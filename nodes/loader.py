@@ -13,7 +13,8 @@ from ..distrifusion.validation import check_before_start
 from ..wanvideo.attention import ATTENTION_BACKENDS
 from ..wanvideo.errors import WanDistriFusionError
 from . import _comfy
-from ._widgets import bool_widget, combo_widget, int_widget
+from ._widgets import bool_widget, combo_widget, int_widget, socket
+from .lora import LORA_CHAIN_TYPE, with_loras
 from .runtime import MODEL_TYPE, DistriFusionModel, RuntimeSettings, master_address
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ TOOLTIPS = {
     "take the ranks after it.",
     "parallel_mode": "displaced = DistriFusion: other ranks' K/V from the previous step, exchanged while computing "
     "(fastest, slightly approximate). sync = exact, gathers all K/V every layer. ulysses = exact head-parallel "
-    "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B).",
+    "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B). auto = per job: sync when fewer than 8 steps "
+    "would use stale K/V (few-step / distilled runs: the stale steps' error would save ~2%), else displaced; the "
+    "Status node says what it picked and why.",
     "cfg_parallel": "Run the positive and the negative prompt on two halves of the ranks at once (exact; needs an even "
     "world size); each half splits the video over its ranks. Needs a Sampler cfg other than 1: at cfg 1 there is no "
     "negative prompt to run, and the Sampler refuses rather than leave half the ranks idle (turn this off there).",
@@ -73,6 +76,11 @@ TOOLTIPS = {
     "Wan nodes, the first prompt about 25 s longer. Off by default so the first prompt is never slower than native.",
 }
 
+LORA_TOOLTIP = (
+    "Optional LoRA chain (🎯 Official DistriFusion LoRA nodes): merged into the weights on every rank; a changed "
+    "chain or strength re-merges on the running workers without restarting them."
+)
+
 
 class OfficialDistriFusionModelLoader:
     """Loads a Wan 2.1 checkpoint on a group of worker processes, one per GPU, kept alive between prompts."""
@@ -91,7 +99,7 @@ class OfficialDistriFusionModelLoader:
                 "split_mode": combo_widget(SPLIT_MODES, "spatial", tip["split_mode"]),
                 "world_size": int_widget(0, 0, 64, tip["world_size"]),
                 "rank": int_widget(0, 0, 63, tip["rank"]),
-                "parallel_mode": combo_widget(PARALLEL_MODES, "displaced", tip["parallel_mode"]),
+                "parallel_mode": combo_widget(PARALLEL_MODES, "auto", tip["parallel_mode"]),
                 "cfg_parallel": bool_widget(False, tip["cfg_parallel"]),
                 "warmup_steps": int_widget(4, 0, 100, tip["warmup_steps"]),
                 "attention": combo_widget(ATTENTION_BACKENDS, "auto", tip["attention"]),
@@ -99,6 +107,7 @@ class OfficialDistriFusionModelLoader:
                 "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
                 "compile": bool_widget(False, tip["compile"]),
             },
+            "optional": {"lora": socket(LORA_CHAIN_TYPE, LORA_TOOLTIP)},
         }
 
     RETURN_TYPES = (MODEL_TYPE,)
@@ -119,10 +128,10 @@ class OfficialDistriFusionModelLoader:
             return ""
         return f"{stat.st_size}-{stat.st_mtime_ns}"
 
-    def load(self, compile=False, **widgets):
+    def load(self, compile=False, lora=None, **widgets):
         """``widgets``: the inputs above by name (ComfyUI passes each as a keyword argument)."""
         warn_if_official_missing()
-        settings = build_settings(**widgets, compile_blocks=compile)
+        settings = with_loras(build_settings(**widgets, compile_blocks=compile), lora)
         spec = settings.spec
         check_before_start(
             spec.model_path, spec.parallel, device=spec.device, local_ranks=spec.local_ranks, first_rank=spec.first_rank

@@ -8,7 +8,7 @@ import atexit
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..distrifusion.settings import RuntimeSpec
 from ..distrifusion.status import RunActivity
@@ -29,6 +29,13 @@ class RuntimeSettings:
     model_stamp: tuple[int, int]
     """(size, mtime_ns) of the file, so a replaced checkpoint restarts the workers."""
     spec: RuntimeSpec
+
+    def same_group(self, other: RuntimeSettings) -> bool:
+        """Whether ``other`` runs on the same worker group: equal apart from the LoRA chain, which the running
+        ranks re-merge (``Runtime.apply_loras``) instead of restarting."""
+        return replace(self, spec=self.spec.with_changes(loras=())) == replace(
+            other, spec=other.spec.with_changes(loras=())
+        )
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,10 @@ class RuntimeRegistry:
     def acquire(self, settings: RuntimeSettings):
         """The running group for ``settings``: the current one when nothing changed, else a new one."""
         with self._lock:
-            if self._runtime is not None and self._settings == settings and _alive(self._runtime):
+            if self._runtime is not None and self._settings.same_group(settings) and _alive(self._runtime):
+                if self._settings.spec.loras != settings.spec.loras:
+                    self._runtime.apply_loras(settings.spec.loras)
+                    self._settings = settings
                 return self._runtime
             if self._runtime is not None:
                 reason = "settings changed" if self._settings != settings else "its workers stopped"

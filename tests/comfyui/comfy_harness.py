@@ -389,3 +389,33 @@ def stand_in_prompt(prompt: dict, prefix: str, *, width: int, height: int, lengt
         elif kind in ("SaveVideo", "SaveAnimatedWEBP"):
             inputs["filename_prefix"] = prefix
     return prompt
+
+
+# --- LoRA files -------------------------------------------------------------------------------------------
+LORA_FILES = {
+    "comfyui": "wan_tiny_lora_comfyui.safetensors",
+    "kohya": "wan_tiny_lora_kohya.safetensors",
+    "peft": "wan_tiny_lora_peft.safetensors",
+    "diffusers": "wan_tiny_lora_diffusers.safetensors",
+    "lightx2v": "wan_tiny_lora_lightx2v.safetensors",
+}
+"""One tiny random LoRA per format for the tiny checkpoint (ranks 1-4 and alphas differing per layer)."""
+LORA_DIFFUSERS_TWIN = "wan_tiny_lora_diffusers_as_comfyui.safetensors"
+"""The diffusers-named LoRA's tensors under ComfyUI's names: ComfyUI 0.3.64 maps no ``transformer.`` names for Wan,
+so native KSampler gets this twin wherever ours gets the diffusers file."""
+LORA_WIDE = "wan_wide_lora.safetensors"
+"""A LoRA made for a wider Wan (dim 512): the Loader refuses it naming the file."""
+
+
+def write_tiny_loras(folder: Path, config: dict) -> None:
+    from tiny_lora import random_lora, write_lora
+    from tiny_wan import tiny_config
+
+    wan = tiny_config(**config)
+    for seed, (fmt, name) in enumerate(LORA_FILES.items(), start=11):
+        # modulation deltas travel as ``diff_m`` in real lightx2v files, which native ComfyUI leaves out (listed)
+        lora = random_lora(wan, seed=seed, with_diffs=fmt == "lightx2v", scale=0.05, modulation=False)
+        write_lora(folder / name, lora, fmt)
+        if fmt == "diffusers":
+            write_lora(folder / LORA_DIFFUSERS_TWIN, lora, "comfyui")
+    write_lora(folder / LORA_WIDE, random_lora(tiny_config(**{**config, "dim": 512, "ffn_dim": 512}), seed=9), "kohya")

@@ -25,6 +25,7 @@ from comfy_harness import (
     random_vae,
     start_server,
     stop_server,
+    write_tiny_loras,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -64,12 +65,22 @@ def write_tiny_model(path: Path, **overrides) -> None:
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("comfy-base")
-    for folder in ("custom_nodes", "models/diffusion_models", "models/vae", "input", "output", "user", "temp"):
+    for folder in (
+        "custom_nodes",
+        "models/diffusion_models",
+        "models/vae",
+        "models/loras",
+        "input",
+        "output",
+        "user",
+        "temp",
+    ):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
     (base / "custom_nodes" / TEST_PACK_FOLDER).symlink_to(HERE / "test_pack", target_is_directory=True)
     write_tiny_model(base / "models" / "diffusion_models" / TINY_MODEL)
     write_tiny_model(base / "models" / "diffusion_models" / TINY_MODEL_4_HEADS, num_heads=4)
+    write_tiny_loras(base / "models" / "loras", TINY_CONFIG)
     cache = Path(tempfile.gettempdir()) / "wan-distrifusion-test-cache"
     random_vae(COMFYUI_PYTHON, COMFYUI_PATH, base / "models" / "vae" / RANDOM_VAE, cache)
     return base

@@ -50,7 +50,7 @@ LOADER_WIDGETS = {
     "split_mode": ("spatial", ["spatial", "temporal", "spatiotemporal"]),
     "world_size": (0, 0, 64, 1),
     "rank": (0, 0, 63, 1),
-    "parallel_mode": ("displaced", ["displaced", "sync", "ulysses"]),
+    "parallel_mode": ("auto", ["displaced", "sync", "ulysses", "auto"]),
     "cfg_parallel": (False, None),
     "warmup_steps": (4, 0, 100, 1),
     "attention": ("auto", ["auto", "sdpa", "flash4", "flash3", "sage"]),
