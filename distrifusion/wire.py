@@ -79,6 +79,7 @@ class DecodeProgress:
     session: int
     chunk: int
     total: int
+    seconds: float
 
 
 @dataclass(frozen=True)
