@@ -82,6 +82,8 @@ def session_flow(
         cfg=job.cfg,
         batch=int(batch),
         device=device,
-        model_kwargs=job.extra.get("model_kwargs"),
+        model_kwargs={**(job.extra.get("model_kwargs") or {}), **job.model_kwargs("positive")},
+        negative_kwargs={**(job.extra.get("model_kwargs") or {}), **job.model_kwargs("negative")},
         return_uncond=bool(return_uncond),
+        denoise_mask=job.frame_denoise,
     )

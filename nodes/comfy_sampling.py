@@ -63,6 +63,11 @@ class WorkerModel:
         self.inner_model = self
         self.model_patcher = self
 
+    def scale_latent_inpaint(self, x, sigma, noise, latent_image, **kwargs) -> Tensor:
+        """A masked (kept) region's latent at each step: the clean latent itself, as ComfyUI's ``WAN22`` keeps
+        TI2V 5B's image frame (the only model the Sampler takes a noise mask for)."""
+        return latent_image
+
     def get_model_object(self, name: str):
         if name == "model_sampling":
             return self.model_sampling
@@ -144,6 +149,7 @@ def sample(
     cfg: float,
     seed: int,
     callback: SamplerCallback | None = None,
+    denoise_mask: Tensor | None = None,
 ) -> Tensor:
     """Denoise from ``noise`` (``latent_image`` in model space, zeros when empty) over ``sigmas`` with ComfyUI's
     ``sampler`` (or one of ``WAN_SOLVERS``), every model call going to ``forward``; the latent in model space."""
@@ -177,6 +183,6 @@ def sample(
         callback,
         noise,
         latent_image,
-        None,
+        denoise_mask,
         not comfy.utils.PROGRESS_BAR_ENABLED,
     )

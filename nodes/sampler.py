@@ -11,17 +11,17 @@ import time
 
 import torch
 
-from ..distrifusion.job import GenerationJob
+from ..distrifusion.job import GenerationJob, vae_stride
 from ..distrifusion.validation import check_guidance, check_job, check_model
 from ..wanvideo.errors import WanDistriFusionError
-from . import _comfy, comfy_sampling
+from ..wanvideo.model import WanConfig
+from . import _comfy, comfy_sampling, wan_conditioning
 from ._widgets import combo_widget, float_widget, int_widget, socket
 from .loader import CATEGORY
 from .runtime import MODEL_TYPE, RUNTIMES
 
 logger = logging.getLogger(__name__)
 
-LATENT_CHANNELS = 16
 DEFAULT_SAMPLER = "uni_pc"
 """What ComfyUI's own Wan 2.1 templates sample with."""
 MAX_SIZE = 4096
@@ -125,12 +125,15 @@ class OfficialDistriFusionSampler:
         from ..distrifusion.workers import JobCancelled
 
         mm = _comfy.model_management()
-        latent_format = _comfy.wan21_latent_format()
-        start = None
+        spec = model.settings.spec
+        config = check_model(spec.model_path, spec.parallel)
+        latent_format = _comfy.wan_latent_format(config.out_dim)
+        start, noise_mask = None, None
         if latent is not None:
-            start = latent_to_model_space(latent, latent_format)
+            start, noise_mask = latent_to_model_space(latent, latent_format, config)
             _, _, frames, rows, cols = start.shape
-            width, height, length = cols * 8, rows * 8, (frames - 1) * 4 + 1
+            stride = vae_stride(config.out_dim)
+            width, height, length = cols * stride, rows * stride, (frames - 1) * 4 + 1
         job = GenerationJob(
             positive=conditioning_context(positive, "positive"),
             negative=conditioning_context(negative, "negative"),
@@ -147,8 +150,18 @@ class OfficialDistriFusionSampler:
             sync_frequency=sync_frequency,
             latent=start,
         )
+        shape = job.latent_shape(config.out_dim)
+        denoise_mask = None
+        if noise_mask is not None:
+            if sampler in comfy_sampling.WAN_SOLVERS:
+                raise WanDistriFusionError(
+                    f"sampler: {sampler} (Wan's reference solver) does not keep a masked image frame; choose one of "
+                    "KSampler's samplers (e.g. uni_pc or euler) for image-to-video with this latent."
+                )
+            denoise_mask, per_frame = wan_conditioning.frame_denoise(noise_mask, shape)
+            job = job.with_changes(frame_denoise=per_frame)
+        job = job.with_changes(**image_inputs(positive, negative, config, shape, latent_format))
         check_before_sending(model, job, return_uncond=comfy_sampling.needs_uncond(sampler))
-        shape = job.latent_shape(LATENT_CHANNELS)
         latent_image = job.latent if job.latent is not None else torch.zeros(shape)
 
         model_sampling = comfy_sampling.model_sampling_sd3(shift)
@@ -191,6 +204,7 @@ class OfficialDistriFusionSampler:
                     cfg=cfg,
                     seed=seed,
                     callback=on_step,
+                    denoise_mask=denoise_mask,
                 )
         except JobCancelled as exc:
             activity.finish("cancelled by the user")
@@ -207,12 +221,23 @@ class OfficialDistriFusionSampler:
 
 
 def check_before_sending(model, job: GenerationJob, *, return_uncond: bool) -> None:
-    """What depends on the video size (partition vs ranks, latent channels, conditioning width) and CFG parallel's
-    use, checked from the checkpoint's headers before the workers start or get the job."""
+    """What depends on the video size (partition vs ranks, latent channels, conditioning width, image inputs) and
+    CFG parallel's use, checked from the checkpoint's headers before the workers start or get the job."""
     spec = model.settings.spec
     config = check_model(spec.model_path, spec.parallel)
     check_job(config, spec.parallel, job)
     check_guidance(spec.parallel, job, return_uncond=return_uncond)
+
+
+def image_inputs(positive, negative, config: WanConfig, shape: tuple[int, ...], latent_format) -> dict:
+    """The job's image inputs (``positive_y``, ``negative_clip_fea``, ...) from both conditionings, as ComfyUI's Wan
+    model builds them for each (they may differ)."""
+    inputs = {}
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        options = conditioning[0][1] if conditioning and len(conditioning[0]) > 1 else {}
+        inputs[f"{name}_y"] = wan_conditioning.image_channels(options, config, shape, latent_format, name)
+        inputs[f"{name}_clip_fea"] = wan_conditioning.clip_features(options, config)
+    return inputs
 
 
 def conditioning_context(conditioning, name: str) -> torch.Tensor:
@@ -232,36 +257,47 @@ def conditioning_context(conditioning, name: str) -> torch.Tensor:
     return context.detach().to("cpu", torch.float32).contiguous()
 
 
-def latent_to_model_space(latent: dict, latent_format) -> torch.Tensor:
-    """ComfyUI's Wan LATENT ``samples`` -> the model's normalised latent, as KSampler does it.
+def latent_to_model_space(latent: dict, latent_format, config: WanConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ComfyUI's Wan LATENT -> the model's normalised latent and the LATENT's noise mask, as KSampler does it.
 
-    Like ``comfy.sample.fix_empty_latent_channels`` + ``KSampler``: an all-zero (empty) latent is
-    widened to 16 channels and left as zeros; any other latent goes through ``Wan21.process_in``.
+    Like ``comfy.sample.fix_empty_latent_channels`` + ``KSampler``: an all-zero (empty) latent is widened to the
+    model's channels and left as zeros; any other latent goes through the format's ``process_in``. A noise mask is
+    what Wan 2.2 TI2V 5B's image-to-video keeps a frame with (``Wan22ImageToVideoLatent``).
     """
     samples = latent["samples"]
-    if "noise_mask" in latent:
+    channels = config.out_dim
+    noise_mask = latent.get("noise_mask")
+    if noise_mask is not None and not config.per_frame_timesteps:
         raise WanDistriFusionError(
-            "latent: it carries a noise mask (inpainting), which the DistriFusion Sampler does not support; "
-            "remove the Set Latent Noise Mask node."
+            f"latent: it carries a noise mask (inpainting), which the DistriFusion Sampler supports only for Wan 2.2 "
+            f"TI2V 5B's image-to-video, not {config.variant}; remove the Set Latent Noise Mask node (for "
+            "image-to-video with this model use WanImageToVideo)."
         )
     if samples.dim() == 4:
         samples = samples.unsqueeze(2)
     if samples.dim() != 5:
-        raise WanDistriFusionError(f"latent: expected a video latent [B, 16, frames, h, w], got {list(samples.shape)}.")
+        raise WanDistriFusionError(
+            f"latent: expected a video latent [B, {channels}, frames, h, w], got {list(samples.shape)}."
+        )
     if samples.shape[0] != 1:
         raise WanDistriFusionError(
             f"latent: batch size {samples.shape[0]}; the DistriFusion Sampler makes one clip at a time, set batch_size 1."
         )
     empty = torch.count_nonzero(samples) == 0
-    if samples.shape[1] != LATENT_CHANNELS:
+    if samples.shape[1] != channels:
         if not empty:
-            raise WanDistriFusionError(
-                f"latent: {samples.shape[1]} channels, Wan 2.1 latents have {LATENT_CHANNELS}; use Empty Hunyuan "
-                "Latent Video or VAE Encode with the Wan 2.1 VAE."
+            source = (
+                "Wan22ImageToVideoLatent or VAE Encode with the Wan 2.2 VAE"
+                if channels == 48
+                else "Empty Hunyuan Latent Video or VAE Encode with the Wan 2.1 VAE"
             )
-        samples = samples.new_zeros(1, LATENT_CHANNELS, *samples.shape[2:])
+            raise WanDistriFusionError(
+                f"latent: {samples.shape[1]} channels, {config.variant} latents have {channels}; use {source}."
+            )
+        samples = samples.new_zeros(1, channels, *samples.shape[2:])
     samples = samples.to("cpu", torch.float32)
-    return samples.contiguous() if empty else latent_format.process_in(samples).contiguous()
+    samples = samples.contiguous() if empty else latent_format.process_in(samples).contiguous()
+    return samples, noise_mask
 
 
 def latent_from_model_space(samples: torch.Tensor, latent_format) -> torch.Tensor:
