@@ -1,0 +1,178 @@
+"""ComfyUI's own Wan template graphs against the same graphs with our Loader and Sampler, in real ComfyUI.
+
+Each architecture gets a tiny random checkpoint that ComfyUI's ``UNETLoader`` reads (dim 256 = 2 heads of 128, text
+4096, frequencies 256, CLIP 1280). The native graph is the template's: ``UNETLoader`` -> ``ModelSamplingSD3`` ->
+``KSampler``, fed by native ``WanImageToVideo`` (start image through the tiny random Wan VAE, CLIP vision output from
+a stand-in node) or, for the TI2V 5B, a stand-in for ``Wan22ImageToVideoLatent`` (the Wan 2.2 VAE is not tiny here).
+Our graph swaps in the DistriFusion Loader and Sampler on the same conditioning and latent; the final latents must
+agree to fp32 round-off, at 1 rank and at 2 ranks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_harness import LOADER, RANDOM_VAE, SAMPLER, loader_inputs
+from test_nodes_api import load_latent, output_files, relative_error
+from tiny_wan import random_model, tiny_config, write_checkpoint
+
+TOL = 1e-4
+COMFY_SHAPES = dict(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=4096, freq_dim=256, image_dim=1280)
+"""Tiny, yet what ComfyUI's Wan detection builds: heads = dim / 128, text 4096, frequencies 256, CLIP 1280."""
+MODELS = {
+    # file name: (config overrides, key layout)
+    "wan2.1_i2v_480p_tiny.safetensors": (dict(model_type="i2v", in_dim=36, out_dim=16), "comfyui"),
+    "wan2.2_i2v_high_noise_14B_tiny.safetensors": (dict(in_dim=36, out_dim=16), "original"),
+    "wan2.2_ti2v_5B_tiny.safetensors": (dict(in_dim=48, out_dim=48), "comfyui"),
+}
+I2V_MODEL, A14B_I2V_HIGH, TI2V_MODEL = MODELS
+I2V_SIZE = {"width": 32, "height": 32, "length": 5}
+"""Latent [1, 16, 2, 4, 4]: a (2, 2, 2) token grid, two token rows for two ranks; small for the random VAE."""
+TI2V_SIZE = {"width": 64, "height": 64, "length": 5}
+"""Latent [1, 48, 2, 4, 4] (the Wan 2.2 VAE is 16x): the same (2, 2, 2) token grid."""
+SETTINGS = {"seed": 11, "steps": 3, "cfg": 3.5, "scheduler": "simple", "denoise": 1.0}
+SHIFT = 8.0
+MODES = {
+    "1 rank": {},
+    "2 ranks sync": {"gpus": 2, "parallel_mode": "sync"},
+    "2 ranks ulysses": {"gpus": 2, "parallel_mode": "ulysses"},
+}
+"""Loader settings; the patch size is one token row (16 px for Wan 2.1 / A14B, 32 px for the 5B) so two ranks
+split the two token rows."""
+
+
+@pytest.fixture(scope="module")
+def wan_models(comfy_base) -> None:
+    folder = comfy_base / "models" / "diffusion_models"
+    for seed, (name, (overrides, layout)) in enumerate(MODELS.items()):
+        if not (folder / name).exists():
+            model = random_model(tiny_config(**{**COMFY_SHAPES, **overrides}), seed=30 + seed)
+            write_checkpoint(folder / name, model, layout=layout, dtype=torch.float32, metadata=False)
+
+
+def i2v_nodes(clip_vision: bool) -> dict:
+    """Test prompts -> native WanImageToVideo (random start image, tiny random VAE, optional CLIP vision)."""
+    inputs = {"positive": ["pos", 0], "negative": ["neg", 0], "vae": ["vae", 0], "start_image": ["image", 0]}
+    nodes = {
+        "pos": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 1, "tokens": 12, "width": 4096}},
+        "neg": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 2, "tokens": 5, "width": 4096}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": RANDOM_VAE}},
+        "image": {"class_type": "DistriFusionTestImage", "inputs": {"seed": 4, "width": 48, "height": 40, "frames": 1}},
+        "clipv": {"class_type": "DistriFusionTestClipVision", "inputs": {"seed": 3, "tokens": 257}},
+        "cond": {"class_type": "WanImageToVideo", "inputs": {**inputs, **I2V_SIZE, "batch_size": 1}},
+    }
+    if clip_vision:
+        nodes["cond"]["inputs"]["clip_vision_output"] = ["clipv", 0]
+    return nodes
+
+
+def ti2v_nodes() -> dict:
+    return {
+        "pos": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 1, "tokens": 12, "width": 4096}},
+        "neg": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 2, "tokens": 5, "width": 4096}},
+        "cond": {"class_type": "DistriFusionTestTI2VLatent", "inputs": {"seed": 6, **TI2V_SIZE}},
+    }
+
+
+def run_native_and_ours(comfy, model: str, nodes: dict, links: dict, loader: dict, sampler: str, tag: str):
+    """The conditioning ``nodes``, then native UNETLoader + ModelSamplingSD3 + KSampler beside our Loader + Sampler;
+    ``links``: the positive/negative/latent sockets. Both final latents."""
+    size = TI2V_SIZE if model == TI2V_MODEL else I2V_SIZE
+    prompt = dict(nodes)
+    prompt.update(
+        {
+            "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
+            "shift": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["unet", 0], "shift": SHIFT}},
+            "ksampler": {
+                "class_type": "KSampler",
+                "inputs": {
+                    "model": ["shift", 0],
+                    "positive": links["positive"],
+                    "negative": links["negative"],
+                    "latent_image": links["latent"],
+                    "sampler_name": sampler,
+                    **SETTINGS,
+                },
+            },
+            "save_native": {
+                "class_type": "SaveLatent",
+                "inputs": {"samples": ["ksampler", 0], "filename_prefix": f"templates/native_{tag}"},
+            },
+            "loader": {"class_type": LOADER, "inputs": loader_inputs(model=model, **loader)},
+            "sampler": {
+                "class_type": SAMPLER,
+                "inputs": {
+                    "model": ["loader", 0],
+                    "positive": links["positive"],
+                    "negative": links["negative"],
+                    "latent": links["latent"],
+                    "shift": SHIFT,
+                    "sampler": sampler,
+                    "sync_frequency": 0,
+                    **SETTINGS,
+                    **size,
+                },
+            },
+            "save": {
+                "class_type": "SaveLatent",
+                "inputs": {"samples": ["sampler", 0], "filename_prefix": f"templates/ours_{tag}"},
+            },
+        }
+    )
+    entry = comfy.run(prompt)
+    ours = load_latent(output_files(comfy, entry, "save", "latents")[-1])
+    native = load_latent(output_files(comfy, entry, "save_native", "latents")[-1])
+    return ours, native
+
+
+I2V_LINKS = {"positive": ["cond", 0], "negative": ["cond", 1], "latent": ["cond", 2]}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_wan21_i2v_template_equals_native(comfy, wan_models, mode):
+    """Wan 2.1 I2V (image_to_video_wan.json): WanImageToVideo with a start image and CLIP vision output."""
+    ours, native = run_native_and_ours(
+        comfy,
+        I2V_MODEL,
+        i2v_nodes(clip_vision=True),
+        I2V_LINKS,
+        {**MODES[mode], "patch_size": 16},
+        "uni_pc",
+        f"i2v_{mode.replace(' ', '_')}",
+    )
+    assert ours.shape == native.shape == (1, 16, 2, 4, 4)
+    error = relative_error(ours, native)
+    print(f"Wan 2.1 I2V, {mode}: relative error {error:.2e}")
+    assert error < TOL
+
+
+@pytest.mark.parametrize("mode", ["1 rank", "2 ranks sync"])
+def test_wan22_a14b_i2v_template_equals_native(comfy, wan_models, mode):
+    """Wan 2.2 I2V A14B (video_wan2_2_14B_i2v.json): image channels, no CLIP vision."""
+    ours, native = run_native_and_ours(
+        comfy,
+        A14B_I2V_HIGH,
+        i2v_nodes(clip_vision=False),
+        I2V_LINKS,
+        {**MODES[mode], "patch_size": 16},
+        "euler",
+        f"a14b_{mode.replace(' ', '_')}",
+    )
+    error = relative_error(ours, native)
+    print(f"Wan 2.2 I2V A14B, {mode}: relative error {error:.2e}")
+    assert error < TOL
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_wan22_ti2v_5b_template_equals_native(comfy, wan_models, mode):
+    """Wan 2.2 TI2V 5B (video_wan2_2_5B_ti2v.json): 48 channels, the first latent frame kept (noise mask) with
+    timestep 0, 32 px tokens."""
+    loader = {**MODES[mode], "patch_size": 32}
+    links = {"positive": ["pos", 0], "negative": ["neg", 0], "latent": ["cond", 0]}
+    ours, native = run_native_and_ours(
+        comfy, TI2V_MODEL, ti2v_nodes(), links, loader, "uni_pc", f"ti2v_{mode.replace(' ', '_')}"
+    )
+    assert ours.shape == native.shape == (1, 48, 2, 4, 4)
+    error = relative_error(ours, native)
+    print(f"Wan 2.2 TI2V 5B, {mode}: relative error {error:.2e}")
+    assert error < TOL
