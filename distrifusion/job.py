@@ -53,6 +53,9 @@ class GenerationJob:
     positive_clip_fea: torch.Tensor | None = None
     """CLIP vision tokens ``[1, N, 1280]`` of the positive prompt (Wan 2.1 I2V / FLF2V ``img_emb``)."""
     negative_clip_fea: torch.Tensor | None = None
+    expert: int = 0
+    """Which of the group's models runs the job: 0 = the Loader's model (Wan 2.2 A14B: the high-noise expert), 1 = its
+    second model (the low-noise expert), both loaded on every rank."""
     frame_denoise: torch.Tensor | None = None
     """TI2V 5B: each latent frame's mean denoise mask ``[1, 1, F, 1, 1]`` (0 = a kept image frame): its timestep is
     ``t`` times this (``wanvideo.sampling.frame_timesteps``)."""
@@ -94,6 +97,8 @@ class GenerationJob:
             )
         if not 0.0 < self.denoise <= 1.0:
             raise WanDistriFusionError(f"denoise: {self.denoise} must be in (0, 1].")
+        if self.expert not in (0, 1):
+            raise WanDistriFusionError(f"expert: {self.expert} must be 0 (the Loader's model) or 1 (its second model).")
         if self.sync_frequency < 0:
             raise WanDistriFusionError(f"sync frequency: {self.sync_frequency} must be 0 (never) or more.")
         for name, cond in self._conditionings():

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..wanvideo.errors import WanDistriFusionError
 from . import wire
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
-from .rank import last_stats, load_rank_model, session_flow
+from .rank import last_stats, load_rank_models, session_flow
 from .settings import RuntimeSpec
 from .shared_latents import SharedLatents
 from .store import (
@@ -132,7 +132,8 @@ class RankProcess:
                 timeout=timedelta(seconds=float(self.store.get("collective_timeout_s"))),
             )
         began = time.perf_counter()
-        self.model = load_rank_model(self.spec, self.device)
+        self.models = load_rank_models(self.spec, self.device)
+        self.model = self.models[0]
         ready = wire.Ready(
             rank=self.rank,
             pid=os.getpid(),
@@ -234,8 +235,9 @@ class RankProcess:
             all_local = set(command.latents_ranks) == set(range(self.world_size))
             mapped = self.rank == 0 or (all_local and self.rank in command.latents_ranks)
             latents = SharedLatents(command.latents, command.shape) if mapped else None
+            model = self.models[command.job.expert]
             flow = session_flow(
-                self.model,
+                model,
                 self.spec.parallel,
                 self.rank,
                 self.device,
@@ -259,7 +261,7 @@ class RankProcess:
             self.report_error(error, "session", calls + 1, command.job.steps)
             return False
         logger.info("session %d ended after %d calls", command.session, calls)
-        stats = last_stats(self.model) if self.rank == 0 else {}
+        stats = last_stats(self.models[command.job.expert]) if self.rank == 0 else {}
         self.send(wire.SessionEnded(command.session, self.rank, calls, stats))
         return True
 

@@ -91,11 +91,43 @@ def check_before_start(
     local_ranks: int | None = None,
     first_rank: int = 0,
     cuda_devices: int | None = None,
+    second_model_path: str | os.PathLike | None = None,
 ) -> WanConfig:
     """Everything a worker group needs that is known before it starts; returns the checkpoint's ``WanConfig``."""
     local_ranks = check_topology(parallel, local_ranks, first_rank)
     check_devices(device, local_ranks, cuda_devices=cuda_devices)
-    return check_model(model_path, parallel)
+    config = check_model(model_path, parallel)
+    if second_model_path is not None:
+        check_experts(config, check_model(second_model_path, parallel))
+    return config
+
+
+EXPERT_SHAPE = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "model_type")
+
+
+def check_experts(first: WanConfig, second: WanConfig) -> None:
+    """``first`` / ``second`` are Wan 2.2 A14B's high- / low-noise experts of one release, in their slots (as far as
+    the files say: ``WanConfig.version`` and ``expert``)."""
+    if first.expert == "low_noise" or second.expert == "high_noise":
+        slot, other = ("model", "second model") if first.expert == "low_noise" else ("second model", "model")
+        wrong = first if slot == "model" else second
+        raise WanDistriFusionError(
+            f"{slot}: this file is {wrong.variant}; swap the files: the high-noise expert goes in model (it runs the "
+            f"first, noisiest steps), the low-noise expert in {other if slot == 'model' else 'second model'}."
+        )
+    for slot, config in (("model", first), ("second model", second)):
+        if config.version != "2.2" or config.per_frame_timesteps:
+            raise WanDistriFusionError(
+                f"{slot}: {config.variant} is not a Wan 2.2 A14B expert; a second model is only for Wan 2.2 A14B's "
+                "high- and low-noise pair (e.g. wan2.2_t2v_high_noise_14B_fp8_scaled / ..._low_noise_...); set "
+                "second model to none otherwise."
+            )
+    differ = [name for name in EXPERT_SHAPE if getattr(first, name) != getattr(second, name)]
+    if differ:
+        raise WanDistriFusionError(
+            f"second model: {second.variant} does not match {first.variant} ({', '.join(differ)} differ); pick the "
+            "two experts of one release (T2V with T2V, I2V with I2V)."
+        )
 
 
 def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -> None:

@@ -1,22 +1,24 @@
-"""The three ComfyUI nodes: thin adapters between ComfyUI's types and the runtime.
+"""The ComfyUI nodes: thin adapters between ComfyUI's types and the runtime.
 
 ComfyUI modules are imported only inside the nodes' functions (see ``_comfy``), so this package
 imports without ComfyUI.
 """
 
 from .loader import OfficialDistriFusionModelLoader
-from .sampler import OfficialDistriFusionSampler
+from .sampler import OfficialDistriFusionSampler, OfficialDistriFusionSamplerAdvanced
 from .status import OfficialDistriFusionStatus
 
 NODE_CLASS_MAPPINGS = {
     "OfficialDistriFusionModelLoader": OfficialDistriFusionModelLoader,
     "OfficialDistriFusionSampler": OfficialDistriFusionSampler,
+    "OfficialDistriFusionSamplerAdvanced": OfficialDistriFusionSamplerAdvanced,
     "OfficialDistriFusionStatus": OfficialDistriFusionStatus,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "OfficialDistriFusionModelLoader": "🎯 Official DistriFusion Model Loader",
     "OfficialDistriFusionSampler": "🎯 Official DistriFusion Sampler",
+    "OfficialDistriFusionSamplerAdvanced": "🎯 Official DistriFusion Sampler (Advanced)",
     "OfficialDistriFusionStatus": "🎯 Official DistriFusion Status",
 }
 

@@ -138,6 +138,23 @@ def ksampler_sigmas(model_sampling, sampler: str, scheduler: str, steps: int, de
     return comfy.samplers.KSampler(_Model(), steps, "cpu", sampler=name, scheduler=scheduler, denoise=denoise).sigmas
 
 
+def advanced_sigmas(
+    sigmas: Tensor, start_step: int | None, last_step: int | None, *, force_full_denoise: bool
+) -> Tensor | None:
+    """KSamplerAdvanced's cut of the schedule (``comfy.samplers.KSampler.sample``): up to ``last_step`` (its sigma
+    set to 0 with ``force_full_denoise``, else the run returns with that much noise left), then from ``start_step``;
+    ``None`` when ``start_step`` leaves no step (the latent passes through)."""
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[: last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step >= len(sigmas) - 1:
+            return None
+        sigmas = sigmas[start_step:]
+    return sigmas
+
+
 def sample(
     forward: Callable[[Tensor, float], Tensor],
     *,

@@ -23,6 +23,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e5m2")
 GPU_ONLY_ATTENTION = ("flash4", "flash3", "sage")
 MAX_GPUS = 8
+NO_SECOND_MODEL = "none"
 
 
 TOOLTIPS = {
@@ -67,6 +68,10 @@ TOOLTIPS = {
     "comm_backend": "Who exchanges the K/V: official = MIT-HAN-Lab distrifuser's PatchParallelismCommManager (needs "
     "requirements_official_distrifusion.txt), builtin = the pack's own, auto = official when it imports, else "
     "builtin. Same algorithm and results.",
+    "second_model": "Wan 2.2 A14B only: the low-noise expert, loaded beside the model widget's high-noise expert on the "
+    "same GPUs (both stay loaded: 2 x 14 GB per GPU in fp8), so switching costs no reload. The second output runs it: "
+    "as in ComfyUI's template, the first Sampler (Advanced) runs the high-noise expert for steps 0-10 and returns "
+    "with leftover noise, the second continues with the low-noise expert from step 10. none for every other model.",
     "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
     "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain. Measured in "
     "ComfyUI on one H200 with FlashAttention-4: later prompts 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own "
@@ -98,12 +103,19 @@ class OfficialDistriFusionModelLoader:
                 "kv_dtype": combo_widget(KV_DTYPES, "auto", tip["kv_dtype"]),
                 "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
                 "compile": bool_widget(False, tip["compile"]),
+                "second_model": combo_widget(
+                    [NO_SECOND_MODEL, *_comfy.diffusion_model_files()], NO_SECOND_MODEL, tip["second_model"]
+                ),
             },
         }
 
-    RETURN_TYPES = (MODEL_TYPE,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("Handle of the running worker group; connect it to the DistriFusion Sampler.",)
+    RETURN_TYPES = (MODEL_TYPE, MODEL_TYPE)
+    RETURN_NAMES = ("model", "second model")
+    OUTPUT_TOOLTIPS = (
+        "Handle of the running worker group with the model widget's file; connect it to a DistriFusion Sampler.",
+        "The same worker group running the second model (Wan 2.2 A14B's low-noise expert): connect it to the second "
+        "Sampler (Advanced). No reload between the two.",
+    )
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = (
@@ -112,12 +124,17 @@ class OfficialDistriFusionModelLoader:
     )
 
     @classmethod
-    def IS_CHANGED(cls, model, **kwargs):
-        try:
-            stat = os.stat(_comfy.diffusion_model_path(model))
-        except (OSError, WanDistriFusionError):
-            return ""
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
+    def IS_CHANGED(cls, model, second_model=NO_SECOND_MODEL, **kwargs):
+        stamps = []
+        for name in (model, second_model):
+            if name == NO_SECOND_MODEL:
+                continue
+            try:
+                stat = os.stat(_comfy.diffusion_model_path(name))
+            except (OSError, WanDistriFusionError):
+                return ""
+            stamps.append(f"{stat.st_size}-{stat.st_mtime_ns}")
+        return "/".join(stamps)
 
     def load(self, compile=False, **widgets):
         """``widgets``: the inputs above by name (ComfyUI passes each as a keyword argument)."""
@@ -125,9 +142,15 @@ class OfficialDistriFusionModelLoader:
         settings = build_settings(**widgets, compile_blocks=compile)
         spec = settings.spec
         check_before_start(
-            spec.model_path, spec.parallel, device=spec.device, local_ranks=spec.local_ranks, first_rank=spec.first_rank
+            spec.model_path,
+            spec.parallel,
+            device=spec.device,
+            local_ranks=spec.local_ranks,
+            first_rank=spec.first_rank,
+            second_model_path=spec.second_model_path,
         )
-        return (DistriFusionModel(settings),)  # the Sampler starts the workers, after its checks of the video size
+        # the Sampler starts the workers, after its checks of the video size
+        return (DistriFusionModel(settings, 0), DistriFusionModel(settings, 1))
 
 
 def build_settings(
@@ -148,6 +171,7 @@ def build_settings(
     kv_dtype: str,
     comm_backend: str,
     compile_blocks: bool = False,
+    second_model: str = "none",
     device: str | None = None,
     cuda_devices: int | None = None,
 ) -> RuntimeSettings:
@@ -219,6 +243,11 @@ def build_settings(
             port,
         )
     stat = os.stat(path)
+    second_path = second_stamp = None
+    if second_model != NO_SECOND_MODEL:
+        second_path = _comfy.diffusion_model_path(second_model)
+        second_stat = os.stat(second_path)
+        second_stamp = (second_stat.st_size, second_stat.st_mtime_ns)
     spec = RuntimeSpec(
         path,
         parallel,
@@ -229,5 +258,12 @@ def build_settings(
         first_rank=rank,
         master_addr=addr,
         master_port=port,
+        second_model_path=second_path,
     )
-    return RuntimeSettings(model=model, model_stamp=(stat.st_size, stat.st_mtime_ns), spec=spec)
+    return RuntimeSettings(
+        model=model,
+        model_stamp=(stat.st_size, stat.st_mtime_ns),
+        spec=spec,
+        second_model=None if second_path is None else second_model,
+        second_model_stamp=second_stamp,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -122,24 +123,12 @@ class OfficialDistriFusionSampler:
         latent=None,
         unique_id=None,
     ):
-        from ..distrifusion.workers import JobCancelled
-
-        mm = _comfy.model_management()
-        spec = model.settings.spec
-        config = check_model(spec.model_path, spec.parallel)
-        latent_format = _comfy.wan_latent_format(config.out_dim)
-        start, noise_mask = None, None
-        if latent is not None:
-            start, noise_mask = latent_to_model_space(latent, latent_format, config)
-            _, _, frames, rows, cols = start.shape
-            stride = vae_stride(config.out_dim)
-            width, height, length = cols * stride, rows * stride, (frames - 1) * 4 + 1
-        job = GenerationJob(
-            positive=conditioning_context(positive, "positive"),
-            negative=conditioning_context(negative, "negative"),
-            width=width,
-            height=height,
-            length=length,
+        return sample_video(
+            model,
+            positive,
+            negative,
+            latent,
+            StepRange(),
             steps=steps,
             cfg=cfg,
             shift=shift,
@@ -147,84 +136,256 @@ class OfficialDistriFusionSampler:
             sampler=sampler,
             scheduler=scheduler,
             denoise=denoise,
+            size=(width, height, length),
             sync_frequency=sync_frequency,
-            latent=start,
+            unique_id=unique_id,
         )
-        shape = job.latent_shape(config.out_dim)
-        denoise_mask = None
-        if noise_mask is not None:
-            if sampler in comfy_sampling.WAN_SOLVERS:
-                raise WanDistriFusionError(
-                    f"sampler: {sampler} (Wan's reference solver) does not keep a masked image frame; choose one of "
-                    "KSampler's samplers (e.g. uni_pc or euler) for image-to-video with this latent."
-                )
-            denoise_mask, per_frame = wan_conditioning.frame_denoise(noise_mask, shape)
-            job = job.with_changes(frame_denoise=per_frame)
-        job = job.with_changes(**image_inputs(positive, negative, config, shape, latent_format))
-        check_before_sending(model, job, return_uncond=comfy_sampling.needs_uncond(sampler))
-        latent_image = job.latent if job.latent is not None else torch.zeros(shape)
 
-        model_sampling = comfy_sampling.model_sampling_sd3(shift)
-        sigmas = comfy_sampling.sampler_sigmas(model_sampling, sampler, scheduler, steps, shift, denoise)
-        noise = _comfy.prepare_noise(latent_image, seed)
 
-        runtime = model.runtime()
-        activity = RUNTIMES.activity
-        bar = _comfy.progress_bar(steps, node_id=unique_id)
-        previewer = _comfy.previewer(latent_format)
-        last = {"memory": None, "time": time.perf_counter()}
+ADVANCED_TOOLTIPS = {
+    "add_noise": "enable: start from fresh noise of noise_seed, as KSamplerAdvanced. disable: continue a latent that "
+    "still holds noise (the second expert's Sampler after one that returned with leftover noise).",
+    "start_at_step": "First step of the schedule to run (KSamplerAdvanced's start_at_step): the low-noise expert "
+    "starts where the high-noise one stopped (10 of 20 in ComfyUI's Wan 2.2 A14B templates, 2 of 4 with the "
+    "4-step LoRAs).",
+    "end_at_step": "Step to stop at (10000 = the end), as KSamplerAdvanced.",
+    "return_with_leftover_noise": "enable: stop at end_at_step with the noise that is left (for a second Sampler to "
+    "continue); disable: denoise fully at end_at_step.",
+}
 
-        def on_model_call(event) -> None:
-            last["memory"] = event.memory_per_rank
 
-        def on_step(step: int, denoised, x, total: int) -> None:
-            now = time.perf_counter()
-            activity.update(step + 1, total, now - last["time"], last["memory"])
-            last["time"] = now
-            preview = None
-            if previewer is not None and denoised is not None:
-                preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
-            bar.update_absolute(step + 1, total, preview)  # ComfyUI's interrupt point: raises on Cancel
+class OfficialDistriFusionSamplerAdvanced:
+    """KSamplerAdvanced on the Loader's worker group: part of a schedule, for Wan 2.2 A14B's two experts."""
 
-        activity.begin(steps, shape)
-        try:
-            with runtime.forward_session(
-                job,
-                progress=on_model_call,
-                cancelled=mm.processing_interrupted,
-                return_uncond=comfy_sampling.needs_uncond(sampler),
-            ) as forward:
-                samples = comfy_sampling.sample(
-                    forward,
-                    model_sampling=model_sampling,
-                    sampler=sampler,
-                    sigmas=sigmas,
-                    noise=noise,
-                    latent_image=latent_image,
-                    cfg=cfg,
-                    seed=seed,
-                    callback=on_step,
-                    denoise_mask=denoise_mask,
-                )
-        except JobCancelled as exc:
-            activity.finish("cancelled by the user")
-            mm.interrupt_current_processing(False)
-            raise mm.InterruptProcessingException() from exc
-        except mm.InterruptProcessingException:
-            activity.finish("cancelled by the user")
-            raise
-        except Exception as exc:
-            activity.finish(exc)
-            raise
-        activity.finish()
-        return ({"samples": latent_from_model_space(samples, latent_format)},)
+    @classmethod
+    def INPUT_TYPES(cls):
+        tip, adv = TOOLTIPS, ADVANCED_TOOLTIPS
+        return {
+            "required": {
+                "model": socket(MODEL_TYPE, tip["model"] + " The Loader's second output runs its second model."),
+                "add_noise": combo_widget(["enable", "disable"], "enable", adv["add_noise"]),
+                "noise_seed": int_widget(0, 0, 0xFFFFFFFFFFFFFFFF, tip["seed"], control_after_generate=True),
+                "steps": int_widget(20, 1, 10000, tip["steps"]),
+                "cfg": float_widget(3.5, 0.0, 100.0, 0.1, tip["cfg"], round=0.01),
+                "sampler_name": combo_widget(_comfy.sampler_names(comfy_sampling.WAN_SOLVERS), "euler", tip["sampler"]),
+                "scheduler": combo_widget(_comfy.scheduler_names(), "simple", tip["scheduler"]),
+                "positive": socket("CONDITIONING", tip["positive"]),
+                "negative": socket("CONDITIONING", tip["negative"]),
+                "latent_image": socket("LATENT", tip["latent"]),
+                "start_at_step": int_widget(0, 0, 10000, adv["start_at_step"]),
+                "end_at_step": int_widget(10000, 0, 10000, adv["end_at_step"]),
+                "return_with_leftover_noise": combo_widget(
+                    ["disable", "enable"], "disable", adv["return_with_leftover_noise"]
+                ),
+                "shift": float_widget(8.0, 0.0, 100.0, 0.01, tip["shift"]),
+                "sync_frequency": int_widget(0, 0, 1000, tip["sync_frequency"]),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latent after end_at_step (with its leftover noise when asked): the next Sampler's input.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "KSamplerAdvanced with DistriFusion patch parallelism: runs steps start..end of the schedule on the Loader's "
+        "GPUs. Two of them on a Loader's two outputs are Wan 2.2 A14B's high- and low-noise experts, as in "
+        "ComfyUI's templates."
+    )
+
+    def sample(
+        self,
+        model,
+        add_noise,
+        noise_seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent_image,
+        start_at_step,
+        end_at_step,
+        return_with_leftover_noise,
+        shift,
+        sync_frequency,
+        unique_id=None,
+    ):
+        for widget, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
+            if value not in ("enable", "disable"):
+                raise WanDistriFusionError(f"{widget}: {value!r} is unknown; choose enable or disable.")
+        steps_range = StepRange(
+            start=start_at_step,
+            end=end_at_step,
+            add_noise=add_noise == "enable",
+            leftover_noise=return_with_leftover_noise == "enable",
+        )
+        return sample_video(
+            model,
+            positive,
+            negative,
+            latent_image,
+            steps_range,
+            steps=steps,
+            cfg=cfg,
+            shift=shift,
+            seed=noise_seed,
+            sampler=sampler_name,
+            scheduler=scheduler,
+            denoise=1.0,
+            size=(832, 480, 81),  # the latent's size decides
+            sync_frequency=sync_frequency,
+            unique_id=unique_id,
+        )
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """KSamplerAdvanced's part of the schedule: steps ``start``..``end`` of it, with or without fresh noise, ending at
+    sigma 0 or with the leftover noise (the two-expert split of Wan 2.2 A14B: 0-10 high noise, 10-end low noise)."""
+
+    start: int | None = None
+    end: int | None = None
+    add_noise: bool = True
+    leftover_noise: bool = False
+
+
+def sample_video(
+    model,
+    positive,
+    negative,
+    latent: dict | None,
+    steps_range: StepRange,
+    *,
+    steps: int,
+    cfg: float,
+    shift: float,
+    seed: int,
+    sampler: str,
+    scheduler: str,
+    denoise: float,
+    size: tuple[int, int, int],
+    sync_frequency: int,
+    unique_id=None,
+) -> tuple[dict]:
+    """One Sampler run on ``model``'s worker group: KSampler's (or KSamplerAdvanced's, ``steps_range``) math here,
+    the model calls on the ranks; the LATENT out."""
+    from ..distrifusion.workers import JobCancelled
+
+    mm = _comfy.model_management()
+    spec = model.settings.spec
+    config = check_model(model.model_path, spec.parallel)
+    width, height, length = size
+    latent_format = _comfy.wan_latent_format(config.out_dim)
+    start, noise_mask = None, None
+    if latent is not None:
+        start, noise_mask = latent_to_model_space(latent, latent_format, config)
+        _, _, frames, rows, cols = start.shape
+        stride = vae_stride(config.out_dim)
+        width, height, length = cols * stride, rows * stride, (frames - 1) * 4 + 1
+    job = GenerationJob(
+        positive=conditioning_context(positive, "positive"),
+        negative=conditioning_context(negative, "negative"),
+        width=width,
+        height=height,
+        length=length,
+        steps=steps,
+        cfg=cfg,
+        shift=shift,
+        seed=seed,
+        sampler=sampler,
+        scheduler=scheduler,
+        denoise=denoise,
+        sync_frequency=sync_frequency,
+        latent=start,
+        expert=model.expert,
+    )
+    shape = job.latent_shape(config.out_dim)
+    denoise_mask = None
+    if noise_mask is not None:
+        if sampler in comfy_sampling.WAN_SOLVERS:
+            raise WanDistriFusionError(
+                f"sampler: {sampler} (Wan's reference solver) does not keep a masked image frame; choose one of "
+                "KSampler's samplers (e.g. uni_pc or euler) for image-to-video with this latent."
+            )
+        denoise_mask, per_frame = wan_conditioning.frame_denoise(noise_mask, shape)
+        job = job.with_changes(frame_denoise=per_frame)
+    job = job.with_changes(**image_inputs(positive, negative, config, shape, latent_format))
+    check_before_sending(model, job, return_uncond=comfy_sampling.needs_uncond(sampler))
+    latent_image = job.latent if job.latent is not None else torch.zeros(shape)
+
+    model_sampling = comfy_sampling.model_sampling_sd3(shift)
+    sigmas = comfy_sampling.sampler_sigmas(model_sampling, sampler, scheduler, steps, shift, denoise)
+    sigmas = comfy_sampling.advanced_sigmas(
+        sigmas, steps_range.start, steps_range.end, force_full_denoise=not steps_range.leftover_noise
+    )
+    out = dict(latent) if latent is not None else {}
+    if sigmas is None:  # KSamplerAdvanced with start_at_step past the end: the latent as it came
+        out["samples"] = latent["samples"] if latent is not None else torch.zeros(shape)
+        return (out,)
+    job = job.with_changes(steps=len(sigmas) - 1)
+    noise = _comfy.prepare_noise(latent_image, seed) if steps_range.add_noise else torch.zeros(shape)
+    steps = job.steps
+
+    runtime = model.runtime()
+    activity = RUNTIMES.activity
+    bar = _comfy.progress_bar(steps, node_id=unique_id)
+    previewer = _comfy.previewer(latent_format)
+    last = {"memory": None, "time": time.perf_counter()}
+
+    def on_model_call(event) -> None:
+        last["memory"] = event.memory_per_rank
+
+    def on_step(step: int, denoised, x, total: int) -> None:
+        now = time.perf_counter()
+        activity.update(step + 1, total, now - last["time"], last["memory"])
+        last["time"] = now
+        preview = None
+        if previewer is not None and denoised is not None:
+            preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
+        bar.update_absolute(step + 1, total, preview)  # ComfyUI's interrupt point: raises on Cancel
+
+    activity.begin(steps, shape, model=f"{config.variant}: {model.model_name}")
+    try:
+        with runtime.forward_session(
+            job,
+            progress=on_model_call,
+            cancelled=mm.processing_interrupted,
+            return_uncond=comfy_sampling.needs_uncond(sampler),
+        ) as forward:
+            samples = comfy_sampling.sample(
+                forward,
+                model_sampling=model_sampling,
+                sampler=sampler,
+                sigmas=sigmas,
+                noise=noise,
+                latent_image=latent_image,
+                cfg=cfg,
+                seed=seed,
+                callback=on_step,
+                denoise_mask=denoise_mask,
+            )
+    except JobCancelled as exc:
+        activity.finish("cancelled by the user")
+        mm.interrupt_current_processing(False)
+        raise mm.InterruptProcessingException() from exc
+    except mm.InterruptProcessingException:
+        activity.finish("cancelled by the user")
+        raise
+    except Exception as exc:
+        activity.finish(exc)
+        raise
+    activity.finish()
+    out["samples"] = latent_from_model_space(samples, latent_format)
+    return (out,)
 
 
 def check_before_sending(model, job: GenerationJob, *, return_uncond: bool) -> None:
     """What depends on the video size (partition vs ranks, latent channels, conditioning width, image inputs) and
     CFG parallel's use, checked from the checkpoint's headers before the workers start or get the job."""
     spec = model.settings.spec
-    config = check_model(spec.model_path, spec.parallel)
+    config = check_model(model.model_path, spec.parallel)
     check_job(config, spec.parallel, job)
     check_guidance(spec.parallel, job, return_uncond=return_uncond)
 

@@ -53,4 +53,5 @@ def current_report(model=None) -> dict:
         runtime, settings = None, model.settings
     if settings is None:
         return status_report(runtime, RUNTIMES.activity)
-    return status_report(runtime, RUNTIMES.activity, settings.spec, model=settings.model)
+    names = settings.model + (f" + {settings.second_model} (second model)" if settings.second_model else "")
+    return status_report(runtime, RUNTIMES.activity, settings.spec, model=names)

@@ -16,6 +16,7 @@ from comfy_harness import LOADER, RANDOM_VAE, SAMPLER, loader_inputs
 from test_nodes_api import load_latent, output_files, relative_error
 from tiny_wan import random_model, tiny_config, write_checkpoint
 
+SAMPLER_ADVANCED = "OfficialDistriFusionSamplerAdvanced"
 TOL = 1e-4
 COMFY_SHAPES = dict(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=4096, freq_dim=256, image_dim=1280)
 """Tiny, yet what ComfyUI's Wan detection builds: heads = dim / 128, text 4096, frequencies 256, CLIP 1280."""
@@ -24,8 +25,11 @@ MODELS = {
     "wan2.1_i2v_480p_tiny.safetensors": (dict(model_type="i2v", in_dim=36, out_dim=16), "comfyui"),
     "wan2.2_i2v_high_noise_14B_tiny.safetensors": (dict(in_dim=36, out_dim=16), "original"),
     "wan2.2_ti2v_5B_tiny.safetensors": (dict(in_dim=48, out_dim=48), "comfyui"),
+    "wan2.2_i2v_low_noise_14B_tiny.safetensors": (dict(in_dim=36, out_dim=16), "comfyui"),
+    "wan2.2_t2v_high_noise_14B_tiny.safetensors": (dict(in_dim=16, out_dim=16), "comfyui"),
+    "wan2.2_t2v_low_noise_14B_tiny.safetensors": (dict(in_dim=16, out_dim=16), "original"),
 }
-I2V_MODEL, A14B_I2V_HIGH, TI2V_MODEL = MODELS
+I2V_MODEL, A14B_I2V_HIGH, TI2V_MODEL, A14B_I2V_LOW, A14B_T2V_HIGH, A14B_T2V_LOW = MODELS
 I2V_SIZE = {"width": 32, "height": 32, "length": 5}
 """Latent [1, 16, 2, 4, 4]: a (2, 2, 2) token grid, two token rows for two ranks; small for the random VAE."""
 TI2V_SIZE = {"width": 64, "height": 64, "length": 5}
@@ -176,3 +180,93 @@ def test_wan22_ti2v_5b_template_equals_native(comfy, wan_models, mode):
     error = relative_error(ours, native)
     print(f"Wan 2.2 TI2V 5B, {mode}: relative error {error:.2e}")
     assert error < TOL
+
+
+def two_expert_prompt(high: str, low: str, nodes: dict, links: dict, split: int, steps: int, loader: dict) -> dict:
+    """The Wan 2.2 A14B templates' graph: two KSamplerAdvanced (high-noise expert steps 0..split returning with
+    leftover noise, low-noise expert split..end without new noise), natively and with our Loader's two outputs."""
+    common = {"noise_seed": 13, "steps": steps, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple"}
+    first = {"add_noise": "enable", "start_at_step": 0, "end_at_step": split, "return_with_leftover_noise": "enable"}
+    second = {"add_noise": "disable", "start_at_step": split, "end_at_step": 10000}
+    second["return_with_leftover_noise"] = "disable"
+    conds = {"positive": links["positive"], "negative": links["negative"]}
+    prompt = dict(nodes)
+    for name, file in (("high", high), ("low", low)):
+        prompt[f"unet_{name}"] = {"class_type": "UNETLoader", "inputs": {"unet_name": file, "weight_dtype": "default"}}
+        prompt[f"shift_{name}"] = {
+            "class_type": "ModelSamplingSD3",
+            "inputs": {"model": [f"unet_{name}", 0], "shift": SHIFT},
+        }
+    prompt["native_1"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {"model": ["shift_high", 0], **conds, "latent_image": links["latent"], **common, **first},
+    }
+    prompt["native_2"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {"model": ["shift_low", 0], **conds, "latent_image": ["native_1", 0], **common, **second},
+    }
+    prompt["loader"] = {"class_type": LOADER, "inputs": loader_inputs(model=high, second_model=low, **loader)}
+    ours = {**common, "shift": SHIFT, "sync_frequency": 0}
+    prompt["ours_1"] = {
+        "class_type": SAMPLER_ADVANCED,
+        "inputs": {"model": ["loader", 0], **conds, "latent_image": links["latent"], **ours, **first},
+    }
+    prompt["ours_2"] = {
+        "class_type": SAMPLER_ADVANCED,
+        "inputs": {"model": ["loader", 1], **conds, "latent_image": ["ours_1", 0], **ours, **second},
+    }
+    for name in ("native_1", "native_2", "ours_1", "ours_2"):
+        prompt[f"save_{name}"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [name, 0], "filename_prefix": f"templates/experts_{name}"},
+        }
+    return prompt
+
+
+T2V_NODES = {
+    "pos": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 1, "tokens": 12, "width": 4096}},
+    "neg": {"class_type": "DistriFusionTestConditioning", "inputs": {"seed": 2, "tokens": 5, "width": 4096}},
+    "empty": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {**I2V_SIZE, "batch_size": 1}},
+}
+T2V_LINKS = {"positive": ["pos", 0], "negative": ["neg", 0], "latent": ["empty", 0]}
+
+
+@pytest.mark.parametrize(
+    ("task", "split", "steps", "mode"),
+    [
+        ("t2v", 2, 4, "1 rank"),  # the 4-step LoRA form: 0-2 / 2-4
+        ("t2v", 2, 4, "2 ranks sync"),
+        ("i2v", 3, 5, "2 ranks sync"),
+        ("t2v", 2, 4, "2 ranks ulysses"),
+    ],
+)
+def test_wan22_a14b_two_experts_equal_two_ksampler_advanced(comfy, wan_models, task, split, steps, mode):
+    """video_wan2_2_14B_t2v.json / _i2v.json: both stages' latents (the first with its leftover noise) equal the
+    native KSamplerAdvanced pair's; both experts on one worker group."""
+    if task == "t2v":
+        high, low, nodes, links = A14B_T2V_HIGH, A14B_T2V_LOW, T2V_NODES, T2V_LINKS
+    else:
+        high, low, nodes, links = A14B_I2V_HIGH, A14B_I2V_LOW, i2v_nodes(clip_vision=False), I2V_LINKS
+    loader = {**MODES[mode], "patch_size": 16}
+    entry = comfy.run(two_expert_prompt(high, low, nodes, links, split, steps, loader))
+    latents = {
+        name: load_latent(output_files(comfy, entry, f"save_{name}", "latents")[-1])
+        for name in ("native_1", "native_2", "ours_1", "ours_2")
+    }
+    leftover = relative_error(latents["ours_1"], latents["native_1"])
+    final = relative_error(latents["ours_2"], latents["native_2"])
+    print(f"Wan 2.2 A14B {task} two experts, {mode}: stage 1 {leftover:.2e}, final {final:.2e}")
+    assert relative_error(latents["native_2"], latents["native_1"]) > 0.05  # the second stage did work
+    assert leftover < TOL and final < TOL
+    status = comfy.get("/distrifusion/status").json()
+    assert "low-noise expert" in status["step"]["model"] and low in status["step"]["model"], status["step"]
+
+
+def test_expert_in_the_wrong_slot_is_refused(comfy, wan_models):
+    prompt = two_expert_prompt(A14B_T2V_LOW, A14B_T2V_HIGH, T2V_NODES, T2V_LINKS, 2, 4, {})
+    prompt = {k: v for k, v in prompt.items() if not k.startswith(("native", "save_native", "unet", "shift"))}
+    entry = comfy.wait(comfy.queue(prompt))
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_id"] == "loader", entry["status"]
+    message = errors[0]["exception_message"]
+    assert message.startswith("model: this file is Wan 2.2 T2V A14B (low-noise expert); swap the files"), message
