@@ -103,6 +103,8 @@ class OfficialDistriFusionModelLoader:
                 "kv_dtype": combo_widget(KV_DTYPES, "auto", tip["kv_dtype"]),
                 "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
                 "compile": bool_widget(False, tip["compile"]),
+            },
+            "optional": {
                 "second_model": combo_widget(
                     [NO_SECOND_MODEL, *_comfy.diffusion_model_files()], NO_SECOND_MODEL, tip["second_model"]
                 ),

@@ -36,6 +36,7 @@ DISPLAY = {
     LOADER: "🎯 Official DistriFusion Model Loader",
     SAMPLER: "🎯 Official DistriFusion Sampler",
     STATUS: "🎯 Official DistriFusion Status",
+    "OfficialDistriFusionSamplerAdvanced": "🎯 Official DistriFusion Sampler (Advanced)",
 }
 LOADER_WIDGETS = {
     # name: (default, min, max, step) for numbers, (default, options) for lists
@@ -98,7 +99,8 @@ def test_object_info_has_three_nodes_with_every_widget(comfy):
     ksampler = info["KSampler"]["input"]["required"]
     assert sampler["required"]["sampler"][0][: len(ksampler["sampler_name"][0])] == ksampler["sampler_name"][0]
     assert sampler["required"]["scheduler"][0] == ksampler["scheduler"][0]
-    assert info[LOADER]["output"] == ["DISTRIFUSION_WAN_MODEL"]
+    assert info[LOADER]["output"] == ["DISTRIFUSION_WAN_MODEL", "DISTRIFUSION_WAN_MODEL"]
+    assert info[LOADER]["input"]["optional"]["second_model"][1]["default"] == "none"
     assert info[SAMPLER]["output"] == ["LATENT"]
     assert info[STATUS]["output"] == ["STRING"] and info[STATUS]["output_node"] is True
 
