@@ -28,8 +28,12 @@ MODELS = {
     "wan2.2_i2v_low_noise_14B_tiny.safetensors": (dict(in_dim=36, out_dim=16), "comfyui"),
     "wan2.2_t2v_high_noise_14B_tiny.safetensors": (dict(in_dim=16, out_dim=16), "comfyui"),
     "wan2.2_t2v_low_noise_14B_tiny.safetensors": (dict(in_dim=16, out_dim=16), "original"),
+    "wan2.1_flf2v_720p_tiny.safetensors": (
+        dict(model_type="i2v", in_dim=36, out_dim=16, image_positions=514),
+        "comfyui",
+    ),
 }
-I2V_MODEL, A14B_I2V_HIGH, TI2V_MODEL, A14B_I2V_LOW, A14B_T2V_HIGH, A14B_T2V_LOW = MODELS
+I2V_MODEL, A14B_I2V_HIGH, TI2V_MODEL, A14B_I2V_LOW, A14B_T2V_HIGH, A14B_T2V_LOW, FLF2V_MODEL = MODELS
 I2V_SIZE = {"width": 32, "height": 32, "length": 5}
 """Latent [1, 16, 2, 4, 4]: a (2, 2, 2) token grid, two token rows for two ranks; small for the random VAE."""
 TI2V_SIZE = {"width": 64, "height": 64, "length": 5}
@@ -40,6 +44,7 @@ MODES = {
     "1 rank": {},
     "2 ranks sync": {"gpus": 2, "parallel_mode": "sync"},
     "2 ranks ulysses": {"gpus": 2, "parallel_mode": "ulysses"},
+    "2 ranks displaced warm-up": {"gpus": 2, "parallel_mode": "displaced", "warmup_steps": 10},
 }
 """Loader settings; the patch size is one token row (16 px for Wan 2.1 / A14B, 32 px for the 5B) so two ranks
 split the two token rows."""
@@ -147,6 +152,33 @@ def test_wan21_i2v_template_equals_native(comfy, wan_models, mode):
     assert ours.shape == native.shape == (1, 16, 2, 4, 4)
     error = relative_error(ours, native)
     print(f"Wan 2.1 I2V, {mode}: relative error {error:.2e}")
+    assert error < TOL
+
+
+@pytest.mark.parametrize("mode", ["1 rank", "2 ranks sync", "2 ranks ulysses"])
+def test_wan21_flf2v_template_equals_native(comfy, wan_models, mode):
+    """Wan 2.1 FLF2V (wan2.1_flf2v_720_f16.json): WanFirstLastFrameToVideo with a start and an end image and both
+    CLIP vision outputs (2 x 257 tokens with learned positions)."""
+    nodes = i2v_nodes(clip_vision=False)
+    nodes["end"] = {
+        "class_type": "DistriFusionTestImage",
+        "inputs": {"seed": 8, "width": 32, "height": 32, "frames": 1},
+    }
+    nodes["clipv_end"] = {"class_type": "DistriFusionTestClipVision", "inputs": {"seed": 9, "tokens": 257}}
+    inputs = dict(nodes["cond"]["inputs"])
+    inputs.update(end_image=["end", 0], clip_vision_start_image=["clipv", 0], clip_vision_end_image=["clipv_end", 0])
+    nodes["cond"] = {"class_type": "WanFirstLastFrameToVideo", "inputs": inputs}
+    ours, native = run_native_and_ours(
+        comfy,
+        FLF2V_MODEL,
+        nodes,
+        I2V_LINKS,
+        {**MODES[mode], "patch_size": 16},
+        "euler",
+        f"flf2v_{mode.replace(' ', '_')}",
+    )
+    error = relative_error(ours, native)
+    print(f"Wan 2.1 FLF2V, {mode}: relative error {error:.2e}")
     assert error < TOL
 
 
