@@ -286,11 +286,13 @@ def _partition_sizes(parallel: ParallelConfig, latent_shape: list | None) -> lis
     if not latent_shape:
         return None
     try:
+        from .job import vae_stride
         from .partition import partition_tokens
 
         grid = (int(latent_shape[2]), int(latent_shape[3]) // 2, int(latent_shape[4]) // 2)
         degree = parallel.patch_parallel_degree
-        ranks = partition_tokens(grid, parallel.split_mode, parallel.patch_size, degree)
+        token_px = 2 * vae_stride(int(latent_shape[1]))  # 32 px for the 5B's 48-channel latents
+        ranks = partition_tokens(grid, parallel.split_mode, parallel.patch_size, degree, 0, token_px)
         return [int(r.own_index.numel()) for r in ranks]
     except Exception:  # the partition itself reports its errors when a job runs
         return None

@@ -113,3 +113,13 @@ def test_guided_flow_stacks_each_prompts_own_image_inputs():
     assert torch.equal(seen["y"], pos_y)
     with pytest.raises(WanDistriFusionError, match="positive and negative carry different image inputs"):
         GuidedFlow(model, text, text, cfg=3.0, model_kwargs=positive, negative_kwargs={"y": neg_y})
+
+
+def test_status_partition_of_the_5b_uses_32_px_tokens():
+    from wan_distrifusion.distrifusion.partition import partition_tokens
+    from wan_distrifusion.distrifusion.status import _partition_sizes
+
+    parallel = ParallelConfig(world_size=3, patch_size=96)
+    expected = [int(r.own_index.numel()) for r in partition_tokens((31, 22, 40), "spatial", 96, 3, 0, 32)]
+    assert _partition_sizes(parallel, [1, 48, 31, 44, 80]) == expected and sum(expected) == 31 * 22 * 40
+    assert expected != [int(r.own_index.numel()) for r in partition_tokens((31, 22, 40), "spatial", 96, 3)]
