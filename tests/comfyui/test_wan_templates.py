@@ -10,9 +10,12 @@ agree to fp32 round-off, at 1 rank and at 2 ranks.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from comfy_harness import LOADER, RANDOM_VAE, SAMPLER, loader_inputs
+from comfy_harness import LOADER, RANDOM_VAE, SAMPLER, STATUS, loader_inputs
 from test_nodes_api import load_latent, output_files, relative_error
 from tiny_wan import random_model, tiny_config, write_checkpoint
 
@@ -302,3 +305,81 @@ def test_expert_in_the_wrong_slot_is_refused(comfy, wan_models):
     assert errors and errors[0]["node_id"] == "loader", entry["status"]
     message = errors[0]["exception_message"]
     assert message.startswith("model: this file is Wan 2.2 T2V A14B (low-noise expert); swap the files"), message
+
+
+API_DIR = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
+TINY_BY_NAME = {
+    "t2v_high_noise": A14B_T2V_HIGH,
+    "t2v_low_noise": A14B_T2V_LOW,
+    "i2v_high_noise": A14B_I2V_HIGH,
+    "i2v_low_noise": A14B_I2V_LOW,
+    "ti2v_5B": TI2V_MODEL,
+    "wan2.1_i2v": I2V_MODEL,
+    "flf2v": FLF2V_MODEL,
+}
+
+
+def tiny_stand_in(file_name: str) -> str:
+    return next(tiny for key, tiny in TINY_BY_NAME.items() if key in file_name)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in API_DIR.glob("*.json") if not p.stem.startswith("wan21_t2v")))
+def test_bundled_wan_templates_run_with_tiny_stand_ins(comfy, wan_models, name):
+    """Each bundled Wan 2.2 / image-to-video API twin as shipped, on 2 CPU ranks, with stand-ins only where the real
+    files cannot be had here: umT5 and CLIP vision (test nodes), the Wan weights (tiny, same architecture), the
+    images (random), the VAE (random Wan 2.1; the 5B's latent from the Wan22ImageToVideoLatent stand-in, saved
+    as a latent since there is no tiny Wan 2.2 VAE), and a tiny clip."""
+    prompt = json.loads((API_DIR / f"{name}.json").read_text())
+    kinds = [node["class_type"] for node in prompt.values()]
+    assert "UNETLoader" not in kinds and "KSampler" not in kinds and "KSamplerAdvanced" not in kinds
+    assert kinds.count(LOADER) == kinds.count("OfficialDistriFusionStatus") == 1
+    ti2v = "Wan22ImageToVideoLatent" in kinds
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in ("CLIPLoader", "CLIPVisionLoader") or (ti2v and kind in ("VAEDecode", "CreateVideo")):
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {
+                "class_type": "DistriFusionTestConditioning",
+                "inputs": {"seed": int(node_id), "tokens": 8, "width": 4096},
+            }
+        elif kind == "CLIPVisionEncode":
+            prompt[node_id] = {
+                "class_type": "DistriFusionTestClipVision",
+                "inputs": {"seed": int(node_id), "tokens": 257},
+            }
+        elif kind == "LoadImage":
+            prompt[node_id] = {
+                "class_type": "DistriFusionTestImage",
+                "inputs": {"seed": int(node_id), "width": 32, "height": 32, "frames": 1},
+            }
+        elif kind == "Wan22ImageToVideoLatent":
+            prompt[node_id] = {"class_type": "DistriFusionTestTI2VLatent", "inputs": {"seed": 6, **TI2V_SIZE}}
+        elif kind in ("EmptyHunyuanLatentVideo", "WanImageToVideo", "WanFirstLastFrameToVideo"):
+            inputs.update(I2V_SIZE)
+        elif kind == LOADER:
+            inputs.update(model=tiny_stand_in(inputs["model"]), gpus=2, precision="fp32", quantization="disabled")
+            inputs.update(kv_dtype="auto", patch_size=32 if ti2v else 16)
+            if inputs.get("second_model", "none") != "none":
+                inputs["second_model"] = tiny_stand_in(inputs["second_model"])
+        elif kind == SAMPLER:
+            inputs.update(steps=2)
+        elif kind == SAMPLER_ADVANCED:
+            inputs.update(steps=2, **({"end_at_step": 1} if inputs["start_at_step"] == 0 else {"start_at_step": 1}))
+        elif kind == "VAELoader":
+            inputs["vae_name"] = RANDOM_VAE
+        elif kind == "SaveVideo" and ti2v:
+            prompt[node_id] = {
+                "class_type": "SaveLatent",
+                "inputs": {"samples": prompt["23"]["inputs"]["latent"], "filename_prefix": f"examples/{name}"},
+            }
+        elif kind == "SaveVideo":
+            inputs["filename_prefix"] = f"examples/{name}"
+    entry = comfy.run(prompt, timeout=300)
+    saved = list((comfy.base / "output" / "examples").glob(f"{name}*"))
+    assert saved and all(f.stat().st_size > 0 for f in saved), entry["outputs"]
+    status = next(out for node_id, out in entry["outputs"].items() if prompt[node_id]["class_type"] == STATUS)
+    text = status["text"][0]
+    assert ("Step 1/1" if SAMPLER_ADVANCED in kinds else "Step 2/2") in text, text  # the last stage's steps
+    if SAMPLER_ADVANCED in kinds:
+        assert "low-noise expert" in text, text
