@@ -19,7 +19,7 @@ from ..wanvideo.model import WanConfig
 from . import _comfy, comfy_sampling, wan_conditioning
 from ._widgets import combo_widget, float_widget, int_widget, socket
 from .loader import CATEGORY
-from .runtime import MODEL_TYPE, RUNTIMES
+from .runtime import MODEL_TYPE, RUNTIMES, DistriFusionModel
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ MAX_LENGTH = 1025
 
 
 TOOLTIPS = {
-    "model": "The worker group from the DistriFusion Model Loader.",
+    "model": "The worker group from the DistriFusion Model Loader. Its first output with a second model loaded (Wan 2.2 "
+    "A14B) runs both experts, switching where Wan 2.2 does: at t = 875 (text-to-video) or 900 (image-to-video), as two "
+    "KSamplerAdvanced split at that step.",
     "positive": "What the video should show: CLIP Text Encode with a Load CLIP of type wan (umT5).",
     "negative": "What to avoid; used when cfg is not 1 (one batched model call per step).",
     "steps": "Denoising steps, as KSampler counts them. Each model call runs on every rank; most samplers make one "
@@ -123,6 +125,20 @@ class OfficialDistriFusionSampler:
         latent=None,
         unique_id=None,
     ):
+        settings = dict(
+            steps=steps,
+            cfg=cfg,
+            shift=shift,
+            seed=seed,
+            sampler=sampler,
+            scheduler=scheduler,
+            denoise=denoise,
+            size=(width, height, length),
+            sync_frequency=sync_frequency,
+            unique_id=unique_id,
+        )
+        if model.expert == 0 and model.settings.second_model is not None:
+            return sample_two_experts(model, positive, negative, latent, **settings)
         return sample_video(
             model,
             positive,
@@ -238,6 +254,35 @@ class OfficialDistriFusionSamplerAdvanced:
             sync_frequency=sync_frequency,
             unique_id=unique_id,
         )
+
+
+EXPERT_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
+"""Wan 2.2 A14B's switch from the high- to the low-noise expert, as a fraction of the timesteps (Wan's
+``boundary``): the high-noise expert runs the steps whose sigma is at least this."""
+
+
+def sample_two_experts(model, positive, negative, latent, **settings) -> tuple[dict]:
+    """Wan 2.2 A14B in one node: the Loader's model (high-noise expert) for the steps at or above Wan 2.2's boundary,
+    then its second model (low-noise expert) for the rest, exactly as two KSamplerAdvanced split at that step."""
+    spec = model.settings.spec
+    config = check_model(model.model_path, spec.parallel)
+    boundary = EXPERT_BOUNDARY["i2v" if config.concat_channels else "t2v"]
+    model_sampling = comfy_sampling.model_sampling_sd3(settings["shift"])
+    sigmas = comfy_sampling.sampler_sigmas(
+        model_sampling, settings["sampler"], settings["scheduler"], settings["steps"], settings["shift"],
+        settings["denoise"],
+    )  # fmt: skip
+    switch = sum(1 for sigma in sigmas[:-1].tolist() if sigma >= boundary)
+    low = DistriFusionModel(model.settings, 1)
+    logger.info("two experts: steps 0-%d high-noise, %d-%d low-noise", switch, switch, len(sigmas) - 1)
+    if switch == 0:
+        return sample_video(low, positive, negative, latent, StepRange(), **settings)
+    if switch == len(sigmas) - 1:
+        return sample_video(model, positive, negative, latent, StepRange(), **settings)
+    first = StepRange(start=0, end=switch, add_noise=True, leftover_noise=True)
+    (noisy,) = sample_video(model, positive, negative, latent, first, **settings)
+    second = StepRange(start=switch, end=None, add_noise=False, leftover_noise=False)
+    return sample_video(low, positive, negative, noisy, second, **settings)
 
 
 @dataclass(frozen=True)

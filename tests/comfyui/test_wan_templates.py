@@ -383,3 +383,44 @@ def test_bundled_wan_templates_run_with_tiny_stand_ins(comfy, wan_models, name):
     assert ("Step 1/1" if SAMPLER_ADVANCED in kinds else "Step 2/2") in text, text  # the last stage's steps
     if SAMPLER_ADVANCED in kinds:
         assert "low-noise expert" in text, text
+
+
+@pytest.mark.parametrize("mode", ["1 rank", "2 ranks sync"])
+def test_one_sampler_switches_experts_at_wan22s_boundary(comfy, wan_models, mode):
+    """The plain Sampler on a two-expert Loader switches where Wan 2.2 does (t2v: sigma 0.875); with shift 8 and 4
+    euler steps the sigmas are 1, 0.96, 0.89, 0.73: 3 high-noise steps, then 1 low-noise, the native 0-3 / 3-4 pair."""
+    prompt = two_expert_prompt(
+        A14B_T2V_HIGH, A14B_T2V_LOW, T2V_NODES, T2V_LINKS, 3, 4, {**MODES[mode], "patch_size": 16}
+    )
+    for name in ("ours_1", "ours_2", "save_ours_1", "save_ours_2"):
+        del prompt[name]
+    prompt["ours"] = {
+        "class_type": SAMPLER,
+        "inputs": {
+            "model": ["loader", 0],
+            "positive": T2V_LINKS["positive"],
+            "negative": T2V_LINKS["negative"],
+            "latent": T2V_LINKS["latent"],
+            "steps": 4,
+            "cfg": 3.5,
+            "shift": SHIFT,
+            "seed": 13,
+            "sampler": "euler",
+            "scheduler": "simple",
+            "denoise": 1.0,
+            "sync_frequency": 0,
+            **I2V_SIZE,
+        },
+    }
+    prompt["save_ours"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": ["ours", 0], "filename_prefix": "templates/one"},
+    }
+    entry = comfy.run(prompt)
+    ours = load_latent(output_files(comfy, entry, "save_ours", "latents")[-1])
+    native = load_latent(output_files(comfy, entry, "save_native_2", "latents")[-1])
+    error = relative_error(ours, native)
+    print(f"Wan 2.2 A14B t2v one Sampler, {mode}: relative error {error:.2e}")
+    assert error < TOL
+    status = comfy.get("/distrifusion/status").json()
+    assert "low-noise expert" in status["step"]["model"] and status["step"]["total"] == 1, status["step"]
