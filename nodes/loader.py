@@ -27,7 +27,8 @@ NO_SECOND_MODEL = "none"
 
 
 TOOLTIPS = {
-    "model": "Wan 2.1 T2V checkpoint (1.3B or 14B) from ComfyUI/models/diffusion_models. Original, ComfyUI-repackaged "
+    "model": "Wan checkpoint from ComfyUI/models/diffusion_models: Wan 2.1 T2V 1.3B/14B, I2V, FLF2V; Wan 2.2 TI2V 5B; "
+    "Wan 2.2 A14B T2V/I2V (here the high-noise expert, the low-noise one in second_model). Original, ComfyUI-repackaged "
     "and diffusers key layouts load; the size is read from the weights.",
     "precision": "Compute dtype on every rank. bf16 is the usual choice on recent GPUs; fp32 is exact but twice the "
     "memory and much slower.",
@@ -80,7 +81,7 @@ TOOLTIPS = {
 
 
 class OfficialDistriFusionModelLoader:
-    """Loads a Wan 2.1 checkpoint on a group of worker processes, one per GPU, kept alive between prompts."""
+    """Loads a Wan 2.1 / 2.2 checkpoint (or Wan 2.2 A14B's two experts) on a group of worker processes, one per GPU, kept alive between prompts."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -121,7 +122,7 @@ class OfficialDistriFusionModelLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Loads a Wan 2.1 model on several GPUs with DistriFusion patch parallelism. The workers stay "
+        "Loads a Wan 2.1 / 2.2 model (or Wan 2.2 A14B's two experts) on several GPUs with DistriFusion patch parallelism. The workers stay "
         "loaded between prompts and are released by Unload Models."
     )
 

@@ -90,10 +90,15 @@ class OfficialDistriFusionSampler:
         }
 
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised video latent in ComfyUI's Wan 2.1 format: connect VAE Decode.",)
+    OUTPUT_TOOLTIPS = (
+        "The denoised video latent in ComfyUI's Wan format (Wan 2.2 5B: 48 channels): connect VAE Decode.",
+    )
     FUNCTION = "sample"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Samples a Wan 2.1 video with DistriFusion patch parallelism across the Loader's GPUs."
+    DESCRIPTION = (
+        "Samples a Wan 2.1 / 2.2 video (text-to-video, or image-to-video from WanImageToVideo, WanFirstLastFrameToVideo "
+        "or Wan22ImageToVideoLatent) with DistriFusion patch parallelism across the Loader's GPUs."
+    )
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, length=None):
