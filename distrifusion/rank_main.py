@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -168,7 +169,16 @@ class RankProcess:
             raise WanDistriFusionError(
                 f"rank: rank {self.rank} was already started by another worker; give each `cli.py worker` its own --rank."
             )
-        spec = RuntimeSpec.from_json(self.store.get("group").decode(), model_path=args.model, device=args.device)
+        text = self.store.get("group").decode()
+        changes = {}
+        if json.loads(text).get("second_model_path") is not None:  # the controller runs Wan 2.2 A14B's two experts
+            if not args.second_model:
+                raise WanDistriFusionError(
+                    "second model: the controller runs two experts (Wan 2.2 A14B); start this worker with "
+                    "--second-model <the low-noise expert's path on this host> beside --model."
+                )
+            changes["second_model_path"] = args.second_model
+        spec = RuntimeSpec.from_json(text, model_path=args.model, device=args.device, **changes)
         if spec.world_size != self.world_size:
             raise WanDistriFusionError(
                 f"world size: this worker was started with --world-size {self.world_size} but the controller runs "
@@ -400,6 +410,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--master-addr", required=True)
     parser.add_argument("--master-port", type=int, required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--second-model", default=None, help="Wan 2.2 A14B's low-noise expert, as a path on this host")
     parser.add_argument("--control", default=None, help="HOST:PORT of the controller's connection (local ranks)")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--pdeathsig", action="store_true", help="Linux: get SIGKILL when the parent dies")
