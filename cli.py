@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--master-addr", required=True, help="address of the host that runs rank 0")
     work.add_argument("--master-port", type=int, required=True)
     work.add_argument("--model", required=True, help="the same checkpoint as rank 0, as a path on this host")
+    work.add_argument(
+        "--second-model", help="Wan 2.2 A14B: the same low-noise expert as rank 0's Loader, as a path on this host"
+    )
     work.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available, else cpu")
     work.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the controller")
     work.add_argument("--once", action="store_true", help="exit when the group ends instead of waiting for the next")
@@ -534,6 +537,7 @@ def worker(args: argparse.Namespace) -> int:
         master_addr=args.master_addr,
         master_port=args.master_port,
         start_timeout_s=args.start_timeout,
+        second_model_path=args.second_model,
     )
     code = workers.serve_remote_ranks(spec, once=args.once, on_event=lambda line: print(line, flush=True))
     if code:

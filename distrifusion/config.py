@@ -85,8 +85,9 @@ class ParallelConfig:
         """Ranks that share one batch item's tokens (half the world with CFG parallel)."""
         return self.world_size // 2 if self.cfg_parallel else self.world_size
 
-    def overlap_tokens(self) -> int:
-        return -(-self.patch_overlap // PIXELS_PER_TOKEN)
+    def overlap_tokens(self, pixels_per_token: int = PIXELS_PER_TOKEN) -> int:
+        """The overlap in whole tokens of ``pixels_per_token`` px (16 for Wan 2.1, 32 for Wan 2.2 TI2V 5B)."""
+        return -(-self.patch_overlap // pixels_per_token)
 
     def to_dict(self) -> dict:
         return asdict(self)

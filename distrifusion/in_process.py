@@ -14,7 +14,7 @@ from ..wanvideo.errors import WanDistriFusionError
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
-from .rank import apply_rank_loras, load_rank_model, session_flow
+from .rank import apply_rank_loras, load_rank_models, session_flow
 from .session import ForwardSession, JobCancelled, ProgressEvent, Runtime
 from .settings import RuntimeSpec
 from .validation import check_job
@@ -34,7 +34,7 @@ class LocalSession(ForwardSession):
         runner = self.runner
         runner._prepare(self.job, self._cancelled)
         self.flow = session_flow(
-            runner._model,
+            runner._models[self.job.expert],
             runner.parallel,
             0,
             runner._device,
@@ -84,6 +84,7 @@ class InProcessRunner(Runtime):
         self.spec = spec
         self.parallel = spec.parallel
         self._model = None
+        self._models: tuple = ()
         self._device: torch.device | None = None
         self._free_before_load: int | None = None
         self._progress = {"step": 0, "total": 0, "seconds_per_step": None, "memory": None}
@@ -101,7 +102,8 @@ class InProcessRunner(Runtime):
         index = torch.cuda.current_device() if self.spec.device == "cuda" and torch.cuda.is_available() else 0
         self._device = resolve_device(self.spec.device, index)
         self._free_before_load = device_memory(self._device)[0]
-        self._model = load_rank_model(self.spec, self._device)
+        self._models = load_rank_models(self.spec, self._device)
+        self._model = self._models[0]
         return self
 
     def apply_loras(self, loras) -> None:
@@ -126,6 +128,7 @@ class InProcessRunner(Runtime):
             self.spec.quantization,
             free,
             guidance_batch=guidance,
+            models=len(self._models),
         )
         if cancelled is not None and cancelled():
             raise JobCancelled("cancelled before the first step", 0, job.steps)
@@ -135,7 +138,7 @@ class InProcessRunner(Runtime):
 
     def close(self) -> None:
         """Free the model; idempotent."""
-        device, self._model = self._device, None
+        device, self._model, self._models = self._device, None, ()
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
 

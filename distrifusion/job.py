@@ -8,6 +8,20 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.model import WAN22_LATENT_CHANNELS, WanConfig
+
+VAE_STRIDE = 8
+"""Pixels per latent row/column of the Wan 2.1 VAE (16 channels); the Wan 2.2 VAE (48 channels) has 16."""
+
+
+def vae_stride(latent_channels: int) -> int:
+    """Pixels per latent row/column of the VAE that makes ``latent_channels``-channel latents."""
+    return 2 * VAE_STRIDE if latent_channels == WAN22_LATENT_CHANNELS else VAE_STRIDE
+
+
+def pixels_per_token(config: WanConfig) -> int:
+    """Video pixels per token row/column: the VAE's stride times the 2x2 patchify (16 for Wan 2.1, 32 for the 5B)."""
+    return vae_stride(config.out_dim) * config.patch_size[1]
 
 
 @dataclass(frozen=True)
@@ -31,13 +45,32 @@ class GenerationJob:
     denoise: float = 1.0
     sync_frequency: int = 0
     latent: torch.Tensor | None = None
-    """Starting latent ``[1, 16, F, H, W]`` (model space); ``None`` = empty latent of width/height/length."""
+    """Starting latent ``[1, C, F, H, W]`` (model space); ``None`` = empty latent of width/height/length."""
+    positive_y: torch.Tensor | None = None
+    """Image-to-video channels concatenated to the latent for the positive prompt ``[1, 4 + C, F, H, W]`` (mask and
+    image latents, as ComfyUI's ``WAN21.concat_cond`` builds them); ``None`` for models without them."""
+    negative_y: torch.Tensor | None = None
+    positive_clip_fea: torch.Tensor | None = None
+    """CLIP vision tokens ``[1, N, 1280]`` of the positive prompt (Wan 2.1 I2V / FLF2V ``img_emb``)."""
+    negative_clip_fea: torch.Tensor | None = None
+    expert: int = 0
+    """Which of the group's models runs the job: 0 = the Loader's model (Wan 2.2 A14B: the high-noise expert), 1 = its
+    second model (the low-noise expert), both loaded on every rank."""
+    frame_denoise: torch.Tensor | None = None
+    """TI2V 5B: each latent frame's mean denoise mask ``[1, 1, F, 1, 1]`` (0 = a kept image frame): its timestep is
+    ``t`` times this (``wanvideo.sampling.frame_timesteps``)."""
     extra: dict = field(default_factory=dict)
 
     def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
         if self.latent is not None:
             return tuple(self.latent.shape)
-        return (1, channels, (self.length - 1) // 4 + 1, self.height // 8, self.width // 8)
+        stride = vae_stride(channels)
+        return (1, channels, (self.length - 1) // 4 + 1, self.height // stride, self.width // stride)
+
+    def model_kwargs(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The image inputs of ``prompt`` ("positive" / "negative") as the model takes them (``y``, ``clip_fea``)."""
+        names = {"y": getattr(self, f"{prompt}_y"), "clip_fea": getattr(self, f"{prompt}_clip_fea")}
+        return {name: value for name, value in names.items() if value is not None}
 
     def with_changes(self, **changes) -> GenerationJob:
         return replace(self, **changes)
@@ -64,6 +97,8 @@ class GenerationJob:
             )
         if not 0.0 < self.denoise <= 1.0:
             raise WanDistriFusionError(f"denoise: {self.denoise} must be in (0, 1].")
+        if self.expert not in (0, 1):
+            raise WanDistriFusionError(f"expert: {self.expert} must be 0 (the Loader's model) or 1 (its second model).")
         if self.sync_frequency < 0:
             raise WanDistriFusionError(f"sync frequency: {self.sync_frequency} must be 0 (never) or more.")
         for name, cond in self._conditionings():

@@ -130,20 +130,21 @@ def plan_memory(
     *,
     guidance_batch: int = 2,
     check: bool = True,
+    models: int = 1,
 ) -> MemoryPlan:
     """Estimate one rank's memory for latents of ``job_shape`` ``[B, C, F, H, W]``.
 
-    ``guidance_batch`` is 2 when CFG runs cond and uncond as one batch, else 1. With ``check`` and a
+    ``guidance_batch`` is 2 when CFG runs cond and uncond as one batch, else 1. ``models`` is how many models of
+    ``config``'s shape every rank holds (2: Wan 2.2 A14B's experts, each with its own stale K/V). With ``check`` and a
     known ``device_free_bytes``, a plan that does not fit raises ``WanDistriFusionError`` naming the
     numbers and the settings that would fit.
     """
     if precision not in PRECISION_BYTES:
         raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISION_BYTES)}.")
-    plan = _estimate(config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch)
+    args = (config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch, models)
+    plan = _estimate(*args)
     if check and plan.fits is False:
-        alternatives = _alternatives(
-            config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch
-        )
+        alternatives = _alternatives(*args)
         plan = dataclasses.replace(plan, suggestions=tuple(alternatives))
         if alternatives:
             fix = "what would fit: " + "; ".join(alternatives)
@@ -208,7 +209,7 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _estimate(config, parallel, shape, precision, quantization, free, guidance_batch) -> MemoryPlan:
+def _estimate(config, parallel, shape, precision, quantization, free, guidance_batch, models=1) -> MemoryPlan:
     batch, _, frames, height, width = shape
     pf, ph, pw = config.patch_size
     grid = (frames // pf, height // ph, width // pw)
@@ -229,7 +230,7 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
         tokens_local = min(tokens_total, tokens_local + halo)
 
     quantizable, other = parameter_counts(config)
-    weight_bytes = quantizable * (1 if "fp8" in quantization else act) + other * act
+    weight_bytes = models * (quantizable * (1 if "fp8" in quantization else act) + other * act)
 
     # Live tensors of one block per local token: residual, modulated input, q/k/v and fp32 RoPE
     # temporaries around attention (~10 x dim), or input, hidden and GELU output around the FFN.
@@ -239,7 +240,7 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
     stale_kv = attention = 0
     if degree > 1:  # CFG parallel alone (2 ranks, one per guidance half) exchanges no K/V
         if parallel.mode == "displaced":
-            stale_kv = 2 * layers * tokens_total * dim * kv * batch_per_rank
+            stale_kv = models * 2 * layers * tokens_total * dim * kv * batch_per_rank  # each expert keeps its own
             attention = batch_per_rank * (2 * tokens_total * dim * act + 2 * tokens_local * dim * kv)
         elif parallel.mode == "sync":
             attention = batch_per_rank * 2 * tokens_total * dim * (act + kv)
@@ -262,7 +263,7 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
     )
 
 
-def _alternatives(config, parallel, shape, precision, quantization, free, guidance_batch) -> list[str]:
+def _alternatives(config, parallel, shape, precision, quantization, free, guidance_batch, models=1) -> list[str]:
     """The settings (one change, or fp8 K/V with CFG parallel) under which the job would fit."""
     world = parallel.world_size
     candidates: list[tuple[str, ParallelConfig, str]] = []
@@ -291,7 +292,7 @@ def _alternatives(config, parallel, shape, precision, quantization, free, guidan
         candidates.append(("quantization fp8_e4m3fn", parallel, "fp8_e4m3fn"))
     found = []
     for label, option, quant in candidates:
-        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch)
+        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models)
         if plan.fits:
             found.append(f"{label} ({_gib(plan.total_bytes)} per rank)")
     modes = [parallel.mode] if world > 1 else ["ulysses", "sync", "displaced"]  # one rank has no mode yet
@@ -306,7 +307,7 @@ def _alternatives(config, parallel, shape, precision, quantization, free, guidan
                 and config.num_heads % option.patch_parallel_degree
             ):
                 continue
-            plan = _estimate(config, option, shape, precision, quantization, free, guidance_batch)
+            plan = _estimate(config, option, shape, precision, quantization, free, guidance_batch, models)
             if plan.fits:
                 fitting = (mode, plan)
                 break

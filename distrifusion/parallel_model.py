@@ -18,6 +18,7 @@ from torch import Tensor
 from ..wanvideo.errors import WanDistriFusionError
 from .attention import AttentionRuntime, check_heads
 from .config import DisplacedSchedule, ParallelConfig
+from .job import pixels_per_token
 from .partition import RankTokens, partition_summary, partition_tokens
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,15 @@ class ParallelWan:
     def partition(self, grid: tuple[int, int, int]) -> list[RankTokens]:
         """This group's token partition for a token grid (cached)."""
         if grid not in self._partitions:
-            overlap = self.parallel_config.overlap_tokens() if self.parallel_config.mode == "displaced" else 0
+            token_px = pixels_per_token(self.model.config)
+            overlap = self.parallel_config.overlap_tokens(token_px) if self.parallel_config.mode == "displaced" else 0
             self._partitions[grid] = partition_tokens(
-                grid, self.parallel_config.split_mode, self.parallel_config.patch_size, self.group_size, overlap
+                grid,
+                self.parallel_config.split_mode,
+                self.parallel_config.patch_size,
+                self.group_size,
+                overlap,
+                token_px,
             )
             parts = self._partitions[grid]
             self._indices[grid] = (

@@ -58,6 +58,7 @@ def partition_tokens(
     patch_size_px: int,
     world_size: int,
     overlap_tokens: int = 0,
+    pixels_per_token: int = PIXELS_PER_TOKEN,
 ) -> list[RankTokens]:
     """Split the token grid over ``world_size`` ranks (the GPUs that share one batch item).
 
@@ -71,27 +72,30 @@ def partition_tokens(
         raise WanDistriFusionError(f"GPUs: world size {world_size} must be at least 1.")
     if split_mode not in SPLIT_MODES:
         raise WanDistriFusionError(f"split mode: {split_mode!r} is unknown; choose one of {', '.join(SPLIT_MODES)}.")
-    if patch_size_px < PIXELS_PER_TOKEN or patch_size_px % PIXELS_PER_TOKEN:
+    if patch_size_px < pixels_per_token or patch_size_px % pixels_per_token:
+        examples = ", ".join(str(n * pixels_per_token) for n in (2, 3, 4))
         raise WanDistriFusionError(
-            f"patch size: {patch_size_px} px is not a positive multiple of {PIXELS_PER_TOKEN}; use e.g. 32, 48 or 64."
+            f"patch size: {patch_size_px} px is not a positive multiple of {pixels_per_token} px, this model's token "
+            f"size; use e.g. {examples}."
         )
     if overlap_tokens < 0:
         raise WanDistriFusionError(f"patch overlap: {overlap_tokens} tokens must be 0 or more.")
-    patch_rows = patch_size_px // PIXELS_PER_TOKEN
+    patch_rows = patch_size_px // pixels_per_token
     row_slabs = math.ceil(rows / patch_rows)
+    too_many = (grid, split_mode, patch_size_px, world_size, pixels_per_token)
 
     if split_mode == "spatial":
         if row_slabs < world_size:
-            _too_many_ranks(grid, split_mode, patch_size_px, world_size)
+            _too_many_ranks(*too_many)
         frame_parts, row_parts = 1, world_size
     elif split_mode == "temporal":
         if frames < world_size:
-            _too_many_ranks(grid, split_mode, patch_size_px, world_size)
+            _too_many_ranks(*too_many)
         frame_parts, row_parts = world_size, 1
     else:
         frame_parts, row_parts = _factorise(frames, rows, patch_rows, world_size)
         if frame_parts == 0:
-            _too_many_ranks(grid, split_mode, patch_size_px, world_size)
+            _too_many_ranks(*too_many)
 
     frame_ranges = _split_axis(frames, 1, frame_parts)
     row_ranges = _split_axis(rows, patch_rows, row_parts)
@@ -201,13 +205,15 @@ def _factorise(frames: int, rows: int, patch_rows: int, world_size: int) -> tupl
     return best[4], best[5]
 
 
-def _too_many_ranks(grid: tuple[int, int, int], split_mode: str, patch_size_px: int, world_size: int) -> None:
+def _too_many_ranks(
+    grid: tuple[int, int, int], split_mode: str, patch_size_px: int, world_size: int, pixels_per_token: int
+) -> None:
     frames, rows, _ = grid
-    patch_rows = patch_size_px // PIXELS_PER_TOKEN
+    patch_rows = patch_size_px // pixels_per_token
     row_slabs = math.ceil(rows / patch_rows)
     if split_mode == "spatial":
         problem = (
-            f"patch size {patch_size_px} px cuts the {rows} token rows ({rows * PIXELS_PER_TOKEN} px) into "
+            f"patch size {patch_size_px} px cuts the {rows} token rows ({rows * pixels_per_token} px) into "
             f"{row_slabs} patch rows"
         )
         limit = row_slabs
@@ -221,8 +227,8 @@ def _too_many_ranks(grid: tuple[int, int, int], split_mode: str, patch_size_px: 
         )
         limit = max(n for n in range(1, world_size) if _factorise(frames, rows, patch_rows, n)[0])
     fixes = [f"use at most {limit} GPUs per batch item with this split mode"]
-    if split_mode != "temporal" and patch_size_px > PIXELS_PER_TOKEN:
-        fixes.append(f"a smaller patch size (16 px gives {rows} patch rows)")
+    if split_mode != "temporal" and patch_size_px > pixels_per_token:
+        fixes.append(f"a smaller patch size ({pixels_per_token} px gives {rows} patch rows)")
     if split_mode != "spatiotemporal":
         fixes.append(f"split mode 'spatiotemporal' (up to {frames * row_slabs} GPUs at {patch_size_px} px)")
     if split_mode == "spatial" and frames >= world_size:

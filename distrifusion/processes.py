@@ -103,6 +103,8 @@ class RankProcesses:
         command = [sys.executable, str(WORKER_MAIN), "--rank", str(rank), "--world-size", str(spec.world_size)]
         command += ["--local-index", str(local_index), "--device", spec.device, "--master-addr", spec.master_addr]
         command += ["--master-port", str(store_port), "--model", spec.model_path, "--control", f"{host}:{control_port}"]
+        if spec.second_model_path is not None:
+            command += ["--second-model", spec.second_model_path]
         command += ["--parent-pid", str(os.getpid()), "--start-timeout", str(spec.start_timeout_s)]
         command += ["--threads", str(threads or 0)]
         if threading.current_thread() is threading.main_thread():

@@ -53,11 +53,16 @@ def last_stats(model) -> dict:
     return {}
 
 
-def load_rank_model(spec: RuntimeSpec, device: torch.device) -> torch.nn.Module:
-    """Load ``spec``'s weights on this rank's device, projections fused, with the group's attention kernel and
-    compile setting."""
+def load_rank_models(spec: RuntimeSpec, device: torch.device) -> tuple[torch.nn.Module, ...]:
+    """Every model of ``spec`` (one, or Wan 2.2 A14B's two experts) on this rank's device, in ``job.expert`` order."""
+    return tuple(load_rank_model(spec, device, path) for path in spec.model_paths)
+
+
+def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = None) -> torch.nn.Module:
+    """Load ``spec``'s weights (or ``path``'s) on this rank's device, projections fused, with the group's attention
+    kernel and compile setting."""
     model = load_wan_model(
-        spec.model_path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device
+        path or spec.model_path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device
     )
     model.eval()
     model.fuse_projections()
@@ -92,6 +97,8 @@ def session_flow(
         cfg=job.cfg,
         batch=int(batch),
         device=device,
-        model_kwargs=job.extra.get("model_kwargs"),
+        model_kwargs={**(job.extra.get("model_kwargs") or {}), **job.model_kwargs("positive")},
+        negative_kwargs={**(job.extra.get("model_kwargs") or {}), **job.model_kwargs("negative")},
         return_uncond=bool(return_uncond),
+        denoise_mask=job.frame_denoise,
     )

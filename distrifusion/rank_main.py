@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from ..wanvideo.errors import WanDistriFusionError
 from . import wire
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
-from .rank import apply_rank_loras, last_stats, load_rank_model, session_flow
+from .rank import apply_rank_loras, last_stats, load_rank_models, session_flow
 from .settings import RuntimeSpec
 from .shared_latents import SharedLatents
 from .store import (
@@ -136,7 +137,8 @@ class RankProcess:
                 timeout=timedelta(seconds=float(self.store.get("collective_timeout_s"))),
             )
         began = time.perf_counter()
-        self.model = load_rank_model(self.spec, self.device)
+        self.models = load_rank_models(self.spec, self.device)
+        self.model = self.models[0]
         ready = wire.Ready(
             rank=self.rank,
             pid=os.getpid(),
@@ -171,7 +173,16 @@ class RankProcess:
             raise WanDistriFusionError(
                 f"rank: rank {self.rank} was already started by another worker; give each `cli.py worker` its own --rank."
             )
-        spec = RuntimeSpec.from_json(self.store.get("group").decode(), model_path=args.model, device=args.device)
+        text = self.store.get("group").decode()
+        changes = {}
+        if json.loads(text).get("second_model_path") is not None:  # the controller runs Wan 2.2 A14B's two experts
+            if not args.second_model:
+                raise WanDistriFusionError(
+                    "second model: the controller runs two experts (Wan 2.2 A14B); start this worker with "
+                    "--second-model <the low-noise expert's path on this host> beside --model."
+                )
+            changes["second_model_path"] = args.second_model
+        spec = RuntimeSpec.from_json(text, model_path=args.model, device=args.device, **changes)
         if spec.world_size != self.world_size:
             raise WanDistriFusionError(
                 f"world size: this worker was started with --world-size {self.world_size} but the controller runs "
@@ -257,8 +268,9 @@ class RankProcess:
             all_local = set(command.latents_ranks) == set(range(self.world_size))
             mapped = self.rank == 0 or (all_local and self.rank in command.latents_ranks)
             latents = SharedLatents(command.latents, command.shape) if mapped else None
+            model = self.models[command.job.expert]
             flow = session_flow(
-                self.model,
+                model,
                 self.spec.parallel,
                 self.rank,
                 self.device,
@@ -282,7 +294,7 @@ class RankProcess:
             self.report_error(error, "session", calls + 1, command.job.steps)
             return False
         logger.info("session %d ended after %d calls", command.session, calls)
-        stats = last_stats(self.model) if self.rank == 0 else {}
+        stats = last_stats(self.models[command.job.expert]) if self.rank == 0 else {}
         self.send(wire.SessionEnded(command.session, self.rank, calls, stats))
         return True
 
@@ -421,6 +433,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--master-addr", required=True)
     parser.add_argument("--master-port", type=int, required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--second-model", default=None, help="Wan 2.2 A14B's low-noise expert, as a path on this host")
     parser.add_argument("--control", default=None, help="HOST:PORT of the controller's connection (local ranks)")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--pdeathsig", action="store_true", help="Linux: get SIGKILL when the parent dies")

@@ -44,6 +44,9 @@ class RuntimeSpec:
     """CPU threads per rank (default on CPU: the cores shared out over the local ranks)."""
     loras: tuple[LoraFile, ...] = ()
     """The LoRA chain every rank merges after loading; a change re-merges on the running ranks (no restart)."""
+    second_model_path: str | None = None
+    """Wan 2.2 A14B: the low-noise expert, loaded beside ``model_path`` (the high-noise one) on the same ranks, so a
+    job picks either (``GenerationJob.expert``) without a reload."""
 
     def __post_init__(self) -> None:
         world = self.parallel.world_size
@@ -76,6 +79,16 @@ class RuntimeSpec:
             )
         object.__setattr__(self, "model_path", str(path))
         object.__setattr__(self, "loras", tuple(x if isinstance(x, LoraFile) else LoraFile(**x) for x in self.loras))
+        if self.second_model_path is not None:
+            second = Path(self.second_model_path).expanduser().resolve()
+            if not second.exists():
+                raise WanDistriFusionError(f"second model: {second} does not exist; pick the low-noise expert file.")
+            object.__setattr__(self, "second_model_path", str(second))
+            if self.loras:
+                raise WanDistriFusionError(
+                    "lora: a LoRA chain with a second model (Wan 2.2's two experts) is not supported yet (each expert "
+                    "needs its own chain); disconnect the LoRA or the second model."
+                )
         object.__setattr__(self, "local_ranks", local)
         for name in ("step_timeout_s", "start_timeout_s", "remote_timeout_s"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -83,6 +96,11 @@ class RuntimeSpec:
     @property
     def world_size(self) -> int:
         return self.parallel.world_size
+
+    @property
+    def model_paths(self) -> tuple[str, ...]:
+        """The checkpoints every rank holds, in ``GenerationJob.expert`` order."""
+        return (self.model_path,) if self.second_model_path is None else (self.model_path, self.second_model_path)
 
     @property
     def is_leader(self) -> bool:

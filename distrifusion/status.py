@@ -118,6 +118,8 @@ class RunActivity:
     memory_per_rank: list[int | None] = field(default_factory=list)
     """Bytes in use per rank (index = rank), from the last step."""
     latent_shape: tuple[int, ...] | None = None
+    model: str | None = None
+    """What the current (or last) job runs: the variant and file (Wan 2.2 A14B: which expert)."""
     started_at: float | None = None
     finished_at: float | None = None
     last_error: str | None = None
@@ -128,9 +130,10 @@ class RunActivity:
     jobs_done: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def begin(self, total_steps: int, latent_shape: tuple[int, ...] | None = None) -> None:
+    def begin(self, total_steps: int, latent_shape: tuple[int, ...] | None = None, model: str | None = None) -> None:
         with self._lock:
             self.running, self.step, self.total_steps = True, 0, total_steps
+            self.model = model
             self.seconds_per_step, self.memory_per_rank = None, []
             self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
             self.started_at, self.finished_at = time.time(), None
@@ -168,6 +171,7 @@ class RunActivity:
                 "total": self.total_steps,
                 "seconds_per_step": self.seconds_per_step,
                 "latent_shape": list(self.latent_shape) if self.latent_shape else None,
+                "model": self.model,
                 "started_at": self.started_at,
                 "finished_at": self.finished_at,
                 "jobs_done": self.jobs_done,
@@ -209,6 +213,7 @@ def status_report(
         "seconds_per_step": progress["seconds_per_step"] or runtime_status.get("seconds_per_step"),
         "jobs_done": progress["jobs_done"],
         "latent_shape": progress["latent_shape"],
+        "model": progress["model"],
     }
 
     state = _runtime_state(runtime, starting, progress["running"])
@@ -314,11 +319,13 @@ def _partition_sizes(parallel: ParallelConfig, latent_shape: list | None) -> lis
     if not latent_shape:
         return None
     try:
+        from .job import vae_stride
         from .partition import partition_tokens
 
         grid = (int(latent_shape[2]), int(latent_shape[3]) // 2, int(latent_shape[4]) // 2)
         degree = parallel.patch_parallel_degree
-        ranks = partition_tokens(grid, parallel.split_mode, parallel.patch_size, degree)
+        token_px = 2 * vae_stride(int(latent_shape[1]))  # 32 px for the 5B's 48-channel latents
+        ranks = partition_tokens(grid, parallel.split_mode, parallel.patch_size, degree, 0, token_px)
         return [int(r.own_index.numel()) for r in ranks]
     except Exception:  # the partition itself reports its errors when a job runs
         return None
@@ -371,6 +378,8 @@ def format_report(report: dict) -> str:
         per_step = step.get("seconds_per_step")
         per_step_text = f", {per_step:.3f} s/step" if per_step else ""
         lines.append(f"🔄 Step {step.get('current')}/{step.get('total')} ({state}){per_step_text}")
+        if step.get("model"):
+            lines.append(f"   Model: {step['model']}")
     else:
         lines.append("🔄 No step run yet")
     memory = report.get("memory_per_rank_mib") or []

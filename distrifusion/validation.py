@@ -23,7 +23,7 @@ from ..wanvideo.model import WanConfig
 from ..wanvideo.sampling import SAMPLERS, SCHEDULERS, sigma_schedule
 from .attention import check_heads
 from .config import ParallelConfig
-from .job import GenerationJob
+from .job import GenerationJob, pixels_per_token
 from .partition import partition_tokens
 
 DEVICES = ("cuda", "cpu")
@@ -91,11 +91,43 @@ def check_before_start(
     local_ranks: int | None = None,
     first_rank: int = 0,
     cuda_devices: int | None = None,
+    second_model_path: str | os.PathLike | None = None,
 ) -> WanConfig:
     """Everything a worker group needs that is known before it starts; returns the checkpoint's ``WanConfig``."""
     local_ranks = check_topology(parallel, local_ranks, first_rank)
     check_devices(device, local_ranks, cuda_devices=cuda_devices)
-    return check_model(model_path, parallel)
+    config = check_model(model_path, parallel)
+    if second_model_path is not None:
+        check_experts(config, check_model(second_model_path, parallel))
+    return config
+
+
+EXPERT_SHAPE = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "model_type")
+
+
+def check_experts(first: WanConfig, second: WanConfig) -> None:
+    """``first`` / ``second`` are Wan 2.2 A14B's high- / low-noise experts of one release, in their slots (as far as
+    the files say: ``WanConfig.version`` and ``expert``)."""
+    if first.expert == "low_noise" or second.expert == "high_noise":
+        slot, other = ("model", "second model") if first.expert == "low_noise" else ("second model", "model")
+        wrong = first if slot == "model" else second
+        raise WanDistriFusionError(
+            f"{slot}: this file is {wrong.variant}; swap the files: the high-noise expert goes in model (it runs the "
+            f"first, noisiest steps), the low-noise expert in {other if slot == 'model' else 'second model'}."
+        )
+    for slot, config in (("model", first), ("second model", second)):
+        if config.version != "2.2" or config.per_frame_timesteps:
+            raise WanDistriFusionError(
+                f"{slot}: {config.variant} is not a Wan 2.2 A14B expert; a second model is only for Wan 2.2 A14B's "
+                "high- and low-noise pair (e.g. wan2.2_t2v_high_noise_14B_fp8_scaled / ..._low_noise_...); set "
+                "second model to none otherwise."
+            )
+    differ = [name for name in EXPERT_SHAPE if getattr(first, name) != getattr(second, name)]
+    if differ:
+        raise WanDistriFusionError(
+            f"second model: {second.variant} does not match {first.variant} ({', '.join(differ)} differ); pick the "
+            "two experts of one release (T2V with T2V, I2V with I2V)."
+        )
 
 
 def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -> None:
@@ -109,6 +141,15 @@ def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -
                 "Wan 2.1 video latent (Empty Hunyuan/Wan latent or a Wan VAE encode)."
             )
     shape = job.latent_shape(config.out_dim)
+    token_px = pixels_per_token(config)
+    if job.latent is None:
+        for widget, value, example in (("width", job.width, 1280), ("height", job.height, 704)):
+            if value % token_px:
+                raise WanDistriFusionError(
+                    f"{widget}: {value} px is not a multiple of {token_px} px, the token size of {config.variant}; "
+                    f"use e.g. {example} or {value - value % token_px}."
+                )
+    check_image_inputs(config, job, shape)
     grid = tuple(size // patch for size, patch in zip(shape[2:], config.patch_size))
     if min(grid) < 1:
         raise WanDistriFusionError(
@@ -116,8 +157,43 @@ def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -
         )
     if parallel.world_size > 1:
         parallel = parallel.for_job(job.steps, job.sync_frequency)
-        overlap = parallel.overlap_tokens() if parallel.mode == "displaced" else 0
-        partition_tokens(grid, parallel.split_mode, parallel.patch_size, parallel.patch_parallel_degree, overlap)
+        overlap = parallel.overlap_tokens(token_px) if parallel.mode == "displaced" else 0
+        partition_tokens(
+            grid, parallel.split_mode, parallel.patch_size, parallel.patch_parallel_degree, overlap, token_px
+        )
+
+
+def check_image_inputs(config: WanConfig, job: GenerationJob, shape: tuple[int, ...]) -> None:
+    """The image-to-video channels (``y``) and CLIP tokens the job carries fit the model and the latent."""
+    for prompt in ("positive", "negative"):
+        y, clip_fea = getattr(job, f"{prompt}_y"), getattr(job, f"{prompt}_clip_fea")
+        if prompt == "negative" and job.negative is None:
+            continue
+        expected = (1, config.concat_channels, *shape[2:])
+        if config.concat_channels and (y is None or tuple(y.shape) != expected):
+            got = "none" if y is None else list(y.shape)
+            raise WanDistriFusionError(
+                f"{prompt}: {config.variant} needs image channels {list(expected)} (mask + image latents), got "
+                f"{got}; connect the prompts through WanImageToVideo (or WanFirstLastFrameToVideo)."
+            )
+        if not config.concat_channels and y is not None:
+            raise WanDistriFusionError(
+                f"{prompt}: image channels given, but {config.variant} takes none; use an image-to-video model."
+            )
+        if clip_fea is not None and (
+            not config.clip_image or clip_fea.dim() != 3 or clip_fea.shape[-1] != config.image_dim
+        ):
+            raise WanDistriFusionError(
+                f"{prompt}: CLIP vision features {list(clip_fea.shape)} do not fit {config.variant} (it takes "
+                f"{'[1, tokens, ' + str(config.image_dim) + ']' if config.clip_image else 'none'}); connect CLIP Vision "
+                "Encode (clip_vision_h) only for Wan 2.1 I2V / FLF2V."
+            )
+    if job.frame_denoise is not None:
+        if not config.per_frame_timesteps or tuple(job.frame_denoise.shape) != (1, 1, shape[2], 1, 1):
+            raise WanDistriFusionError(
+                f"latent: a noise mask per frame {list(job.frame_denoise.shape)} does not fit {config.variant} and "
+                f"the latent {list(shape)}; only Wan 2.2 TI2V 5B keeps an image frame (Wan22ImageToVideoLatent)."
+            )
 
 
 def check_guidance(parallel: ParallelConfig, job: GenerationJob, *, return_uncond: bool = False) -> None:

@@ -116,6 +116,7 @@ class WorkerGroup(Runtime):
                 device=spec.device,
                 local_ranks=spec.local_ranks,
                 first_rank=spec.first_rank,
+                second_model_path=spec.second_model_path,
             )
             _register_atexit(self)
             try:
@@ -406,6 +407,7 @@ class WorkerGroup(Runtime):
             self.spec.quantization,
             free,
             guidance_batch=guidance,
+            models=len(self.spec.model_paths),
         )
         logger.info("memory plan: %s", self._last_plan.summary())
 

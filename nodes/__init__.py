@@ -6,13 +6,14 @@ imports without ComfyUI.
 
 from .loader import OfficialDistriFusionModelLoader
 from .lora import OfficialDistriFusionLora
-from .sampler import OfficialDistriFusionSampler
+from .sampler import OfficialDistriFusionSampler, OfficialDistriFusionSamplerAdvanced
 from .status import OfficialDistriFusionStatus
 from .vae_decode import OfficialDistriFusionVAEDecode
 
 NODE_CLASS_MAPPINGS = {
     "OfficialDistriFusionModelLoader": OfficialDistriFusionModelLoader,
     "OfficialDistriFusionSampler": OfficialDistriFusionSampler,
+    "OfficialDistriFusionSamplerAdvanced": OfficialDistriFusionSamplerAdvanced,
     "OfficialDistriFusionStatus": OfficialDistriFusionStatus,
     "OfficialDistriFusionVAEDecode": OfficialDistriFusionVAEDecode,
     "OfficialDistriFusionLora": OfficialDistriFusionLora,
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "OfficialDistriFusionModelLoader": "🎯 Official DistriFusion Model Loader",
     "OfficialDistriFusionSampler": "🎯 Official DistriFusion Sampler",
+    "OfficialDistriFusionSamplerAdvanced": "🎯 Official DistriFusion Sampler (Advanced)",
     "OfficialDistriFusionStatus": "🎯 Official DistriFusion Status",
     "OfficialDistriFusionVAEDecode": "🎯 Official DistriFusion VAE Decode",
     "OfficialDistriFusionLora": "🎯 Official DistriFusion LoRA",

@@ -58,10 +58,11 @@ def progress_bar(total: int, node_id: str | None = None):
     return comfy.utils.ProgressBar(total, node_id=node_id)
 
 
-def wan21_latent_format():
+def wan_latent_format(channels: int = 16):
+    """ComfyUI's latent format of a Wan model's latents: ``Wan21`` (16 channels) or ``Wan22`` (48, TI2V 5B)."""
     import comfy.latent_formats
 
-    return comfy.latent_formats.Wan21()
+    return comfy.latent_formats.Wan22() if channels == 48 else comfy.latent_formats.Wan21()
 
 
 def sampler_names(extra: tuple[str, ...] = ()) -> list[str]:

@@ -63,6 +63,11 @@ class WorkerModel:
         self.inner_model = self
         self.model_patcher = self
 
+    def scale_latent_inpaint(self, x, sigma, noise, latent_image, **kwargs) -> Tensor:
+        """A masked (kept) region's latent at each step: the clean latent itself, as ComfyUI's ``WAN22`` keeps
+        TI2V 5B's image frame (the only model the Sampler takes a noise mask for)."""
+        return latent_image
+
     def get_model_object(self, name: str):
         if name == "model_sampling":
             return self.model_sampling
@@ -133,6 +138,23 @@ def ksampler_sigmas(model_sampling, sampler: str, scheduler: str, steps: int, de
     return comfy.samplers.KSampler(_Model(), steps, "cpu", sampler=name, scheduler=scheduler, denoise=denoise).sigmas
 
 
+def advanced_sigmas(
+    sigmas: Tensor, start_step: int | None, last_step: int | None, *, force_full_denoise: bool
+) -> Tensor | None:
+    """KSamplerAdvanced's cut of the schedule (``comfy.samplers.KSampler.sample``): up to ``last_step`` (its sigma
+    set to 0 with ``force_full_denoise``, else the run returns with that much noise left), then from ``start_step``;
+    ``None`` when ``start_step`` leaves no step (the latent passes through)."""
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[: last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step >= len(sigmas) - 1:
+            return None
+        sigmas = sigmas[start_step:]
+    return sigmas
+
+
 def sample(
     forward: Callable[[Tensor, float], Tensor],
     *,
@@ -144,6 +166,7 @@ def sample(
     cfg: float,
     seed: int,
     callback: SamplerCallback | None = None,
+    denoise_mask: Tensor | None = None,
 ) -> Tensor:
     """Denoise from ``noise`` (``latent_image`` in model space, zeros when empty) over ``sigmas`` with ComfyUI's
     ``sampler`` (or one of ``WAN_SOLVERS``), every model call going to ``forward``; the latent in model space."""
@@ -180,7 +203,7 @@ def sample(
         callback,
         noise,
         latent_image,
-        None,
+        denoise_mask,
         not comfy.utils.PROGRESS_BAR_ENABLED,
     )
 

@@ -24,10 +24,12 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e5m2")
 GPU_ONLY_ATTENTION = ("flash4", "flash3", "sage")
 MAX_GPUS = 8
+NO_SECOND_MODEL = "none"
 
 
 TOOLTIPS = {
-    "model": "Wan 2.1 T2V checkpoint (1.3B or 14B) from ComfyUI/models/diffusion_models. Original, ComfyUI-repackaged "
+    "model": "Wan checkpoint from ComfyUI/models/diffusion_models: Wan 2.1 T2V 1.3B/14B, I2V, FLF2V; Wan 2.2 TI2V 5B; "
+    "Wan 2.2 A14B T2V/I2V (here the high-noise expert, the low-noise one in second_model). Original, ComfyUI-repackaged "
     "and diffusers key layouts load; the size is read from the weights.",
     "precision": "Compute dtype on every rank. bf16 is the usual choice on recent GPUs; fp32 is exact but twice the "
     "memory and much slower.",
@@ -70,6 +72,10 @@ TOOLTIPS = {
     "comm_backend": "Who exchanges the K/V: official = MIT-HAN-Lab distrifuser's PatchParallelismCommManager (needs "
     "requirements_official_distrifusion.txt), builtin = the pack's own, auto = official when it imports, else "
     "builtin. Same algorithm and results.",
+    "second_model": "Wan 2.2 A14B only: the low-noise expert, loaded beside the model widget's high-noise expert on the "
+    "same GPUs (both stay loaded: 2 x 14 GB per GPU in fp8), so switching costs no reload. The second output runs it: "
+    "as in ComfyUI's template, the first Sampler (Advanced) runs the high-noise expert for steps 0-10 and returns "
+    "with leftover noise, the second continues with the low-noise expert from step 10. none for every other model.",
     "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
     "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain. Measured in "
     "ComfyUI on one H200 with FlashAttention-4: later prompts 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own "
@@ -83,7 +89,7 @@ LORA_TOOLTIP = (
 
 
 class OfficialDistriFusionModelLoader:
-    """Loads a Wan 2.1 checkpoint on a group of worker processes, one per GPU, kept alive between prompts."""
+    """Loads a Wan 2.1 / 2.2 checkpoint (or Wan 2.2 A14B's two experts) on a group of worker processes, one per GPU, kept alive between prompts."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -107,26 +113,40 @@ class OfficialDistriFusionModelLoader:
                 "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
                 "compile": bool_widget(False, tip["compile"]),
             },
-            "optional": {"lora": socket(LORA_CHAIN_TYPE, LORA_TOOLTIP)},
+            "optional": {
+                "lora": socket(LORA_CHAIN_TYPE, LORA_TOOLTIP),
+                "second_model": combo_widget(
+                    [NO_SECOND_MODEL, *_comfy.diffusion_model_files()], NO_SECOND_MODEL, tip["second_model"]
+                ),
+            },
         }
 
-    RETURN_TYPES = (MODEL_TYPE,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("Handle of the running worker group; connect it to the DistriFusion Sampler.",)
+    RETURN_TYPES = (MODEL_TYPE, MODEL_TYPE)
+    RETURN_NAMES = ("model", "second model")
+    OUTPUT_TOOLTIPS = (
+        "Handle of the running worker group with the model widget's file; connect it to a DistriFusion Sampler.",
+        "The same worker group running the second model (Wan 2.2 A14B's low-noise expert): connect it to the second "
+        "Sampler (Advanced). No reload between the two.",
+    )
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Loads a Wan 2.1 model on several GPUs with DistriFusion patch parallelism. The workers stay "
+        "Loads a Wan 2.1 / 2.2 model (or Wan 2.2 A14B's two experts) on several GPUs with DistriFusion patch parallelism. The workers stay "
         "loaded between prompts and are released by Unload Models."
     )
 
     @classmethod
-    def IS_CHANGED(cls, model, **kwargs):
-        try:
-            stat = os.stat(_comfy.diffusion_model_path(model))
-        except (OSError, WanDistriFusionError):
-            return ""
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
+    def IS_CHANGED(cls, model, second_model=NO_SECOND_MODEL, **kwargs):
+        stamps = []
+        for name in (model, second_model):
+            if name == NO_SECOND_MODEL:
+                continue
+            try:
+                stat = os.stat(_comfy.diffusion_model_path(name))
+            except (OSError, WanDistriFusionError):
+                return ""
+            stamps.append(f"{stat.st_size}-{stat.st_mtime_ns}")
+        return "/".join(stamps)
 
     def load(self, compile=False, lora=None, **widgets):
         """``widgets``: the inputs above by name (ComfyUI passes each as a keyword argument)."""
@@ -134,9 +154,15 @@ class OfficialDistriFusionModelLoader:
         settings = with_loras(build_settings(**widgets, compile_blocks=compile), lora)
         spec = settings.spec
         check_before_start(
-            spec.model_path, spec.parallel, device=spec.device, local_ranks=spec.local_ranks, first_rank=spec.first_rank
+            spec.model_path,
+            spec.parallel,
+            device=spec.device,
+            local_ranks=spec.local_ranks,
+            first_rank=spec.first_rank,
+            second_model_path=spec.second_model_path,
         )
-        return (DistriFusionModel(settings),)  # the Sampler starts the workers, after its checks of the video size
+        # the Sampler starts the workers, after its checks of the video size
+        return (DistriFusionModel(settings, 0), DistriFusionModel(settings, 1))
 
 
 def build_settings(
@@ -157,6 +183,7 @@ def build_settings(
     kv_dtype: str,
     comm_backend: str,
     compile_blocks: bool = False,
+    second_model: str = "none",
     device: str | None = None,
     cuda_devices: int | None = None,
 ) -> RuntimeSettings:
@@ -228,6 +255,11 @@ def build_settings(
             port,
         )
     stat = os.stat(path)
+    second_path = second_stamp = None
+    if second_model != NO_SECOND_MODEL:
+        second_path = _comfy.diffusion_model_path(second_model)
+        second_stat = os.stat(second_path)
+        second_stamp = (second_stat.st_size, second_stat.st_mtime_ns)
     spec = RuntimeSpec(
         path,
         parallel,
@@ -238,5 +270,12 @@ def build_settings(
         first_rank=rank,
         master_addr=addr,
         master_port=port,
+        second_model_path=second_path,
     )
-    return RuntimeSettings(model=model, model_stamp=(stat.st_size, stat.st_mtime_ns), spec=spec)
+    return RuntimeSettings(
+        model=model,
+        model_stamp=(stat.st_size, stat.st_mtime_ns),
+        spec=spec,
+        second_model=None if second_path is None else second_model,
+        second_model_stamp=second_stamp,
+    )

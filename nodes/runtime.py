@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from ..distrifusion.settings import RuntimeSpec
 from ..distrifusion.status import RunActivity
+from ..wanvideo.errors import WanDistriFusionError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class RuntimeSettings:
     model_stamp: tuple[int, int]
     """(size, mtime_ns) of the file, so a replaced checkpoint restarts the workers."""
     spec: RuntimeSpec
+    second_model: str | None = None
+    """The Loader's second model widget (Wan 2.2 A14B's low-noise expert), ``None`` for none."""
+    second_model_stamp: tuple[int, int] | None = None
 
     def same_group(self, other: RuntimeSettings) -> bool:
         """Whether ``other`` runs on the same worker group: equal apart from the LoRA chain, which the running
@@ -44,9 +48,29 @@ class DistriFusionModel:
     was released (Unload Models) or died is transparently restarted by the next Sampler run."""
 
     settings: RuntimeSettings
+    expert: int = 0
+    """Which of the group's models this link runs (``GenerationJob.expert``): 0 = the Loader's model, 1 = its
+    second model. Both links of one Loader share one worker group."""
 
     def runtime(self):
         return RUNTIMES.acquire(self.settings)
+
+    @property
+    def model_name(self) -> str:
+        """The file this link runs; raises when it is the second output of a Loader without a second model."""
+        if self.expert == 0:
+            return self.settings.model
+        if self.settings.second_model is None:
+            raise WanDistriFusionError(
+                "model: this is the Loader's second model output, but its second model is none; pick the low-noise "
+                "expert file there (Wan 2.2 A14B) or connect the first output."
+            )
+        return self.settings.second_model
+
+    @property
+    def model_path(self) -> str:
+        self.model_name  # noqa: B018 - raises for a missing second model
+        return self.settings.spec.model_paths[self.expert]
 
 
 class RuntimeRegistry:

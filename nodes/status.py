@@ -56,4 +56,5 @@ def current_report(model=None) -> dict:
         runtime, starting, settings = None, None, model.settings
     if settings is None:
         return status_report(runtime, RUNTIMES.activity)
-    return status_report(runtime, RUNTIMES.activity, settings.spec, model=settings.model, starting=starting)
+    names = settings.model + (f" + {settings.second_model} (second model)" if settings.second_model else "")
+    return status_report(runtime, RUNTIMES.activity, settings.spec, model=names, starting=starting)

@@ -34,7 +34,8 @@ SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta", "karras", "exponential"
 NUM_TRAIN_TIMESTEPS = 1000
 """Wan was trained with t = sigma * 1000."""
 BATCHED_MODEL_KWARGS = ("clip_fea", "y")
-"""``model_kwargs`` with a batch dimension: repeated for the [cond; uncond] batch (I2V CLIP features, image latents)."""
+"""``model_kwargs`` with a batch dimension: one per conditioning, stacked [cond; uncond] (I2V CLIP features, image
+latents)."""
 MAX_SCHEDULE_STEPS = 100_000
 """Cap on ``steps / denoise``: a tinier denoise would build a schedule of millions of sigmas."""
 _FULL_DENOISE = 0.9999
@@ -405,6 +406,7 @@ class GuidedFlow:
         model_kwargs: Mapping[str, Any] | None = None,
         return_uncond: bool = False,
         denoise_mask: Tensor | None = None,
+        negative_kwargs: Mapping[str, Any] | None = None,
     ):
         self.model = model
         self.cfg = _check_cfg(cfg)
@@ -419,7 +421,8 @@ class GuidedFlow:
         conds = [positive, negative] if self.use_cfg else [positive]
         names = ["positive", "negative"] if self.use_cfg else ["positive"]
         self.context = _stack_contexts(conds, names, batch, text_len, self.device)
-        self.extra = _model_inputs(model_kwargs, repeat=len(conds), device=self.device)
+        kwargs = [model_kwargs, model_kwargs if negative_kwargs is None else negative_kwargs]
+        self.extra = _model_inputs(kwargs[: len(conds)], device=self.device)
         self.model_batch = self.context.shape[0]
         self.denoise_mask = None
         if denoise_mask is not None:
@@ -473,15 +476,22 @@ def _stack_contexts(conds: list[Tensor], names: list[str], batch: int, text_len:
     return torch.cat([torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[1])) for c in contexts])
 
 
-def _model_inputs(model_kwargs: Mapping[str, Any] | None, repeat: int, device: torch.device) -> dict[str, Any]:
-    """Extra model inputs on ``device``; batched ones repeated for the [cond; uncond] batch."""
-    inputs = {}
-    for key, value in (model_kwargs or {}).items():
-        if isinstance(value, Tensor):
-            value = value.to(device)
-            if key in BATCHED_MODEL_KWARGS and repeat > 1:
-                value = torch.cat([value] * repeat)
-        inputs[key] = value
+def _model_inputs(per_cond: list[Mapping[str, Any] | None], device: torch.device) -> dict[str, Any]:
+    """Extra model inputs on ``device``: the batched ones (``BATCHED_MODEL_KWARGS``) of each conditioning stacked in
+    [cond; uncond] order (ComfyUI lets the positive and the negative prompt carry different images), the rest taken
+    from the positive's."""
+    per_cond = [dict(kwargs or {}) for kwargs in per_cond]
+    batched = [{key: value for key, value in kwargs.items() if key in BATCHED_MODEL_KWARGS} for kwargs in per_cond]
+    if any(set(other) != set(batched[0]) for other in batched[1:]):
+        raise WanDistriFusionError(
+            f"positive and negative carry different image inputs ({sorted(batched[0])} vs {sorted(batched[1])}); "
+            "give both the same image nodes (e.g. connect both through WanImageToVideo / CLIP Vision Encode)."
+        )
+    inputs = {key: value.to(device) if isinstance(value, Tensor) else value for key, value in per_cond[0].items()}
+    for key in batched[0]:
+        values = [kwargs[key] for kwargs in batched]
+        if all(isinstance(value, Tensor) for value in values):
+            inputs[key] = torch.cat([value.to(device) for value in values])
     return inputs
 
 

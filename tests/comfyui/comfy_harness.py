@@ -329,6 +329,7 @@ def loader_inputs(**overrides) -> dict:
         "kv_dtype": "auto",
         "comm_backend": "auto",
         "compile": False,
+        "second_model": "none",
     }
     inputs.update(overrides)
     return inputs

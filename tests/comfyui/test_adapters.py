@@ -36,7 +36,7 @@ def test_pack_imports_without_comfyui_and_without_side_effects():
         spec.loader.exec_module(pack)
         assert sorted(pack.NODE_CLASS_MAPPINGS) == [
             "OfficialDistriFusionLora", "OfficialDistriFusionModelLoader", "OfficialDistriFusionSampler",
-            "OfficialDistriFusionStatus", "OfficialDistriFusionVAEDecode"]
+            "OfficialDistriFusionSamplerAdvanced", "OfficialDistriFusionStatus", "OfficialDistriFusionVAEDecode"]
         assert pack.WEB_DIRECTORY == "./web"
         leaked = [m for m in sys.modules if m.split(".")[0] in ("comfy", "folder_paths", "server", "nodes", "execution")]
         assert not leaked, leaked
@@ -55,27 +55,45 @@ def test_latent_conversion_is_comfyuis_wan21_format():
     code = PACK_IN_COMFYUI + textwrap.dedent("""
         import comfy.latent_formats
         sampler = import_module(PACK + ".nodes.sampler")
+        WanConfig = import_module(PACK + ".wanvideo.model").WanConfig
         wan21 = comfy.latent_formats.Wan21()
+        t2v = WanConfig()
+
+        def to_model(latent, latent_format=wan21, config=t2v):
+            samples, mask = sampler.latent_to_model_space(latent, latent_format, config)
+            assert mask is latent.get("noise_mask")
+            return samples
 
         comfy_latent = torch.randn(1, 16, 3, 8, 10) * 2 + 0.5
-        model_space = sampler.latent_to_model_space({"samples": comfy_latent}, wan21)
+        model_space = to_model({"samples": comfy_latent})
         assert torch.equal(model_space, wan21.process_in(comfy_latent))
         back = sampler.latent_from_model_space(model_space, wan21)
         assert torch.allclose(back, comfy_latent, atol=1e-5), (back - comfy_latent).abs().max()
 
         empty = torch.zeros(1, 16, 21, 60, 104)  # EmptyHunyuanLatentVideo 832x480x81: left as zeros
-        assert torch.count_nonzero(sampler.latent_to_model_space({"samples": empty}, wan21)) == 0
-        widened = sampler.latent_to_model_space({"samples": torch.zeros(1, 4, 60, 104)}, wan21)  # image latent
+        assert torch.count_nonzero(to_model({"samples": empty})) == 0
+        widened = to_model({"samples": torch.zeros(1, 4, 60, 104)})  # image latent
         assert widened.shape == (1, 16, 1, 60, 104) and torch.count_nonzero(widened) == 0
         for bad, needle in (({"samples": torch.ones(1, 4, 2, 8, 8)}, "4 channels"),
                             ({"samples": torch.zeros(2, 16, 2, 8, 8)}, "batch size 2"),
                             ({"samples": torch.zeros(1, 16, 2, 8, 8), "noise_mask": torch.ones(1)}, "noise mask")):
             try:
-                sampler.latent_to_model_space(bad, wan21)
+                to_model(bad)
             except ValueError as error:
                 assert needle in str(error) and str(error).startswith("latent:"), error
             else:
                 raise AssertionError(needle)
+        # Wan 2.2 TI2V 5B: 48 channels through the Wan22 format, its noise mask passed on
+        ti2v = WanConfig(in_dim=48, out_dim=48, dim=256, num_heads=2)
+        wan22 = comfy.latent_formats.Wan22()
+        latent = {"samples": torch.randn(1, 48, 2, 4, 4), "noise_mask": torch.ones(1, 1, 2, 4, 4)}
+        assert torch.equal(to_model(latent, wan22, ti2v), wan22.process_in(latent["samples"]))
+        try:
+            to_model({"samples": torch.randn(1, 16, 2, 4, 4)}, wan22, ti2v)
+        except ValueError as error:
+            assert "48" in str(error) and "Wan22ImageToVideoLatent" in str(error), error
+        else:
+            raise AssertionError("16 channels for the 5B")
         print("ok")
     """)
     result = subprocess.run([COMFYUI_PYTHON, "-c", code], capture_output=True, text=True, timeout=180)
@@ -157,6 +175,67 @@ def test_wan_solvers_hand_the_step_callback_the_x0_of_the_latest_model_call():
                 assert denoised is not None, name
                 expected = x - sigma * v
                 assert torch.allclose(denoised, expected, rtol=0, atol=1e-6), (name, i)
+        print("ok")
+    """)
+    result = subprocess.run([COMFYUI_PYTHON, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_image_channels_are_comfyuis_wan21_concat_cond():
+    """The I2V channels ``y`` the Sampler sends equal what ComfyUI's own ``WAN21.concat_cond`` builds from a
+    conditioning's ``concat_latent_image`` / ``concat_mask`` (resized and centre-cropped to the latent, per-chunk
+    ``process_latent_in``, 1 - mask, channel mean, frame padding, no image, no mask, a wider image)."""
+    code = PACK_IN_COMFYUI + textwrap.dedent("""
+        import types
+        import comfy.latent_formats, comfy.model_base
+        conditioning = import_module(PACK + ".nodes.wan_conditioning")
+        WanConfig = import_module(PACK + ".wanvideo.model").WanConfig
+        wan21 = comfy.latent_formats.Wan21()
+        gen = torch.Generator().manual_seed(0)
+
+        def comfy_concat(config, shape, options):
+            model = types.SimpleNamespace(
+                diffusion_model=types.SimpleNamespace(patch_embedding=types.SimpleNamespace(
+                    weight=torch.zeros(8, config.in_dim, 1, 2, 2))),
+                latent_format=wan21, process_latent_in=wan21.process_in, image_to_video=config.model_type == "i2v")
+            return comfy.model_base.WAN21.concat_cond(model, noise=torch.zeros(shape), device="cpu", **options)
+
+        i2v = WanConfig(in_dim=36, out_dim=16, model_type="i2v", dim=256, num_heads=2)
+        a14b = WanConfig(in_dim=36, out_dim=16, version="2.2", dim=256, num_heads=2)
+        shape = (1, 16, 3, 6, 8)
+        cases = {
+            "start image, 1-channel mask (WanImageToVideo)": dict(
+                concat_latent_image=torch.randn(1, 16, 3, 6, 8, generator=gen),
+                concat_mask=torch.cat([torch.zeros(1, 1, 1, 6, 8), torch.ones(1, 1, 2, 6, 8)], dim=2)),
+            "other size, fewer mask frames, 4-channel mask": dict(
+                concat_latent_image=torch.randn(1, 16, 3, 9, 10, generator=gen) * 3,
+                concat_mask=torch.rand(1, 4, 2, 9, 10, generator=gen)),
+            "3-channel mask averaged": dict(
+                concat_latent_image=torch.randn(1, 16, 3, 6, 8, generator=gen),
+                concat_mask=torch.rand(1, 3, 3, 6, 8, generator=gen)),
+            "image without a mask": dict(concat_latent_image=torch.randn(1, 16, 3, 3, 4, generator=gen)),
+            "no image": dict(),
+            "wider image cut to 32 channels": dict(
+                concat_latent_image=torch.randn(1, 32, 3, 6, 8, generator=gen),
+                concat_mask=torch.rand(1, 1, 3, 6, 8, generator=gen)),
+        }
+        for config in (i2v, a14b):
+            for name, options in cases.items():
+                theirs = comfy_concat(config, shape, options)
+                if config is a14b and name.startswith("wider"):  # ComfyUI passes 32 channels on; the model fails
+                    assert theirs.shape[1] == 32
+                    try:
+                        conditioning.image_channels(options, config, shape, wan21, "positive")
+                    except ValueError as error:
+                        assert str(error).startswith("positive:") and "WanImageToVideo" in str(error), error
+                        continue
+                    raise AssertionError("a 32-channel image for a 20-channel model")
+                ours = conditioning.image_channels(options, config, shape, wan21, "positive")
+                assert ours.shape == theirs.shape == (1, 20, 3, 6, 8), (name, ours.shape, theirs.shape)
+                assert torch.equal(ours, theirs), (config.variant, name, (ours - theirs).abs().max())
+        t2v = WanConfig(dim=256, num_heads=2)
+        assert conditioning.image_channels(cases["no image"], t2v, shape, wan21, "positive") is None
+        assert comfy_concat(t2v, shape, {}) is None
         print("ok")
     """)
     result = subprocess.run([COMFYUI_PYTHON, "-c", code], capture_output=True, text=True, timeout=180)

@@ -101,7 +101,9 @@ def test_bundled_workflows_load_without_missing_nodes_or_errors(editor):
         assert entry["nodes_with_errors"] == [], name
         assert entry["node_count"] == entry["expected_node_count"], name
         assert [d.split("\n", 1)[0] for d in entry["dialogs"]] == ["Missing Models"], f"{name}: {entry['dialogs']}"
-        assert offline_free(entry["errors"]) == [], f"{name}: page errors {entry['errors']}"
+        # LoadImage's example file (the user's own image) is not in the test server's input folder: its preview 404s
+        errors = [e for e in offline_free(entry["errors"]) if "404" not in e or "/api/view?type=input&" not in e]
+        assert errors == [], f"{name}: page errors {errors}"
         assert (editor["screenshots"] / name.replace(".json", ".png")).stat().st_size > 10_000
 
 
@@ -153,9 +155,11 @@ def test_our_nodes_created_from_the_library_have_every_widget(editor):
         "kv_dtype",
         "comm_backend",
         "compile",
+        "second_model",
     ]
     assert loader["values"]["patch_size"] == 64 and loader["values"]["gpus"] == 1
-    assert loader["outputs"] == ["model:DISTRIFUSION_WAN_MODEL"]
+    assert loader["values"]["second_model"] == "none"
+    assert loader["outputs"] == ["model:DISTRIFUSION_WAN_MODEL", "second model:DISTRIFUSION_WAN_MODEL"]
     sampler = created[SAMPLER]
     assert sampler["title"] == "🎯 Official DistriFusion Sampler"
     for widget in (

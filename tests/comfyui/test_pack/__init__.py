@@ -78,8 +78,90 @@ class DistriFusionTestSaveImage:
         return {"ui": {"tensors": [{"filename": filename, "subfolder": "", "type": "output"}]}}
 
 
+class DistriFusionTestClipVision:
+    """Stands in for CLIP Vision Encode (clip_vision_h is 632 M): random penultimate hidden states [1, tokens, 1280]."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                "tokens": ("INT", {"default": 257, "min": 1, "max": 1024}),
+            }
+        }
+
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    def make(self, seed, tokens):
+        import comfy.clip_vision
+
+        output = comfy.clip_vision.Output()
+        generator = torch.Generator().manual_seed(seed)
+        output.penultimate_hidden_states = torch.randn(1, tokens, 1280, generator=generator)
+        return (output,)
+
+
+class DistriFusionTestImage:
+    """A random RGB IMAGE batch [frames, height, width, 3] in [0, 1] (a start / end frame for the Wan image nodes)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                "width": ("INT", {"default": 32, "min": 8, "max": 4096}),
+                "height": ("INT", {"default": 32, "min": 8, "max": 4096}),
+                "frames": ("INT", {"default": 1, "min": 1, "max": 1025}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    def make(self, seed, width, height, frames):
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.rand(frames, height, width, 3, generator=generator),)
+
+
+class DistriFusionTestTI2VLatent:
+    """Stands in for Wan22ImageToVideoLatent with a start image (which needs the Wan 2.2 VAE): its LATENT, the first
+    latent frame a random encoded image, the rest what that node leaves (process_out of zeros), noise_mask 0 there."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                "width": ("INT", {"default": 64, "min": 32, "max": 4096, "step": 32}),
+                "height": ("INT", {"default": 64, "min": 32, "max": 4096, "step": 32}),
+                "length": ("INT", {"default": 5, "min": 1, "max": 1025, "step": 4}),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    def make(self, seed, width, height, length):
+        import comfy.latent_formats
+
+        generator = torch.Generator().manual_seed(seed)
+        latent = torch.zeros(1, 48, (length - 1) // 4 + 1, height // 16, width // 16)
+        latent[:, :, :1] = torch.randn(1, 48, 1, height // 16, width // 16, generator=generator)
+        mask = torch.ones(1, 1, latent.shape[2], latent.shape[3], latent.shape[4])
+        mask[:, :, :1] = 0.0
+        latent = comfy.latent_formats.Wan22().process_out(latent) * mask + latent * (1.0 - mask)
+        return ({"samples": latent, "noise_mask": mask},)
+
+
 NODE_CLASS_MAPPINGS = {
     "DistriFusionTestConditioning": DistriFusionTestConditioning,
     "DistriFusionTestLatent": DistriFusionTestLatent,
     "DistriFusionTestSaveImage": DistriFusionTestSaveImage,
+    "DistriFusionTestClipVision": DistriFusionTestClipVision,
+    "DistriFusionTestImage": DistriFusionTestImage,
+    "DistriFusionTestTI2VLatent": DistriFusionTestTI2VLatent,
 }
