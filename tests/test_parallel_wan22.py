@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 from parallel_harness import digest, rel_err, run_ranks, tiny_model
+from wan_distrifusion.distrifusion.job import pixels_per_token
 
 TOL = 1e-5
 STEPS = 2
 SPLITS = ("spatial", "temporal", "spatiotemporal")
 # (frames, rows, cols) of the latent with the patch size it is cut at; batch 2 = [cond; uncond]
-GRIDS = (
+GRIDS = (  # patch sizes in px of 16-px tokens (doubled for the 5B's 32-px tokens)
     ((3, 14, 6), 32),  # token grid (3, 7, 3): 4 patch rows of 2, 1 -> uneven; 3 frames over 2 or 4 ranks: uneven
     ((5, 12, 8), 16),  # (5, 6, 4)
 )
@@ -79,8 +80,10 @@ def wan22_forward_matrix(rank: int, world_size: int) -> dict:
     with torch.no_grad():
         for case, (overrides, kind) in CASES.items():
             model = tiny_model(0, **overrides, **_heads(world_size))
-            for (frames, rows, cols), patch in GRIDS:
+            token_px = pixels_per_token(model.config)  # 32 px for the 5B (16x VAE), 16 for the others
+            for (frames, rows, cols), patch_tokens in GRIDS:
                 grid = (frames, rows, cols)
+                patch = patch_tokens * token_px // 16
                 calls = _calls(model.config, kind, grid)
                 references = [model(*args, **kwargs) for args, kwargs in calls]
                 for mode in ("sync", "ulysses", "displaced"):
@@ -92,7 +95,7 @@ def wan22_forward_matrix(rank: int, world_size: int) -> dict:
                                 patch_size=patch,
                                 mode=mode,
                                 cfg_parallel=cfg_parallel,
-                                patch_overlap=16 if mode == "displaced" else 0,
+                                patch_overlap=token_px if mode == "displaced" else 0,
                                 warmup_steps=STEPS,  # displaced: the whole run is its synchronous warm-up
                                 comm_backend="builtin",
                             )

@@ -468,7 +468,7 @@ def test_unload_models_releases_the_workers(comfy):
 API_DIR = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in API_DIR.glob("wan21_t2v_*.json")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in API_DIR.glob("Wan 2.1 T2V *.json")))
 def test_example_api_workflows_run_with_tiny_stand_ins(comfy, name):
     """Each API twin as shipped, with stand-ins only where the real files cannot be had here: the umT5 text
     encoder (test conditioning node), the Wan weights (tiny), the VAE (random), and a tiny clip size."""
