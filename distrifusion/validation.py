@@ -25,6 +25,7 @@ from .attention import check_heads
 from .config import ParallelConfig
 from .job import GenerationJob, pixels_per_token
 from .partition import partition_tokens
+from .settings import RuntimeSpec
 
 DEVICES = ("cuda", "cpu")
 
@@ -100,6 +101,18 @@ def check_before_start(
     if second_model_path is not None:
         check_experts(config, check_model(second_model_path, parallel))
     return config
+
+
+def check_spec_before_start(spec: RuntimeSpec) -> WanConfig:
+    """``check_before_start`` for a runtime's settings (the Loader's, and the worker group's before it launches)."""
+    return check_before_start(
+        spec.model_path,
+        spec.parallel,
+        device=spec.device,
+        local_ranks=spec.local_ranks,
+        first_rank=spec.first_rank,
+        second_model_path=spec.second_model_path,
+    )
 
 
 EXPERT_SHAPE = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "model_type")

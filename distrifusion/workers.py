@@ -30,7 +30,7 @@ from .session import GroupSession, JobCancelled, ProgressEvent, Runtime, WorkerF
 from .settings import RuntimeSpec
 from .store import ApplyLoras, OpenSession, StopServing, connect_store, encode_command, store_drop, store_put
 from .supervision import STARTING, RemoteRanks, Supervisor
-from .validation import check_before_start, check_job
+from .validation import check_job, check_spec_before_start
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,7 @@ class WorkerGroup(Runtime):
                 self.stop(kill=True)
             self.supervisor.closing = False
             spec = self.spec
-            check_before_start(
-                spec.model_path,
-                spec.parallel,
-                device=spec.device,
-                local_ranks=spec.local_ranks,
-                first_rank=spec.first_rank,
-                second_model_path=spec.second_model_path,
-            )
+            check_spec_before_start(spec)
             _register_atexit(self)
             try:
                 self._launch()

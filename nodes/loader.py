@@ -9,7 +9,7 @@ import os
 from ..distrifusion.config import COMM_BACKENDS, KV_DTYPES, PARALLEL_MODES, SPLIT_MODES, ParallelConfig
 from ..distrifusion.settings import RuntimeSpec
 from ..distrifusion.status import warn_if_official_missing
-from ..distrifusion.validation import check_before_start
+from ..distrifusion.validation import check_spec_before_start
 from ..wanvideo.attention import ATTENTION_BACKENDS
 from ..wanvideo.errors import WanDistriFusionError
 from . import _comfy
@@ -153,14 +153,7 @@ class OfficialDistriFusionModelLoader:
         warn_if_official_missing()
         settings = with_loras(build_settings(**widgets, compile_blocks=compile), lora)
         spec = settings.spec
-        check_before_start(
-            spec.model_path,
-            spec.parallel,
-            device=spec.device,
-            local_ranks=spec.local_ranks,
-            first_rank=spec.first_rank,
-            second_model_path=spec.second_model_path,
-        )
+        check_spec_before_start(spec)
         # the Sampler starts the workers, after its checks of the video size
         return (DistriFusionModel(settings, 0), DistriFusionModel(settings, 1))
 

@@ -133,23 +133,7 @@ class OfficialDistriFusionSampler:
         )
         if model.expert == 0 and model.settings.second_model is not None:
             return sample_two_experts(model, positive, negative, latent, **settings)
-        return sample_video(
-            model,
-            positive,
-            negative,
-            latent,
-            StepRange(),
-            steps=steps,
-            cfg=cfg,
-            shift=shift,
-            seed=seed,
-            sampler=sampler,
-            scheduler=scheduler,
-            denoise=denoise,
-            size=(width, height, length),
-            sync_frequency=sync_frequency,
-            unique_id=unique_id,
-        )
+        return sample_video(model, positive, negative, latent, StepRange(), **settings)
 
 
 ADVANCED_TOOLTIPS = {
