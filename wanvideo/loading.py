@@ -529,16 +529,17 @@ class _Checkpoint:
 
     def read(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
         tensor, scale = self._raw(name)
+        tensor = tensor.to(device)  # the stored bytes travel (half of fp32); the conversion runs on the device
         if scale is not None:
-            return (tensor.to(device=device, dtype=torch.float32) * scale.to(device)).to(dtype)
-        return tensor.to(device=device, dtype=dtype)
+            return (tensor.to(torch.float32) * scale.to(device)).to(dtype)
+        return tensor.to(dtype)
 
     def read_fp8(self, name: str, storage_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         tensor, scale = self._raw(name)
         if tensor.dtype == storage_dtype:  # already in this fp8 format: keep the bits, no second rounding
             scale = torch.ones(()) if scale is None else scale
             return tensor.to(device), scale.to(device)
-        value = tensor.to(device=device, dtype=torch.float32)
+        value = tensor.to(device).to(torch.float32)
         if scale is not None:
             value = value * scale.to(device)
         return quantize_fp8(value, storage_dtype)

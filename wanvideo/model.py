@@ -268,6 +268,7 @@ class WanBlock(nn.Module):
     ) -> Tensor:
         q, k, v, modulation = self.before_attention(x, time_modulation, rope, timestep_of_token)
         attention = self.self_attn.attention_fn(q, k, v)
+        del q, k, v  # else they (and the fused qkv output behind v) live through the FFN, the block's peak
         return self.after_attention(x, attention, modulation, context, image_context, timestep_of_token)
 
     # The block is split around self-attention so ``compile_blocks`` can fuse everything but the
