@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--quantization", default="disabled", help="weights: disabled, fp8_e4m3fn or fp8_e5m2")
     gen.add_argument(
+        "--weights",
+        default="auto",
+        help="replicated (a full copy per GPU), sharded (1/N of each block per GPU, gathered around the block) or "
+        "auto (sharded when a copy does not fit; default)",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -377,6 +383,7 @@ def generate(args: argparse.Namespace) -> int:
             parallel,
             precision=precision,
             quantization=args.quantization,
+            weights=args.weights,
             device=device,
             local_ranks=args.local_ranks,
             master_addr=args.master_addr,

@@ -11,6 +11,7 @@ from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import PRECISIONS, resolve_quantization
 from ..wanvideo.lora import LoraFile
 from .config import ParallelConfig
+from .sharded_weights import WEIGHTS
 
 DEVICES = ("cuda", "cpu")
 REMOTE_HEARTBEAT_TIMEOUT_S = 10.0
@@ -47,6 +48,9 @@ class RuntimeSpec:
     second_model_path: str | None = None
     """Wan 2.2 A14B: the low-noise expert, loaded beside ``model_path`` (the high-noise one) on the same ranks, so a
     job picks either (``GenerationJob.expert``) without a reload."""
+    weights: str = "auto"
+    """``replicated`` (every rank a full copy), ``sharded`` (each rank 1/N of every block, gathered around the
+    block; ``sharded_weights.py``) or ``auto`` (sharded when the ranks' GPUs cannot hold a full copy)."""
 
     def __post_init__(self) -> None:
         world = self.parallel.world_size
@@ -55,6 +59,16 @@ class RuntimeSpec:
                 f"precision: {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}."
             )
         resolve_quantization(self.quantization)
+        if self.weights not in WEIGHTS:
+            raise WanDistriFusionError(
+                f"weights: {self.weights!r} is unknown; choose replicated, sharded (each GPU stores 1/N of the "
+                "model) or auto."
+            )
+        if self.weights == "sharded" and world < 2:
+            raise WanDistriFusionError(
+                "weights: sharded weights need 2 or more GPUs (one GPU holds the whole model); set GPUs to 2 or more, "
+                "or weights to replicated or auto."
+            )
         if self.device not in DEVICES:
             raise WanDistriFusionError(f"device: {self.device!r} is unknown; choose cuda or cpu.")
         if not 0 <= self.first_rank < world:

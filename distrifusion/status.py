@@ -229,6 +229,7 @@ def status_report(
             "quantization": spec.quantization if spec is not None else None,
             "loras": [[lora.name, lora.strength] for lora in spec.loras] if spec is not None else [],
             "attention": parallel.attention_backend if parallel is not None else None,
+            "weights": runtime_status.get("weights") or (spec.weights if spec is not None else None),
             "pids": runtime_status.get("pids") or [],
             "memory_plan": runtime_status.get("memory_plan"),
         },
@@ -404,7 +405,7 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
     lines = []
     lines.append(
         f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
-        f"attention {runtime.get('attention')}"
+        f"attention {runtime.get('attention')}" + (f", weights {runtime['weights']}" if runtime.get("weights") else "")
     )
     if runtime.get("loras"):
         lines.append("   LoRA: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime["loras"]))
