@@ -19,6 +19,19 @@ REMOTE_HEARTBEAT_TIMEOUT_S = 10.0
 fails the job: the link is cut or the host is down (a cut link stalls the collectives without an error)."""
 
 
+def check_weights(weights: str, world_size: int) -> None:
+    """The ``weights`` setting against the group's size (``cli.py`` checks it before reading the model)."""
+    if weights not in WEIGHTS:
+        raise WanDistriFusionError(
+            f"weights: {weights!r} is unknown; choose replicated, sharded (each GPU stores 1/N of the model) or auto."
+        )
+    if weights == "sharded" and world_size < 2:
+        raise WanDistriFusionError(
+            "weights: sharded weights need 2 or more GPUs (one GPU holds the whole model); set GPUs to 2 or more, "
+            "or weights to replicated or auto."
+        )
+
+
 @dataclass(frozen=True)
 class RuntimeSpec:
     """One runtime: the checkpoint, its precision, the parallel topology and where this host's ranks run.
@@ -59,16 +72,7 @@ class RuntimeSpec:
                 f"precision: {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}."
             )
         resolve_quantization(self.quantization)
-        if self.weights not in WEIGHTS:
-            raise WanDistriFusionError(
-                f"weights: {self.weights!r} is unknown; choose replicated, sharded (each GPU stores 1/N of the "
-                "model) or auto."
-            )
-        if self.weights == "sharded" and world < 2:
-            raise WanDistriFusionError(
-                "weights: sharded weights need 2 or more GPUs (one GPU holds the whole model); set GPUs to 2 or more, "
-                "or weights to replicated or auto."
-            )
+        check_weights(self.weights, world)
         if self.device not in DEVICES:
             raise WanDistriFusionError(f"device: {self.device!r} is unknown; choose cuda or cpu.")
         if not 0 <= self.first_rank < world:

@@ -7,7 +7,7 @@ import logging
 import os
 
 from ..distrifusion.config import COMM_BACKENDS, KV_DTYPES, PARALLEL_MODES, SPLIT_MODES, ParallelConfig
-from ..distrifusion.settings import RuntimeSpec
+from ..distrifusion.settings import RuntimeSpec, check_weights
 from ..distrifusion.sharded_weights import WEIGHTS
 from ..distrifusion.status import warn_if_official_missing
 from ..distrifusion.validation import check_spec_before_start
@@ -223,6 +223,7 @@ def build_settings(
             f"rank: this host's ranks {rank}..{rank + gpus - 1} do not fit in world size {world}; keep rank 0 on the "
             "ComfyUI machine and raise world size."
         )
+    check_weights(weights, world)
     parallel = ParallelConfig(
         world_size=world,
         split_mode=split_mode,

@@ -144,6 +144,32 @@ def test_sharded_weights_equal_replicated_bit_for_bit(files, world_size):
                 assert held < 0.85 * replicated
 
 
+def compiled_pair(rank: int, world_size: int, folder) -> dict:
+    """Digests of replicated and sharded runs with the blocks compiled (``compile_blocks``; aot_eager: dynamo's
+    tracing of the gathered parameters without a C++ toolchain), in the sync and displaced modes."""
+    from tiny_wan import sample_on_rank
+    from wan_distrifusion.distrifusion.rank import load_rank_models
+
+    device = torch.device("cpu")
+    job = tiny_job(steps=3, width=96, height=80)
+    torch._dynamo.reset()
+    out = {}
+    for weights in ("replicated", "sharded"):
+        model = load_rank_models(_spec(folder, world_size, "bf16", weights), device, weights)[0]
+        model.compile_blocks(backend="aot_eager")
+        for mode in ("sync", "displaced"):
+            parallel = ParallelConfig(world_size=world_size, mode=mode, patch_size=16, warmup_steps=1)
+            out[f"{mode}/{weights}"] = digest(sample_on_rank(model, parallel, rank, device, job))
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_blocks_with_sharded_weights_equal_replicated(files):
+    for rank, results in enumerate(run_ranks("test_sharded_weights", "compiled_pair", 2, files, timeout=600)):
+        for mode in ("sync", "displaced"):
+            assert results[f"{mode}/sharded"] == results[f"{mode}/replicated"], f"rank {rank}, {mode}"
+
+
 def test_the_plan_counts_shards_and_gathered_blocks():
     replicated, none = weight_bytes(WAN_14B, "bf16", "disabled")
     sharded, gathered = weight_bytes(WAN_14B, "bf16", "disabled", 4, "sharded")
