@@ -54,6 +54,7 @@ def shard_blocks(model: nn.Module, device: torch.device, mesh) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether ``shard_blocks`` sharded ``model`` (its block parameters are FSDP2 ``DTensor`` shards)."""
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(param, DTensor) for param in model.parameters())
