@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--quantization", default="disabled", help="weights: disabled, fp8_e4m3fn or fp8_e5m2")
     gen.add_argument(
+        "--weights",
+        default="auto",
+        help="replicated (a full copy per GPU), sharded (1/N of each block per GPU, gathered around the block) or "
+        "auto (sharded when a copy does not fit; default)",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -302,6 +308,7 @@ def check_before_starting(args, job, parallel, config, device: str, precision: s
             args.quantization,
             guidance_batch=guidance,
             check=False,
+            weights="sharded" if args.weights == "sharded" and parallel.world_size > 1 else "replicated",
         )
         memory_plan.check_host_memory(plan, ranks)
 
@@ -357,6 +364,7 @@ def generate(args: argparse.Namespace) -> int:
         positive=torch.zeros(1, 1, 1), negative=None, **{name: getattr(args, name) for name in JOB_FLAGS}
     )
     validation.check_solver(job)  # settings first (the job checked itself): a bad flag fails before anything starts
+    _module("distrifusion.settings").check_weights(args.weights, args.world_size)
     if args.latent:
         job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
     out = check_out(args.out)
@@ -377,6 +385,7 @@ def generate(args: argparse.Namespace) -> int:
             parallel,
             precision=precision,
             quantization=args.quantization,
+            weights=args.weights,
             device=device,
             local_ranks=args.local_ranks,
             master_addr=args.master_addr,

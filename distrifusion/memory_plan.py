@@ -49,11 +49,20 @@ class MemoryPlan:
     reserve_bytes: int
     device_free_bytes: int | None
     suggestions: tuple[str, ...] = ()
+    weights: str = "replicated"
+    """``replicated`` or ``sharded`` (``weights_bytes`` is then this rank's shards plus the replicated rest)."""
+    gather_bytes: int = 0
+    """Sharded weights: the full weights of the blocks in flight (the running one and the prefetched next)."""
 
     @property
     def total_bytes(self) -> int:
         return (
-            self.weights_bytes + self.activation_bytes + self.stale_kv_bytes + self.attention_bytes + self.reserve_bytes
+            self.weights_bytes
+            + self.gather_bytes
+            + self.activation_bytes
+            + self.stale_kv_bytes
+            + self.attention_bytes
+            + self.reserve_bytes
         )
 
     @property
@@ -63,8 +72,11 @@ class MemoryPlan:
 
     def breakdown(self) -> str:
         """``weights .. + activations .. + stale K/V .. + attention buffers .. + reserve ..`` and the setup."""
+        weights = f"weights {_gib(self.weights_bytes)}"
+        if self.weights == "sharded":
+            weights = f"sharded weights {_gib(self.weights_bytes)} + gathered blocks {_gib(self.gather_bytes)}"
         return (
-            f"weights {_gib(self.weights_bytes)} + activations {_gib(self.activation_bytes)} + "
+            f"{weights} + activations {_gib(self.activation_bytes)} + "
             f"stale K/V {_gib(self.stale_kv_bytes)} + attention buffers {_gib(self.attention_bytes)} + "
             f"reserve {_gib(self.reserve_bytes)}; {self.mode}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
             f"{', CFG parallel' if self.cfg_parallel else ''}, {self.tokens_local:,} of {self.tokens_total:,} tokens "
@@ -83,7 +95,14 @@ def parameter_counts(config: WanConfig) -> tuple[int, int]:
 
     Counted from the shapes of ``WanModel`` (``tests/test_memory_plan.py`` checks it against the module).
     """
-    d, f, patch = config.dim, config.ffn_dim, math.prod(config.patch_size)
+    block_matrices, block_rest = block_parameter_counts(config)
+    return config.num_layers * block_matrices, config.num_layers * block_rest + _outside_blocks(config)
+
+
+@functools.lru_cache(maxsize=32)
+def block_parameter_counts(config: WanConfig) -> tuple[int, int]:
+    """One block's (matrix parameters, other parameters): what sharded weights split and gather per block."""
+    d, f = config.dim, config.ffn_dim
     image = config.model_type == "i2v"
     block_matrices = 8 * d * d + 2 * d * f + (2 * d * d if image else 0)
     block_rest = (
@@ -97,6 +116,12 @@ def parameter_counts(config: WanConfig) -> tuple[int, int]:
         + d  # FFN biases
         + 6 * d  # modulation
     )
+    return block_matrices, block_rest
+
+
+def _outside_blocks(config: WanConfig) -> int:
+    """Parameters of the embeddings and the head (replicated even with sharded weights)."""
+    d, patch = config.dim, math.prod(config.patch_size)
     rest = (
         config.in_dim * patch * d
         + d  # patch_embedding
@@ -114,10 +139,45 @@ def parameter_counts(config: WanConfig) -> tuple[int, int]:
         + config.out_dim * patch
         + 2 * d  # head
     )
-    if image:
+    if config.model_type == "i2v":
         i = config.image_dim
         rest += 2 * i + i * i + i + i * d + d + 2 * d  # img_emb
-    return config.num_layers * block_matrices, config.num_layers * block_rest + rest
+    return rest
+
+
+def weight_bytes(
+    config: WanConfig, precision: str, quantization: str, world_size: int = 1, weights: str = "replicated"
+) -> tuple[int, int]:
+    """(bytes one rank holds between forwards, bytes of full blocks gathered during a forward) for one model.
+
+    Sharded: each rank stores 1/N of every block (rounded up per block) plus the embeddings and head; during a
+    forward the running block and the prefetched next one are held whole.
+    """
+    act = PRECISION_BYTES[precision]
+    matrices, rest = block_parameter_counts(config)
+    block = matrices * (1 if "fp8" in quantization else act) + rest * act
+    outside = _outside_blocks(config) * act
+    if weights != "sharded" or world_size < 2:
+        return config.num_layers * block + outside, 0
+    return config.num_layers * -(-block // world_size) + outside, GATHERED_BLOCKS * block
+
+
+GATHERED_BLOCKS = 2
+"""Full blocks held at once with sharded weights: the running block and the next one's gather in flight."""
+WEIGHTS_SHARE = 0.7
+"""``weights auto`` replicates only when a full copy of the weights takes at most this share of a GPU's free memory
+(the rest is for activations, K/V and buffers); otherwise it shards."""
+
+
+def choose_weights(
+    config: WanConfig, precision: str, quantization: str, world_size: int, free_bytes: int | None, models: int = 1
+) -> str:
+    """What ``weights auto`` resolves to: ``sharded`` when several GPUs cannot each hold a full copy comfortably
+    (``WEIGHTS_SHARE`` of the smallest free memory), else ``replicated`` (also on the CPU and with one rank)."""
+    if world_size < 2 or free_bytes is None:
+        return "replicated"
+    resident, _ = weight_bytes(config, precision, quantization)
+    return "sharded" if models * resident > WEIGHTS_SHARE * free_bytes else "replicated"
 
 
 def plan_memory(
@@ -131,25 +191,32 @@ def plan_memory(
     guidance_batch: int = 2,
     check: bool = True,
     models: int = 1,
+    weights: str = "replicated",
 ) -> MemoryPlan:
     """Estimate one rank's memory for latents of ``job_shape`` ``[B, C, F, H, W]``.
 
     ``guidance_batch`` is 2 when CFG runs cond and uncond as one batch, else 1. ``models`` is how many models of
-    ``config``'s shape every rank holds (2: Wan 2.2 A14B's experts, each with its own stale K/V). With ``check`` and a
+    ``config``'s shape every rank holds (2: Wan 2.2 A14B's experts, each with its own stale K/V); ``weights``
+    ``replicated`` or ``sharded`` (``auto`` resolved by the ranks, see ``choose_weights``). With ``check`` and a
     known ``device_free_bytes``, a plan that does not fit raises ``WanDistriFusionError`` naming the
     numbers and the settings that would fit.
     """
     if precision not in PRECISION_BYTES:
         raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISION_BYTES)}.")
+    if weights not in ("replicated", "sharded"):
+        raise WanDistriFusionError(f"weights: {weights!r} is not resolved; the plan takes replicated or sharded.")
     args = (config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch, models)
-    plan = _estimate(*args)
+    plan = _estimate(*args, weights=weights)
     if check and plan.fits is False:
-        alternatives = _alternatives(*args)
+        alternatives = _alternatives(*args, weights=weights)
         plan = dataclasses.replace(plan, suggestions=tuple(alternatives))
         if alternatives:
-            fix = "what would fit: " + "; ".join(alternatives)
+            fix = "what would fit, cheapest first: " + "; ".join(alternatives)
         else:
-            fix = "none of CFG parallel, fp8 K/V buffers, the sync or ulysses mode, fp8 weights or more GPUs would fit; lower the resolution or the length"
+            fix = (
+                "none of CFG parallel, sharded weights, fp8 K/V buffers, the sync or ulysses mode, fp8 weights or more "
+                "GPUs would fit; lower the resolution or the length"
+            )
         raise WanDistriFusionError(
             f"memory: this job needs about {_gib(plan.total_bytes)} per rank but the device has "
             f"{_gib(plan.device_free_bytes)} free ({plan.breakdown()}); {fix}."
@@ -209,7 +276,9 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _estimate(config, parallel, shape, precision, quantization, free, guidance_batch, models=1) -> MemoryPlan:
+def _estimate(
+    config, parallel, shape, precision, quantization, free, guidance_batch, models=1, weights="replicated"
+) -> MemoryPlan:
     batch, _, frames, height, width = shape
     pf, ph, pw = config.patch_size
     grid = (frames // pf, height // ph, width // pw)
@@ -229,8 +298,8 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
         halo = 2 * parallel.overlap_tokens() * (tokens_total // max(axis, 1))
         tokens_local = min(tokens_total, tokens_local + halo)
 
-    quantizable, other = parameter_counts(config)
-    weight_bytes = models * (quantizable * (1 if "fp8" in quantization else act) + other * act)
+    weights = weights if world > 1 else "replicated"
+    resident, gathered = weight_bytes(config, precision, quantization, world, weights)
 
     # Live tensors of one block per local token: residual, modulated input, q/k/v and fp32 RoPE
     # temporaries around attention (~10 x dim), or input, hidden and GELU output around the FFN.
@@ -254,7 +323,9 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
         tokens_total=tokens_total,
         tokens_local=tokens_local,
         batch_per_rank=batch_per_rank,
-        weights_bytes=weight_bytes,
+        weights_bytes=models * resident,
+        gather_bytes=gathered,  # one model runs at a time
+        weights=weights,
         activation_bytes=activation,
         stale_kv_bytes=stale_kv,
         attention_bytes=attention,
@@ -263,57 +334,70 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
     )
 
 
-def _alternatives(config, parallel, shape, precision, quantization, free, guidance_batch, models=1) -> list[str]:
-    """The settings (one change, or fp8 K/V with CFG parallel) under which the job would fit."""
+def _alternatives(
+    config, parallel, shape, precision, quantization, free, guidance_batch, models=1, weights="replicated"
+) -> list[str]:
+    """The settings under which the job would fit, cheapest first: exact changes that keep the overlap (CFG
+    parallel, sharded weights), then fp8 K/V (rounds the stale K/V), then the exact modes without overlap (sync,
+    ulysses), then fp8 weights (rounds the model), each alone and with sharded weights; then more GPUs."""
     world = parallel.world_size
-    candidates: list[tuple[str, ParallelConfig, str]] = []
+    # (cost rank, label, parallel, quantization): the rank orders the proposals, lower is cheaper
+    changes: list[tuple[int, str, ParallelConfig, str]] = []
     fp8_kv = parallel.mode == "displaced" and world > 1 and parallel.kv_dtype != "fp8_e4m3fn"
     cfg_split = guidance_batch == 2 and world > 1 and world % 2 == 0 and not parallel.cfg_parallel
-    if fp8_kv:
-        candidates.append(
-            ("K/V buffer dtype fp8_e4m3fn", dataclasses.replace(parallel, kv_dtype="fp8_e4m3fn"), quantization)
-        )
     if cfg_split:
-        candidates.append(("CFG parallel", dataclasses.replace(parallel, cfg_parallel=True), quantization))
-    if fp8_kv and cfg_split:
-        candidates.append(
-            (
-                "fp8_e4m3fn K/V + CFG parallel",
-                dataclasses.replace(parallel, kv_dtype="fp8_e4m3fn", cfg_parallel=True),
-                quantization,
+        changes.append((0, "CFG parallel", dataclasses.replace(parallel, cfg_parallel=True), quantization))
+    if fp8_kv:
+        fp8 = dataclasses.replace(parallel, kv_dtype="fp8_e4m3fn")
+        changes.append((4, "K/V buffer dtype fp8_e4m3fn", fp8, quantization))
+        if cfg_split:
+            changes.append(
+                (5, "fp8_e4m3fn K/V + CFG parallel", dataclasses.replace(fp8, cfg_parallel=True), quantization)
             )
-        )
     if world > 1:
         for mode in ("sync", "ulysses"):
             degree = parallel.patch_parallel_degree
             if mode != parallel.mode and (mode != "ulysses" or config.num_heads % degree == 0):
-                candidates.append((f"{mode} mode", dataclasses.replace(parallel, mode=mode), quantization))
+                changes.append((8, f"{mode} mode", dataclasses.replace(parallel, mode=mode), quantization))
     if "fp8" not in quantization:
-        candidates.append(("quantization fp8_e4m3fn", parallel, "fp8_e4m3fn"))
+        changes.append((10, "quantization fp8_e4m3fn", parallel, "fp8_e4m3fn"))
+    candidates = [(cost, label, option, quant, weights) for cost, label, option, quant in changes]
+    if world > 1 and weights != "sharded":  # gathers overlap the blocks' compute: cheap, and exact
+        candidates.append((1, "sharded weights", parallel, quantization, "sharded"))
+        candidates += [
+            (cost + 2, f"sharded weights + {label}", option, quant, "sharded") for cost, label, option, quant in changes
+        ]
+    candidates.sort(key=lambda candidate: candidate[0])
     found = []
-    for label, option, quant in candidates:
-        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models)
+    for _, label, option, quant, weights_option in candidates:
+        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, weights_option)
         if plan.fits:
             found.append(f"{label} ({_gib(plan.total_bytes)} per rank)")
     modes = [parallel.mode] if world > 1 else ["ulysses", "sync", "displaced"]  # one rank has no mode yet
     for more in range(world + 1, 65):
         fitting = None
-        for mode in modes:
-            option = dataclasses.replace(parallel, world_size=more, mode=mode)
-            if (
-                option.cfg_parallel
-                and more % 2
-                or mode == "ulysses"
-                and config.num_heads % option.patch_parallel_degree
-            ):
-                continue
-            plan = _estimate(config, option, shape, precision, quantization, free, guidance_batch, models)
-            if plan.fits:
-                fitting = (mode, plan)
+        for weights_option in dict.fromkeys((weights, "sharded")):
+            for mode in modes:
+                option = dataclasses.replace(parallel, world_size=more, mode=mode)
+                if (
+                    option.cfg_parallel
+                    and more % 2
+                    or mode == "ulysses"
+                    and config.num_heads % option.patch_parallel_degree
+                ):
+                    continue
+                plan = _estimate(
+                    config, option, shape, precision, quantization, free, guidance_batch, models, weights_option
+                )
+                if plan.fits:
+                    fitting = (mode, plan)
+                    break
+            if fitting:
                 break
         if fitting:
             mode, plan = fitting
-            found.append(f"{more} GPUs in the {mode} mode ({_gib(plan.total_bytes)} per rank)")
+            shard = " with sharded weights" if plan.weights == "sharded" and weights != "sharded" else ""
+            found.append(f"{more} GPUs in the {mode} mode{shard} ({_gib(plan.total_bytes)} per rank)")
             break
     return found
 

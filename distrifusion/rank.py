@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
-from ..wanvideo.loading import PRECISIONS, load_wan_model
+from ..wanvideo.fp8 import enable_fp8_matmul
+from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_model
 from ..wanvideo.lora import apply_loras
 from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
+from .memory_plan import choose_weights
 from .parallel_model import ParallelWan
 from .settings import RuntimeSpec
+from .sharded_weights import assign_rows, shard_blocks, weights_mesh
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +57,48 @@ def last_stats(model) -> dict:
     return {}
 
 
-def load_rank_models(spec: RuntimeSpec, device: torch.device) -> tuple[torch.nn.Module, ...]:
-    """Every model of ``spec`` (one, or Wan 2.2 A14B's two experts) on this rank's device, in ``job.expert`` order."""
-    return tuple(load_rank_model(spec, device, path) for path in spec.model_paths)
+def resolve_weights(spec: RuntimeSpec, device: torch.device, free_bytes: int) -> str:
+    """``spec.weights`` with ``auto`` resolved the same way on every rank (collective for ``auto`` on several GPUs:
+    the smallest free memory of the group decides, see ``memory_plan.choose_weights``)."""
+    if spec.weights != "auto":
+        return spec.weights
+    if spec.world_size < 2 or device.type != "cuda":
+        return "replicated"
+    free = torch.tensor([float(free_bytes)], dtype=torch.float64, device=device)
+    dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    config = inspect_wan_checkpoint(spec.model_path).config
+    models = len(spec.model_paths)
+    choice = choose_weights(config, spec.precision, spec.quantization, spec.world_size, int(free.item()), models)
+    log.info("weights auto: %s (smallest free memory of the group %.1f GiB)", choice, free.item() / 1024**3)
+    return choice
 
 
-def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = None) -> torch.nn.Module:
+def load_rank_models(
+    spec: RuntimeSpec, device: torch.device, weights: str = "replicated"
+) -> tuple[torch.nn.Module, ...]:
+    """Every model of ``spec`` (one, or Wan 2.2 A14B's two experts) on this rank's device, in ``job.expert`` order;
+    ``weights`` ``sharded``: each model's blocks sharded over the group (collective)."""
+    mesh = weights_mesh(device) if weights == "sharded" else None
+    return tuple(load_rank_model(spec, device, path, mesh) for path in spec.model_paths)
+
+
+def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = None, mesh=None) -> torch.nn.Module:
     """Load ``spec``'s weights (or ``path``'s) on this rank's device, projections fused, with the group's attention
-    kernel and compile setting."""
+    kernel and compile setting. With a ``mesh`` the model is loaded on the CPU (memory-mapped), the LoRA chain
+    merged there, and only this rank's shard of each block moves to the device (``sharded_weights.py``)."""
     model = load_wan_model(
-        path or spec.model_path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device
+        path or spec.model_path,
+        dtype=PRECISIONS[spec.precision],
+        quantization=spec.quantization,
+        device="cpu" if mesh is not None else device,
     )
     model.eval()
     model.fuse_projections()
     if spec.loras:
         apply_loras(model, spec.model_path, spec.loras)
+    if mesh is not None:
+        shard_blocks(model, device, mesh)
+        enable_fp8_matmul(model)  # on the device now: fp8 tensor cores where it has them
     model.set_attention_backend(spec.parallel.attention_backend)
     if spec.parallel.compile_blocks:
         model.compile_blocks()
@@ -75,9 +106,10 @@ def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = 
 
 
 def apply_rank_loras(model, spec: RuntimeSpec, loras) -> dict:
-    """Re-merge ``loras`` into this rank's loaded model from its unmodified weights (read again from the checkpoint)."""
+    """Re-merge ``loras`` into this rank's loaded model from its unmodified weights (read again from the checkpoint);
+    sharded weights: each rank writes the rows of its shards (no communication)."""
     with torch.no_grad():
-        return apply_loras(model, spec.model_path, loras)
+        return apply_loras(model, spec.model_path, loras, assign=assign_rows)
 
 
 def session_flow(

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from ..wanvideo.errors import WanDistriFusionError
 from . import wire
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
-from .rank import apply_rank_loras, last_stats, load_rank_models, session_flow
+from .rank import apply_rank_loras, last_stats, load_rank_models, resolve_weights, session_flow
 from .settings import RuntimeSpec
 from .shared_latents import SharedLatents
 from .store import (
@@ -137,7 +137,8 @@ class RankProcess:
                 timeout=timedelta(seconds=float(self.store.get("collective_timeout_s"))),
             )
         began = time.perf_counter()
-        self.models = load_rank_models(self.spec, self.device)
+        weights = resolve_weights(self.spec, self.device, free_before)
+        self.models = load_rank_models(self.spec, self.device, weights)
         self.model = self.models[0]
         ready = wire.Ready(
             rank=self.rank,
@@ -151,10 +152,18 @@ class RankProcess:
             model_config=dataclasses.asdict(self.model.config),
             comm_backend=self.backend,
             load_seconds=time.perf_counter() - began,
+            weights=weights,
         )
         self.store.set(f"ready/{self.rank}", wire.encode(ready))
         self.send(ready)
-        logger.info("rank %d ready on %s (%s) in %.1f s", self.rank, self.device, ready.device_name, ready.load_seconds)
+        logger.info(
+            "rank %d ready on %s (%s) in %.1f s, %s weights",
+            self.rank,
+            self.device,
+            ready.device_name,
+            ready.load_seconds,
+            weights,
+        )
 
     def _join(self) -> RuntimeSpec:
         """Connect to the store, claim this rank and read the group's spec (this host's model path and device)."""

@@ -11,11 +11,25 @@ from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import PRECISIONS, resolve_quantization
 from ..wanvideo.lora import LoraFile
 from .config import ParallelConfig
+from .sharded_weights import WEIGHTS
 
 DEVICES = ("cuda", "cpu")
 REMOTE_HEARTBEAT_TIMEOUT_S = 10.0
 """A ready rank on another host whose heartbeat (``alive/<rank>``, counted every second) stood still this long
 fails the job: the link is cut or the host is down (a cut link stalls the collectives without an error)."""
+
+
+def check_weights(weights: str, world_size: int) -> None:
+    """The ``weights`` setting against the group's size (``cli.py`` checks it before reading the model)."""
+    if weights not in WEIGHTS:
+        raise WanDistriFusionError(
+            f"weights: {weights!r} is unknown; choose replicated, sharded (each GPU stores 1/N of the model) or auto."
+        )
+    if weights == "sharded" and world_size < 2:
+        raise WanDistriFusionError(
+            "weights: sharded weights need 2 or more GPUs (one GPU holds the whole model); set GPUs to 2 or more, "
+            "or weights to replicated or auto."
+        )
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,9 @@ class RuntimeSpec:
     second_model_path: str | None = None
     """Wan 2.2 A14B: the low-noise expert, loaded beside ``model_path`` (the high-noise one) on the same ranks, so a
     job picks either (``GenerationJob.expert``) without a reload."""
+    weights: str = "auto"
+    """``replicated`` (every rank a full copy), ``sharded`` (each rank 1/N of every block, gathered around the
+    block; ``sharded_weights.py``) or ``auto`` (sharded when the ranks' GPUs cannot hold a full copy)."""
 
     def __post_init__(self) -> None:
         world = self.parallel.world_size
@@ -55,6 +72,7 @@ class RuntimeSpec:
                 f"precision: {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}."
             )
         resolve_quantization(self.quantization)
+        check_weights(self.weights, world)
         if self.device not in DEVICES:
             raise WanDistriFusionError(f"device: {self.device!r} is unknown; choose cuda or cpu.")
         if not 0 <= self.first_rank < world:

@@ -229,6 +229,7 @@ def status_report(
             "quantization": spec.quantization if spec is not None else None,
             "loras": [[lora.name, lora.strength] for lora in spec.loras] if spec is not None else [],
             "attention": parallel.attention_backend if parallel is not None else None,
+            "weights": runtime_status.get("weights") or _weights_setting(spec),
             "pids": runtime_status.get("pids") or [],
             "memory_plan": runtime_status.get("memory_plan"),
         },
@@ -249,6 +250,13 @@ def status_report(
         "cancelled_at": progress["cancelled_at"],
         "runtime_status": _jsonable(runtime_status),
     }
+
+
+def _weights_setting(spec: RuntimeSpec | None) -> str | None:
+    """What the ranks will load before they report it: one rank always holds the whole model."""
+    if spec is None:
+        return None
+    return "replicated" if spec.world_size == 1 else spec.weights
 
 
 def _runtime_state(runtime: Any, starting: Any, running: bool) -> str:
@@ -404,7 +412,7 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
     lines = []
     lines.append(
         f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
-        f"attention {runtime.get('attention')}"
+        f"attention {runtime.get('attention')}" + (f", weights {runtime['weights']}" if runtime.get("weights") else "")
     )
     if runtime.get("loras"):
         lines.append("   LoRA: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime["loras"]))

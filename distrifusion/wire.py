@@ -49,6 +49,8 @@ class Ready:
     model_config: dict
     comm_backend: str
     load_seconds: float
+    weights: str = "replicated"
+    """``replicated`` or ``sharded`` (``auto`` as this group resolved it)."""
 
 
 @dataclass(frozen=True)

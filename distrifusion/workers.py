@@ -292,6 +292,7 @@ class WorkerGroup(Runtime):
             "jobs_run": self._jobs_run,
             "last_error": self.supervisor.last_error,
             "comm_backend": backends.pop() if len(backends) == 1 else ("/".join(sorted(backends)) or "none"),
+            "weights": self.weights,
             "comm_manager": self._last_stats.get("comm_backend", self.parallel.comm_backend),
             "last_job_stats": self._last_stats,
             "parallel": self.parallel.to_dict(),
@@ -384,6 +385,12 @@ class WorkerGroup(Runtime):
 
     # -- running -------------------------------------------------------------------------------
 
+    @property
+    def weights(self) -> str | None:
+        """``replicated`` or ``sharded``: what the ranks loaded (``auto`` resolved); ``None`` before they are ready."""
+        choices = {report.weights for report in self.ready_reports().values()}
+        return choices.pop() if len(choices) == 1 else None
+
     def _check_memory(self, job: GenerationJob) -> None:
         if self.model_config is None:
             return
@@ -401,6 +408,7 @@ class WorkerGroup(Runtime):
             free,
             guidance_batch=guidance,
             models=len(self.spec.model_paths),
+            weights=self.weights or "replicated",
         )
         logger.info("memory plan: %s", self._last_plan.summary())
 

@@ -7,7 +7,8 @@ import logging
 import os
 
 from ..distrifusion.config import COMM_BACKENDS, KV_DTYPES, PARALLEL_MODES, SPLIT_MODES, ParallelConfig
-from ..distrifusion.settings import RuntimeSpec
+from ..distrifusion.settings import RuntimeSpec, check_weights
+from ..distrifusion.sharded_weights import WEIGHTS
 from ..distrifusion.status import warn_if_official_missing
 from ..distrifusion.validation import check_spec_before_start
 from ..wanvideo.attention import ATTENTION_BACKENDS
@@ -76,6 +77,11 @@ TOOLTIPS = {
     "same GPUs (both stay loaded: 2 x 14 GB per GPU in fp8), so switching costs no reload. The second output runs it: "
     "as in ComfyUI's template, the first Sampler (Advanced) runs the high-noise expert for steps 0-10 and returns "
     "with leftover noise, the second continues with the low-noise expert from step 10. none for every other model.",
+    "weights": "Where the model's weights live. replicated = every GPU holds the whole model (fastest; 14B: ~28 GB "
+    "per GPU in bf16). sharded = each of the N GPUs stores 1/N of every transformer block, the block gathered from "
+    "all GPUs just before it runs while the previous one computes (14B on 2 x 24 GB cards; exact, same result; costs "
+    "the gathers' traffic, small over NVLink). auto = sharded when a full copy would take more than 70% of the "
+    "smallest GPU's free memory, else replicated (the Status node says which). Needs GPUs >= 2 for sharded.",
     "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
     "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain. Measured in "
     "ComfyUI on one H200 with FlashAttention-4: later prompts 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own "
@@ -118,6 +124,7 @@ class OfficialDistriFusionModelLoader:
                 "second_model": combo_widget(
                     [NO_SECOND_MODEL, *_comfy.diffusion_model_files()], NO_SECOND_MODEL, tip["second_model"]
                 ),
+                "weights": combo_widget(WEIGHTS, "auto", tip["weights"]),
             },
         }
 
@@ -177,6 +184,7 @@ def build_settings(
     comm_backend: str,
     compile_blocks: bool = False,
     second_model: str = "none",
+    weights: str = "auto",
     device: str | None = None,
     cuda_devices: int | None = None,
 ) -> RuntimeSettings:
@@ -215,6 +223,7 @@ def build_settings(
             f"rank: this host's ranks {rank}..{rank + gpus - 1} do not fit in world size {world}; keep rank 0 on the "
             "ComfyUI machine and raise world size."
         )
+    check_weights(weights, world)
     parallel = ParallelConfig(
         world_size=world,
         split_mode=split_mode,
@@ -264,6 +273,7 @@ def build_settings(
         master_addr=addr,
         master_port=port,
         second_model_path=second_path,
+        weights=weights,
     )
     return RuntimeSettings(
         model=model,

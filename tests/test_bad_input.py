@@ -406,8 +406,19 @@ def loader_settings(**overrides):
         (dict(patch_size=24), "patch size", r"multiple of 16"),
         (dict(patch_size=16, patch_overlap=32), "patch overlap", r"larger than the patch size"),
         (dict(device="cpu", attention="flash4"), "attention", r"CUDA GPUs only.*choose auto or sdpa"),
+        (dict(weights="shared"), "weights", r"'shared' is unknown; choose replicated, sharded"),
+        (dict(gpus=1, weights="sharded"), "weights", r"sharded weights need 2 or more GPUs"),
     ],
-    ids=["more GPUs than present", "world < GPUs", "rank + GPUs > world", "patch size", "overlap", "GPU kernel on CPU"],
+    ids=[
+        "more GPUs than present",
+        "world < GPUs",
+        "rank + GPUs > world",
+        "patch size",
+        "overlap",
+        "GPU kernel on CPU",
+        "unknown weights",
+        "sharded on one GPU",
+    ],
 )
 def test_loader_widgets_are_checked_before_any_worker(overrides, widget, pattern, no_spawn):
     with pytest.raises(WanDistriFusionError) as caught:
@@ -465,6 +476,8 @@ def assert_refused_up_front(code: int, out: str, err: str, setting: str) -> None
         (["--sampler", "foo"], "sampler"),
         (["--scheduler", "foo"], "scheduler"),
         (["--shift", "0"], "shift"),
+        (["--weights", "shared", "--world-size", "2"], "weights"),
+        (["--weights", "sharded"], "weights"),  # one rank
     ],
 )
 def test_cli_refuses_sampling_flags_before_building_anything(flags, setting, tmp_path, capsys, no_spawn):

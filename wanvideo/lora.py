@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,10 +218,14 @@ class ChainDeltas:
 # -- merging into a model ------------------------------------------------------------------------------------
 
 
-def apply_loras(model: WanModel, checkpoint_path: str | Path, files: Sequence[LoraFile]) -> dict:
+def apply_loras(
+    model: WanModel, checkpoint_path: str | Path, files: Sequence[LoraFile], *, assign: AssignRows | None = None
+) -> dict:
     """Merge ``files`` into ``model`` (loaded from ``checkpoint_path``) from its unmodified weights: tensors the
     previous chain changed are read again from the checkpoint, so applying ``[]`` restores the loaded model.
-    Everything is planned (and checked) before any weight changes. Returns a summary (tensors changed, seconds)."""
+    Everything is planned (and checked) before any weight changes. Returns a summary (tensors changed, seconds).
+    ``assign(tensor, rows, value)`` writes a tensor's rows (default ``tensor.data[rows] = value``): a caller whose
+    weights are stored otherwise (e.g. sharded) writes them its way."""
     began = time.perf_counter()
     plans = plan_loras(files, model.config)
     device = next(model.parameters()).device
@@ -230,7 +234,8 @@ def apply_loras(model: WanModel, checkpoint_path: str | Path, files: Sequence[Lo
         changed = set(deltas.sources)
         checkpoint = _Checkpoint.open(Path(checkpoint_path), stack)
         for name in sorted(changed | previous):
-            _write_tensor(model, checkpoint, name, deltas.delta(name) if name in changed else None, device)
+            delta = deltas.delta(name) if name in changed else None
+            _write_tensor(model, checkpoint, name, delta, device, assign or _assign_rows)
     model._lora_targets = changed
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -262,8 +267,17 @@ def parameter_slot(model: WanModel, name: str) -> tuple[torch.nn.Module, str, sl
     return model.get_submodule(module_name), param, None
 
 
+AssignRows = Callable[[Tensor, slice, Tensor], None]
+
+
+def _assign_rows(target: Tensor, rows: slice, value: Tensor) -> None:
+    target.data[rows] = value.reshape(target.data[rows].shape)
+
+
 @torch.no_grad()
-def _write_tensor(model: WanModel, checkpoint: _Checkpoint, name: str, delta: Tensor | None, device) -> None:
+def _write_tensor(
+    model: WanModel, checkpoint: _Checkpoint, name: str, delta: Tensor | None, device, assign: AssignRows
+) -> None:
     """Set original tensor ``name`` to its loaded value plus ``delta`` (None: the loaded value itself)."""
     module, param, rows = parameter_slot(model, name)
     target = getattr(module, param)
@@ -274,7 +288,7 @@ def _write_tensor(model: WanModel, checkpoint: _Checkpoint, name: str, delta: Te
             value, scale = checkpoint.read_fp8(name, storage, device)
         else:  # merge in fp32, re-quantize this tensor with its own scale
             value, scale = quantize_fp8(checkpoint.read(name, torch.float32, device) + delta, storage)
-        target.data[where] = value
+        assign(target, where, value)
         scales = module.scale_weight
         if scales.dim() == 0:
             scales.copy_(scale.reshape(()))
@@ -286,7 +300,7 @@ def _write_tensor(model: WanModel, checkpoint: _Checkpoint, name: str, delta: Te
         value = checkpoint.read(name, dtype, device)
     else:
         value = (checkpoint.read(name, torch.float32, device) + delta).to(dtype)
-    target.data[where] = value.reshape(target.data[where].shape)
+    assign(target, where, value)
 
 
 # -- checks ----------------------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ def test_object_info_has_three_nodes_with_every_widget(comfy):
     assert sampler["required"]["scheduler"][0] == ksampler["scheduler"][0]
     assert info[LOADER]["output"] == ["DISTRIFUSION_WAN_MODEL", "DISTRIFUSION_WAN_MODEL"]
     assert info[LOADER]["input"]["optional"]["second_model"][1]["default"] == "none"
+    _check_widgets(info[LOADER]["input"]["optional"], {"weights": ("auto", ["replicated", "sharded", "auto"])})
     assert info[SAMPLER]["output"] == ["LATENT"]
     assert info[STATUS]["output"] == ["STRING"] and info[STATUS]["output_node"] is True
 
@@ -331,13 +332,22 @@ def test_same_latent_as_native_ksampler_two_ranks(comfy, sampler):
 
 @pytest.mark.parametrize(
     "loader",
-    [{"parallel_mode": "ulysses"}, {"parallel_mode": "displaced", "warmup_steps": 4}],
-    ids=["ulysses", "displaced during warm-up"],
+    [
+        {"parallel_mode": "ulysses"},
+        {"parallel_mode": "displaced", "warmup_steps": 4},
+        {"parallel_mode": "sync", "weights": "sharded"},
+    ],
+    ids=["ulysses", "displaced during warm-up", "sync with sharded weights"],
 )
 def test_same_latent_as_native_ksampler_two_ranks_other_modes(comfy, loader):
-    """Ulysses (heads split over the ranks) and displaced while every step is a warm-up step (exact K/V) equal
-    native KSampler too; 4 steps, so the displaced run never reaches a stale step."""
+    """Ulysses (heads split over the ranks), displaced while every step is a warm-up step (exact K/V) and sharded
+    weights (each rank 1/2 of every block) equal native KSampler too; 4 steps, so the displaced run never reaches a
+    stale step."""
     check_same_latent_as_native_ksampler(comfy, {"gpus": 2, **loader}, "euler")
+    if "weights" in loader:
+        status = comfy.get("/distrifusion/status").json()
+        assert status["runtime"]["weights"] == loader["weights"]
+        assert f"weights {loader['weights']}" in status["text"]
 
 
 def test_status_node_and_route(comfy):
