@@ -8,6 +8,7 @@ import torch
 
 from ..wanvideo.loading import PRECISIONS, load_wan_model
 from ..wanvideo.lora import apply_loras
+from ..wanvideo.offload import stream_blocks_from_host
 from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
@@ -59,13 +60,18 @@ def load_rank_models(spec: RuntimeSpec, device: torch.device) -> tuple[torch.nn.
 
 
 def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = None) -> torch.nn.Module:
-    """Load ``spec``'s weights (or ``path``'s) on this rank's device, projections fused, with the group's attention
-    kernel and compile setting."""
+    """Load ``spec``'s weights (or ``path``'s) on this rank's device (with ``offload``: the blocks in host memory,
+    streamed per forward), projections fused, with the group's attention kernel and compile setting."""
     model = load_wan_model(
-        path or spec.model_path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device
+        path or spec.model_path,
+        dtype=PRECISIONS[spec.precision],
+        quantization=spec.quantization,
+        device="cpu" if spec.offload else device,
     )
     model.eval()
     model.fuse_projections()
+    if spec.offload:
+        stream_blocks_from_host(model, device)
     if spec.loras:
         apply_loras(model, spec.model_path, spec.loras)
     model.set_attention_backend(spec.parallel.attention_backend)

@@ -47,6 +47,9 @@ class RuntimeSpec:
     second_model_path: str | None = None
     """Wan 2.2 A14B: the low-noise expert, loaded beside ``model_path`` (the high-noise one) on the same ranks, so a
     job picks either (``GenerationJob.expert``) without a reload."""
+    offload: bool = False
+    """Keep the transformer blocks in pinned host memory and stream them to the GPU ahead of use
+    (``wanvideo/offload.py``): each rank holds only a ring of two blocks on its device."""
 
     def __post_init__(self) -> None:
         world = self.parallel.world_size
@@ -89,6 +92,8 @@ class RuntimeSpec:
                     "lora: a LoRA chain with a second model (Wan 2.2's two experts) is not supported yet (each expert "
                     "needs its own chain); disconnect the LoRA or the second model."
                 )
+        if not isinstance(self.offload, bool):
+            raise WanDistriFusionError(f"offload: {self.offload!r} is not true or false; use true or false.")
         object.__setattr__(self, "local_ranks", local)
         for name in ("step_timeout_s", "start_timeout_s", "remote_timeout_s"):
             object.__setattr__(self, name, float(getattr(self, name)))

@@ -1,0 +1,190 @@
+"""Blocks streamed from host memory (``wanvideo/offload.py``): the same results as the resident model, bit for bit,
+on one rank and on two (sync, displaced), with fp8 storage, compiled blocks and a LoRA switch; its bad inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from parallel_harness import digest, run_ranks, tiny_model
+from tiny_lora import random_lora, write_lora
+from tiny_wan import random_model, tiny_config, tiny_job, write_checkpoint
+from wan_distrifusion.distrifusion.config import ParallelConfig
+from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
+from wan_distrifusion.distrifusion.workers import start_runtime
+from wan_distrifusion.wanvideo.errors import WanDistriFusionError
+from wan_distrifusion.wanvideo.fp8 import Fp8Linear
+from wan_distrifusion.wanvideo.loading import model_from_state_dict
+from wan_distrifusion.wanvideo.lora import LoraFile
+from wan_distrifusion.wanvideo.offload import BlockStreamer, stream_blocks_from_host
+
+CONFIG = tiny_config()
+
+
+def _inputs(shape=(2, 4, 3, 8, 12), steps=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    context = torch.randn(shape[0], 9, CONFIG.text_dim, generator=gen)
+    return [
+        (x + 0.3 * step * torch.randn(shape, generator=gen), torch.full((shape[0],), 900.0 - 250 * step), context)
+        for step in range(steps)
+    ]
+
+
+def _offloaded(model):
+    twin = copy.deepcopy(model)
+    streamer = stream_blocks_from_host(twin, "cpu")
+    return twin, streamer
+
+
+def _storages(module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+
+
+def test_offloaded_forward_equals_resident_bit_for_bit_and_streams_through_the_ring():
+    model = random_model(CONFIG, seed=1).to(torch.bfloat16)
+    model.compute_dtype = torch.bfloat16
+    model.fuse_projections()
+    twin, streamer = _offloaded(model)
+    host = [_storages(block) for block in twin.blocks]
+    ring = [{t.untyped_storage().data_ptr() for t in slot} for slot in streamer._slots]
+    seen = []
+    for block in twin.blocks:  # where each block's weights are while it runs
+        block.register_forward_pre_hook(lambda module, args: seen.append(_storages(module)))
+    with torch.no_grad():
+        for x, t, context in _inputs():
+            assert torch.equal(twin(x, t, context), model(x, t, context))
+    assert len(seen) == 3 * CONFIG.num_layers
+    assert all(storages == ring[i % 2] for i, storages in enumerate(seen)), "a block ran outside its ring slot"
+    assert [_storages(block) for block in twin.blocks] == host  # back on the host copies between forwards
+    block_bytes = sum(
+        t.numel() * t.element_size() for t in list(model.blocks.parameters()) + list(model.blocks.buffers())
+    )
+    assert streamer.host_bytes == block_bytes
+    assert streamer.device_bytes == 2 * block_bytes // CONFIG.num_layers
+
+
+def test_offloaded_fp8_storage_equals_resident():
+    state = random_model(CONFIG, seed=2).state_dict()
+    model = model_from_state_dict(state, dtype="bf16", quantization="fp8_e4m3fn", num_heads=CONFIG.num_heads)
+    model.fuse_projections()
+    assert any(isinstance(m, Fp8Linear) for m in model.blocks.modules())
+    twin, streamer = _offloaded(model)
+    scales = sum(m.scale_weight.numel() * 4 for m in twin.blocks.modules() if isinstance(m, Fp8Linear))
+    assert scales and streamer.host_bytes >= scales  # the fp8 scales travel with their weights
+    with torch.no_grad():
+        for x, t, context in _inputs(steps=2):
+            assert torch.equal(twin(x, t, context), model(x, t, context))
+
+
+def test_offloaded_compiled_blocks_equal_resident_compiled():
+    model = random_model(CONFIG, seed=3)
+    model.fuse_projections()
+    twin, _ = _offloaded(model)
+    model.compile_blocks(backend="aot_eager")
+    twin.compile_blocks(backend="aot_eager")
+    with torch.no_grad():
+        for x, t, context in _inputs(steps=2):
+            assert torch.equal(twin(x, t, context), model(x, t, context))
+
+
+def test_an_error_inside_a_block_leaves_every_block_on_its_host_copy():
+    model = random_model(CONFIG, seed=4)
+    twin, _ = _offloaded(model)
+    host = [_storages(block) for block in twin.blocks]
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    handle = twin.blocks[1].register_forward_pre_hook(fail)
+    x, t, context = _inputs(steps=1)[0]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
+        twin(x, t, context)
+    assert [_storages(block) for block in twin.blocks] == host
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(twin(x, t, context), model(x, t, context))
+
+
+def test_bad_offload_settings_are_refused(tmp_path):
+    model = random_model(CONFIG, seed=5)
+    with pytest.raises(WanDistriFusionError, match="offload: a ring of 1"):
+        BlockStreamer(model.blocks, torch.device("cpu"), ring=1)
+    odd = copy.deepcopy(model)
+    odd.blocks[1].ffn[0] = torch.nn.Linear(CONFIG.dim, 2 * CONFIG.ffn_dim)
+    with pytest.raises(WanDistriFusionError, match="offload: block 1 has other tensors"):
+        stream_blocks_from_host(odd, "cpu")
+    twin, _ = _offloaded(model)
+    with pytest.raises(WanDistriFusionError, match="already streams"):
+        stream_blocks_from_host(twin, "cpu")
+    checkpoint = write_checkpoint(tmp_path / "tiny.safetensors", model)
+    with pytest.raises(WanDistriFusionError, match="offload: 'yes' is not true or false"):
+        RuntimeSpec(str(checkpoint), device="cpu", offload="yes")
+
+
+def parallel_offload_matches(rank: int, world_size: int) -> dict:
+    """Per mode: digests of several steps through ParallelWan, resident model vs its offloaded twin."""
+    from wan_distrifusion.distrifusion.config import ParallelConfig
+    from wan_distrifusion.distrifusion.parallel_model import ParallelWan
+    from wan_distrifusion.wanvideo.offload import stream_blocks_from_host
+
+    model = tiny_model(0, sharp=True)
+    twin = copy.deepcopy(model)
+    stream_blocks_from_host(twin, "cpu")
+    results = {}
+    with torch.no_grad():
+        for mode in ("sync", "displaced", "ulysses"):
+            config = ParallelConfig(world_size=world_size, mode=mode, patch_size=16, warmup_steps=1)
+            outs = []
+            for which in (model, twin):
+                runner = ParallelWan(which, config, rank, "cpu")
+                runner.begin_job()
+                outs.append([digest(runner(x, t, c)) for x, t, c in _inputs(shape=(2, 4, 3, 10, 12), steps=4)])
+                stale = runner.stats["stale_steps"]
+                runner.close()
+            results[mode] = (outs[0] == outs[1], stale, outs[1])
+    return results
+
+
+def test_offloaded_equals_resident_on_two_ranks_sync_and_displaced():
+    results = run_ranks("test_offload", "parallel_offload_matches", 2)
+    for mode in ("sync", "displaced", "ulysses"):
+        assert all(rank[mode][0] for rank in results), mode
+        assert results[0][mode][2] == results[1][mode][2], mode  # every rank returns the same prediction
+    assert results[0]["displaced"][1] == 3  # the displaced run did use stale K/V
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("offload_lora")
+    checkpoint = write_checkpoint(folder / "tiny.safetensors", random_model(CONFIG, seed=6))
+    lora = random_lora(CONFIG, seed=2, with_diffs=True, scale=0.1)
+    return checkpoint, str(write_lora(folder / "style.safetensors", lora, "lightx2v"))
+
+
+@pytest.mark.parametrize("world_size,mode", [(1, "sync"), (2, "displaced")])
+def test_runtime_with_offload_and_a_lora_switch_equals_resident(lora_files, world_size, mode):
+    checkpoint, lora_path = lora_files
+    results = {}
+    for offload in (False, True):
+        spec = RuntimeSpec(
+            str(checkpoint),
+            parallel=ParallelConfig(world_size=world_size, mode=mode, patch_size=16, warmup_steps=1),
+            device="cpu",
+            loras=(LoraFile(lora_path, 1.0),),
+            offload=offload,
+            start_timeout_s=120,
+        )
+        runtime = start_runtime(spec)
+        try:
+            first = run_job(runtime, tiny_job())
+            runtime.apply_loras((LoraFile(lora_path, -0.5),))
+            second = run_job(runtime, tiny_job())
+        finally:
+            runtime.close()
+        results[offload] = (first, second)
+    assert not torch.equal(results[True][0], results[True][1])  # the switch changed the weights that stream
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
