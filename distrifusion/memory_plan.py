@@ -21,6 +21,7 @@ from pathlib import Path
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import DTYPES, PRECISIONS
 from ..wanvideo.model import WanConfig
+from ..wanvideo.offload import RING_BLOCKS
 from .config import ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class MemoryPlan:
     reserve_bytes: int
     device_free_bytes: int | None
     suggestions: tuple[str, ...] = ()
+    offload: bool = False
+    """Blocks streamed from host memory: ``weights_bytes`` is then the ring of device buffers plus the rest."""
+    host_bytes: int = 0
+    """Pinned host memory per rank (the offloaded blocks), not counted in ``total_bytes`` (the device's)."""
 
     @property
     def total_bytes(self) -> int:
@@ -63,8 +68,11 @@ class MemoryPlan:
 
     def breakdown(self) -> str:
         """``weights .. + activations .. + stale K/V .. + attention buffers .. + reserve ..`` and the setup."""
+        weights = f"weights {_gib(self.weights_bytes)}"
+        if self.offload:
+            weights += f" (offload: {RING_BLOCKS}-block ring + the rest; blocks in pinned host memory: {_gib(self.host_bytes)})"
         return (
-            f"weights {_gib(self.weights_bytes)} + activations {_gib(self.activation_bytes)} + "
+            f"{weights} + activations {_gib(self.activation_bytes)} + "
             f"stale K/V {_gib(self.stale_kv_bytes)} + attention buffers {_gib(self.attention_bytes)} + "
             f"reserve {_gib(self.reserve_bytes)}; {self.mode}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
             f"{', CFG parallel' if self.cfg_parallel else ''}, {self.tokens_local:,} of {self.tokens_total:,} tokens "
@@ -120,6 +128,14 @@ def parameter_counts(config: WanConfig) -> tuple[int, int]:
     return config.num_layers * block_matrices, config.num_layers * block_rest + rest
 
 
+def block_bytes(config: WanConfig, precision: str, quantization: str) -> int:
+    """One transformer block's weights as loaded (what offload keeps in host memory and streams per forward)."""
+    quantizable, other = parameter_counts(config)
+    _, other_outside = parameter_counts(dataclasses.replace(config, num_layers=0))
+    act = PRECISION_BYTES[precision]
+    return (quantizable * (1 if "fp8" in quantization else act) + (other - other_outside) * act) // config.num_layers
+
+
 def plan_memory(
     config: WanConfig,
     parallel: ParallelConfig,
@@ -131,25 +147,27 @@ def plan_memory(
     guidance_batch: int = 2,
     check: bool = True,
     models: int = 1,
+    offload: bool = False,
 ) -> MemoryPlan:
     """Estimate one rank's memory for latents of ``job_shape`` ``[B, C, F, H, W]``.
 
     ``guidance_batch`` is 2 when CFG runs cond and uncond as one batch, else 1. ``models`` is how many models of
-    ``config``'s shape every rank holds (2: Wan 2.2 A14B's experts, each with its own stale K/V). With ``check`` and a
+    ``config``'s shape every rank holds (2: Wan 2.2 A14B's experts, each with its own stale K/V). ``offload``: the blocks
+    stay in pinned host memory (``host_bytes``), the device holds a ring of two per model. With ``check`` and a
     known ``device_free_bytes``, a plan that does not fit raises ``WanDistriFusionError`` naming the
     numbers and the settings that would fit.
     """
     if precision not in PRECISION_BYTES:
         raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISION_BYTES)}.")
     args = (config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch, models)
-    plan = _estimate(*args)
+    plan = _estimate(*args, offload=offload)
     if check and plan.fits is False:
-        alternatives = _alternatives(*args)
+        alternatives = _alternatives(*args, offload=offload)
         plan = dataclasses.replace(plan, suggestions=tuple(alternatives))
         if alternatives:
             fix = "what would fit: " + "; ".join(alternatives)
         else:
-            fix = "none of CFG parallel, fp8 K/V buffers, the sync or ulysses mode, fp8 weights or more GPUs would fit; lower the resolution or the length"
+            fix = "none of CFG parallel, fp8 K/V buffers, the sync or ulysses mode, fp8 weights, offload or more GPUs would fit; lower the resolution or the length"
         raise WanDistriFusionError(
             f"memory: this job needs about {_gib(plan.total_bytes)} per rank but the device has "
             f"{_gib(plan.device_free_bytes)} free ({plan.breakdown()}); {fix}."
@@ -163,9 +181,10 @@ def check_host_memory(
     """On the CPU every rank is a process in this host's RAM: refuse ``ranks`` copies of ``plan`` that do not fit
     ``available_bytes`` (default: what the host has available now); warn when the ranks outnumber the cores."""
     available = host_available_bytes() if available_bytes is None else available_bytes
-    needed = ranks * plan.total_bytes
+    per_rank = plan.total_bytes + plan.host_bytes  # on the CPU, offloaded blocks are in the same RAM
+    needed = ranks * per_rank
     if needed > available:
-        fitting = available // plan.total_bytes
+        fitting = available // per_rank
         fix = (
             f"lower world size to {fitting} or fewer ranks on this host (the others can run on other hosts with "
             "`cli.py worker`)"
@@ -174,7 +193,7 @@ def check_host_memory(
         )
         who = f"world size: {ranks} CPU ranks on this host need" if ranks > 1 else "memory: this job needs"
         raise WanDistriFusionError(
-            f"{who} about {_gib(needed)} of RAM ({_gib(plan.total_bytes)} each: {plan.breakdown()}) but "
+            f"{who} about {_gib(needed)} of RAM ({_gib(per_rank)} each: {plan.breakdown()}) but "
             f"{_gib(available)} is available; {fix}."
         )
     cores = _usable_cores() if cores is None else cores
@@ -209,7 +228,9 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _estimate(config, parallel, shape, precision, quantization, free, guidance_batch, models=1) -> MemoryPlan:
+def _estimate(
+    config, parallel, shape, precision, quantization, free, guidance_batch, models=1, offload=False
+) -> MemoryPlan:
     batch, _, frames, height, width = shape
     pf, ph, pw = config.patch_size
     grid = (frames // pf, height // ph, width // pw)
@@ -231,6 +252,10 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
 
     quantizable, other = parameter_counts(config)
     weight_bytes = models * (quantizable * (1 if "fp8" in quantization else act) + other * act)
+    host_bytes = 0
+    if offload:  # every model's blocks in host memory, a ring of RING_BLOCKS of them on the device
+        host_bytes = models * layers * block_bytes(config, precision, quantization)
+        weight_bytes += models * RING_BLOCKS * block_bytes(config, precision, quantization) - host_bytes
 
     # Live tensors of one block per local token: residual, modulated input, q/k/v and fp32 RoPE
     # temporaries around attention (~10 x dim), or input, hidden and GELU output around the FFN.
@@ -260,11 +285,16 @@ def _estimate(config, parallel, shape, precision, quantization, free, guidance_b
         attention_bytes=attention,
         reserve_bytes=RESERVE_BYTES,
         device_free_bytes=free,
+        offload=offload,
+        host_bytes=host_bytes,
     )
 
 
-def _alternatives(config, parallel, shape, precision, quantization, free, guidance_batch, models=1) -> list[str]:
-    """The settings (one change, or fp8 K/V with CFG parallel) under which the job would fit."""
+def _alternatives(
+    config, parallel, shape, precision, quantization, free, guidance_batch, models=1, offload=False
+) -> list[str]:
+    """The settings (one change, or fp8 K/V with CFG parallel; each also with offload when only that fits) under
+    which the job would fit."""
     world = parallel.world_size
     candidates: list[tuple[str, ParallelConfig, str]] = []
     fp8_kv = parallel.mode == "displaced" and world > 1 and parallel.kv_dtype != "fp8_e4m3fn"
@@ -290,11 +320,22 @@ def _alternatives(config, parallel, shape, precision, quantization, free, guidan
                 candidates.append((f"{mode} mode", dataclasses.replace(parallel, mode=mode), quantization))
     if "fp8" not in quantization:
         candidates.append(("quantization fp8_e4m3fn", parallel, "fp8_e4m3fn"))
-    found = []
+    found, fitting_labels = [], set()
     for label, option, quant in candidates:
-        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models)
+        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, offload)
         if plan.fits:
             found.append(f"{label} ({_gib(plan.total_bytes)} per rank)")
+            fitting_labels.add(label)
+    if not offload:  # blocks streamed from host memory: alone, or with each change that does not fit without it
+        for label, option, quant in [("offload", parallel, quantization), *candidates]:
+            if label in fitting_labels:
+                continue
+            plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, True)
+            if plan.fits:
+                label = label if label == "offload" else f"{label} + offload"
+                found.append(
+                    f"{label} ({_gib(plan.total_bytes)} per rank + {_gib(plan.host_bytes)} pinned host memory)"
+                )
     modes = [parallel.mode] if world > 1 else ["ulysses", "sync", "displaced"]  # one rank has no mode yet
     for more in range(world + 1, 65):
         fitting = None
@@ -307,7 +348,7 @@ def _alternatives(config, parallel, shape, precision, quantization, free, guidan
                 and config.num_heads % option.patch_parallel_degree
             ):
                 continue
-            plan = _estimate(config, option, shape, precision, quantization, free, guidance_batch, models)
+            plan = _estimate(config, option, shape, precision, quantization, free, guidance_batch, models, offload)
             if plan.fits:
                 fitting = (mode, plan)
                 break

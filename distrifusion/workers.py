@@ -401,6 +401,7 @@ class WorkerGroup(Runtime):
             free,
             guidance_batch=guidance,
             models=len(self.spec.model_paths),
+            offload=self.spec.offload,
         )
         logger.info("memory plan: %s", self._last_plan.summary())
 

@@ -76,6 +76,10 @@ TOOLTIPS = {
     "same GPUs (both stay loaded: 2 x 14 GB per GPU in fp8), so switching costs no reload. The second output runs it: "
     "as in ComfyUI's template, the first Sampler (Advanced) runs the high-noise expert for steps 0-10 and returns "
     "with leftover noise, the second continues with the low-noise expert from step 10. none for every other model.",
+    "offload": "Keep the transformer blocks in pinned host (CPU) memory and copy each to the GPU just before it runs, "
+    "the next one in flight while the current one computes: each GPU then holds two blocks instead of the whole model "
+    "(14B bf16: ~1.7 GB instead of ~27 GB), so the 14B model runs on 24 GB cards. Needs the blocks' size in free RAM "
+    "per GPU (14B: 26 GB bf16, 13 GB fp8). Off: every GPU holds the whole model (fastest when it fits).",
     "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
     "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain. Measured in "
     "ComfyUI on one H200 with FlashAttention-4: later prompts 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own "
@@ -118,6 +122,7 @@ class OfficialDistriFusionModelLoader:
                 "second_model": combo_widget(
                     [NO_SECOND_MODEL, *_comfy.diffusion_model_files()], NO_SECOND_MODEL, tip["second_model"]
                 ),
+                "offload": bool_widget(False, tip["offload"]),
             },
         }
 
@@ -177,6 +182,7 @@ def build_settings(
     comm_backend: str,
     compile_blocks: bool = False,
     second_model: str = "none",
+    offload: bool = False,
     device: str | None = None,
     cuda_devices: int | None = None,
 ) -> RuntimeSettings:
@@ -264,6 +270,7 @@ def build_settings(
         master_addr=addr,
         master_port=port,
         second_model_path=second_path,
+        offload=bool(offload),
     )
     return RuntimeSettings(
         model=model,

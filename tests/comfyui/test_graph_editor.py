@@ -166,9 +166,10 @@ def test_our_nodes_created_from_the_library_have_every_widget(editor):
         "comm_backend",
         "compile",
         "second_model",
+        "offload",
     ]
     assert loader["values"]["patch_size"] == 64 and loader["values"]["gpus"] == 1
-    assert loader["values"]["second_model"] == "none"
+    assert loader["values"]["second_model"] == "none" and loader["values"]["offload"] is False
     assert loader["outputs"] == ["model:DISTRIFUSION_WAN_MODEL", "second model:DISTRIFUSION_WAN_MODEL"]
     sampler = created[SAMPLER]
     assert sampler["title"] == "🎯 Official DistriFusion Sampler"
