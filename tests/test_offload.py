@@ -4,6 +4,7 @@ on one rank and on two (sync, displaced), with fp8 storage, compiled blocks and 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from parallel_harness import digest, run_ranks, tiny_model
 from tiny_lora import random_lora, write_lora
 from tiny_wan import random_model, tiny_config, tiny_job, write_checkpoint
 from wan_distrifusion.distrifusion.config import ParallelConfig
+from wan_distrifusion.distrifusion.memory_plan import GIB, block_bytes, check_host_memory, plan_memory
 from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.workers import start_runtime
@@ -18,6 +20,7 @@ from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 from wan_distrifusion.wanvideo.fp8 import Fp8Linear
 from wan_distrifusion.wanvideo.loading import model_from_state_dict
 from wan_distrifusion.wanvideo.lora import LoraFile
+from wan_distrifusion.wanvideo.model import WanConfig
 from wan_distrifusion.wanvideo.offload import BlockStreamer, stream_blocks_from_host
 
 CONFIG = tiny_config()
@@ -188,3 +191,89 @@ def test_runtime_with_offload_and_a_lora_switch_equals_resident(lora_files, worl
     assert not torch.equal(results[True][0], results[True][1])  # the switch changed the weights that stream
     assert torch.equal(results[True][0], results[False][0])
     assert torch.equal(results[True][1], results[False][1])
+
+
+# -- the memory plan ---------------------------------------------------------------------------------------------
+WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+LATENT_720P_81 = (1, 16, 21, 90, 160)
+CARD_24GB = 24 * 10**9 - GIB // 2  # what a 24 GB card has free with a desktop on it
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_planned_block_bytes_are_what_the_streamer_holds(model_type):
+    config = tiny_config(model_type=model_type)
+    model = random_model(config, seed=7)
+    model.fuse_projections()
+    _, streamer = _offloaded(model)
+    assert streamer.host_bytes == config.num_layers * block_bytes(config, "fp32", "disabled")
+    assert streamer.device_bytes == 2 * block_bytes(config, "fp32", "disabled")
+    plan = plan_memory(config, ParallelConfig(), (1, 4, 3, 8, 12), "fp32", check=False, offload=True)
+    resident = plan_memory(config, ParallelConfig(), (1, 4, 3, 8, 12), "fp32", check=False)
+    assert plan.host_bytes == streamer.host_bytes
+    assert plan.weights_bytes == resident.weights_bytes - streamer.host_bytes + streamer.device_bytes
+
+
+def test_14b_720p_fits_a_24gb_card_only_with_offload_and_the_refusal_says_so():
+    for guidance in (1, 2):
+        resident = plan_memory(WAN_14B, ParallelConfig(), LATENT_720P_81, "bf16", check=False, guidance_batch=guidance)
+        offload = plan_memory(
+            WAN_14B,
+            ParallelConfig(),
+            LATENT_720P_81,
+            "bf16",
+            device_free_bytes=CARD_24GB,
+            guidance_batch=guidance,
+            offload=True,
+        )
+        assert offload.fits and not resident.total_bytes < CARD_24GB
+        ring = 2 * block_bytes(WAN_14B, "bf16", "disabled")
+        assert 1.3e9 < ring < 1.5e9  # two 14B blocks of ~0.7 GB
+        assert offload.weights_bytes == resident.weights_bytes - offload.host_bytes + ring
+        assert 27e9 < offload.host_bytes < 29e9 and "pinned host memory: 26.2 GiB" in offload.summary()
+    with pytest.raises(
+        WanDistriFusionError, match=r"what would fit: offload \(1[0-9.]+ GiB per rank \+ 26.2 GiB pinned"
+    ):
+        plan_memory(WAN_14B, ParallelConfig(), LATENT_720P_81, "bf16", device_free_bytes=CARD_24GB)
+
+
+def test_displaced_on_24gb_cards_is_refused_with_exact_modes_and_offload():
+    """The stale K/V (31 GB per batch item in fp8 at 14B 720p) fits no 24 GB card: the plan proposes what does."""
+    displaced = ParallelConfig(world_size=2, kv_dtype="fp8_e4m3fn")
+    plan = plan_memory(WAN_14B, displaced, LATENT_720P_81, "bf16", guidance_batch=1, check=False, offload=True)
+    assert 30e9 < plan.stale_kv_bytes < 32e9 and not plan.stale_kv_bytes < CARD_24GB
+    with pytest.raises(WanDistriFusionError) as refused:
+        plan_memory(WAN_14B, displaced, LATENT_720P_81, "bf16", device_free_bytes=CARD_24GB, offload=True)
+    assert "sync mode (" in str(refused.value) and "ulysses mode (" in str(refused.value)
+    with pytest.raises(WanDistriFusionError) as refused:
+        plan_memory(WAN_14B, displaced, LATENT_720P_81, "bf16", device_free_bytes=CARD_24GB)
+    assert "sync mode + offload (" in str(refused.value) and "CFG parallel + offload (" in str(refused.value)
+
+
+def test_cpu_ranks_count_the_offloaded_blocks_in_the_hosts_ram():
+    config = tiny_config()
+    plan = plan_memory(config, ParallelConfig(), (1, 4, 3, 8, 12), "fp32", check=False, offload=True)
+    check_host_memory(plan, 1, available_bytes=plan.total_bytes + plan.host_bytes, cores=4)
+    with pytest.raises(WanDistriFusionError, match="memory: this job needs"):
+        check_host_memory(plan, 1, available_bytes=plan.total_bytes + plan.host_bytes - 1, cores=4)
+
+
+def test_cli_offload_equals_resident_and_records_it(lora_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    checkpoint, _ = lora_files
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    outs = {}
+    for offload in ([], ["--offload"]):
+        out = tmp_path / f"latent{len(offload)}.safetensors"
+        args = ["generate", "--model", str(checkpoint), "--width", "48", "--height", "32", "--length", "5"]
+        args += ["--steps", "2", "--device", "cpu", "--out", str(out), *offload]
+        result = subprocess.run([sys.executable, str(cli), *args], capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with safe_open(str(out), "pt") as handle:
+            outs[bool(offload)] = handle.get_tensor("latent")
+            assert json.loads(handle.metadata()["settings"])["offload"] is bool(offload)
+    assert torch.equal(outs[True], outs[False])
