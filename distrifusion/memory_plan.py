@@ -206,6 +206,30 @@ def check_host_memory(
         )
 
 
+def check_offload_host_memory(
+    config: WanConfig,
+    precision: str,
+    quantization: str,
+    ranks: int,
+    models: int = 1,
+    available_bytes: int | None = None,
+) -> int:
+    """Refuse ``offload`` before loading when this host's ``ranks`` ranks cannot keep their blocks in its RAM (each
+    rank pins its own copy); returns the bytes they pin."""
+    needed = ranks * models * config.num_layers * block_bytes(config, precision, quantization)
+    available = host_available_bytes() if available_bytes is None else available_bytes
+    if needed > available:
+        if "fp8" not in quantization:
+            fix = "use quantization fp8_e4m3fn (half the bytes)"
+        else:
+            fix = "use fewer GPUs on this host" if ranks > 1 else "free RAM (other programs, ComfyUI's cached models)"
+        raise WanDistriFusionError(
+            f"offload: {ranks} rank{'s' if ranks > 1 else ''} on this host would pin {_gib(needed)} of transformer "
+            f"blocks in host memory but {_gib(available)} of RAM is available; {fix}, or turn offload off."
+        )
+    return needed
+
+
 def host_available_bytes() -> int:
     """RAM this process can still use: the system's available memory, capped by a cgroup v2 limit when set."""
     import psutil

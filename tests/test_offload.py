@@ -12,7 +12,13 @@ from parallel_harness import digest, run_ranks, tiny_model
 from tiny_lora import random_lora, write_lora
 from tiny_wan import random_model, tiny_config, tiny_job, write_checkpoint
 from wan_distrifusion.distrifusion.config import ParallelConfig
-from wan_distrifusion.distrifusion.memory_plan import GIB, block_bytes, check_host_memory, plan_memory
+from wan_distrifusion.distrifusion.memory_plan import (
+    GIB,
+    block_bytes,
+    check_host_memory,
+    check_offload_host_memory,
+    plan_memory,
+)
 from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.workers import start_runtime
@@ -277,3 +283,25 @@ def test_cli_offload_equals_resident_and_records_it(lora_files, tmp_path):
             outs[bool(offload)] = handle.get_tensor("latent")
             assert json.loads(handle.metadata()["settings"])["offload"] is bool(offload)
     assert torch.equal(outs[True], outs[False])
+
+
+def test_offload_is_refused_before_loading_when_the_hosts_ram_cannot_hold_the_blocks():
+    blocks = WAN_14B.num_layers * block_bytes(WAN_14B, "bf16", "disabled")
+    assert check_offload_host_memory(WAN_14B, "bf16", "disabled", 2, available_bytes=2 * blocks) == 2 * blocks
+    with pytest.raises(WanDistriFusionError, match=r"offload: 2 ranks on this host would pin 52.4 GiB .* fp8_e4m3fn"):
+        check_offload_host_memory(WAN_14B, "bf16", "disabled", 2, available_bytes=40 * GIB)
+    with pytest.raises(WanDistriFusionError, match=r"offload: 1 rank on this host would pin 26.2 GiB .* free RAM"):
+        check_offload_host_memory(WAN_14B, "bf16", "fp8_e4m3fn", 1, models=2, available_bytes=20 * GIB)
+
+
+def test_the_spec_check_before_start_runs_the_offload_check(lora_files, monkeypatch):
+    from wan_distrifusion.distrifusion import memory_plan
+    from wan_distrifusion.distrifusion.validation import check_spec_before_start
+
+    checkpoint, _ = lora_files
+    spec = RuntimeSpec(str(checkpoint), device="cpu", offload=True)
+    assert check_spec_before_start(spec).num_layers == CONFIG.num_layers
+    monkeypatch.setattr(memory_plan, "host_available_bytes", lambda: 1000)
+    with pytest.raises(WanDistriFusionError, match="offload: 1 rank on this host would pin"):
+        check_spec_before_start(spec)
+    assert check_spec_before_start(spec.with_changes(offload=False)).num_layers == CONFIG.num_layers
