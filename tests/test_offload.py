@@ -305,3 +305,12 @@ def test_the_spec_check_before_start_runs_the_offload_check(lora_files, monkeypa
     with pytest.raises(WanDistriFusionError, match="offload: 1 rank on this host would pin"):
         check_spec_before_start(spec)
     assert check_spec_before_start(spec.with_changes(offload=False)).num_layers == CONFIG.num_layers
+
+
+def test_status_says_the_blocks_stream_from_host_memory(lora_files):
+    from wan_distrifusion.distrifusion.status import RunActivity, format_report, status_report
+
+    checkpoint, _ = lora_files
+    spec = RuntimeSpec(str(checkpoint), device="cpu", offload=True)
+    assert "offload" in format_report(status_report(activity=RunActivity(), spec=spec))
+    assert "offload" not in format_report(status_report(activity=RunActivity(), spec=spec.with_changes(offload=False)))
