@@ -133,6 +133,10 @@ def test_bad_offload_settings_are_refused(tmp_path):
     twin, _ = _offloaded(model)
     with pytest.raises(WanDistriFusionError, match="already streams"):
         stream_blocks_from_host(twin, "cpu")
+    twin.blocks[0] = copy.deepcopy(model.blocks[0])  # replaced after the set-up: refused, not run from elsewhere
+    x, t, context = _inputs(steps=1)[0]
+    with torch.no_grad(), pytest.raises(WanDistriFusionError, match="offload: block 0 was not set up"):
+        twin(x, t, context)
     checkpoint = write_checkpoint(tmp_path / "tiny.safetensors", model)
     with pytest.raises(WanDistriFusionError, match="offload: 'yes' is not true or false"):
         RuntimeSpec(str(checkpoint), device="cpu", offload="yes")

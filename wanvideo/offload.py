@@ -104,7 +104,8 @@ class BlockStreamer:
             yield self._in_turn(blocks)
         finally:
             for block in blocks:
-                self._point_at(block, self._host[id(block)])
+                if id(block) in self._host:  # (a block not set up for streaming raised in ``_in_turn``)
+                    self._point_at(block, self._host[id(block)])
             if self._cuda:  # a slot may still be read by work queued before an error: later copies wait for it
                 compute = torch.cuda.current_stream(self.device)
                 for event in self._free:
