@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -392,7 +391,7 @@ class WanModel(nn.Module):
             block.before_attention = torch.compile(block.before_attention, backend=backend)
             block.after_attention = torch.compile(block.after_attention, backend=backend)
 
-    def blocks_on_device(self) -> AbstractContextManager[Iterable[WanBlock]]:
+    def blocks_on_device(self) -> contextlib.AbstractContextManager[Iterable[WanBlock]]:
         """The blocks in order, each with its weights on the compute device while it runs (``offload.py``)."""
         if self.block_streamer is None:
             return contextlib.nullcontext(self.blocks)
