@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (sharded when a copy does not fit; default)",
     )
     gen.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the transformer blocks in pinned host memory, streamed to the GPU ahead of use (14B on 24 GB)",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -309,6 +314,7 @@ def check_before_starting(args, job, parallel, config, device: str, precision: s
             guidance_batch=guidance,
             check=False,
             weights="sharded" if args.weights == "sharded" and parallel.world_size > 1 else "replicated",
+            offload=args.offload,
         )
         memory_plan.check_host_memory(plan, ranks)
 
@@ -393,6 +399,7 @@ def generate(args: argparse.Namespace) -> int:
             step_timeout_s=args.step_timeout,
             start_timeout_s=args.start_timeout,
             loras=loras,
+            offload=args.offload,
         )
         runtime = _module("distrifusion.workers").start_runtime(spec)
         try:
@@ -527,7 +534,7 @@ def _write_video(pixels, out: Path) -> None:
 def _metadata(args: argparse.Namespace, job, spec) -> dict:
     """The output's metadata: the model and every setting the clip was made with."""
     settings = {name: getattr(job, name) for name in JOB_FLAGS}
-    settings.update(precision=spec.precision, quantization=spec.quantization, device=spec.device)
+    settings.update(precision=spec.precision, quantization=spec.quantization, device=spec.device, offload=spec.offload)
     settings["parallel"] = spec.parallel.to_dict()
     settings["loras"] = [{"file": lora.name, "strength": lora.strength} for lora in spec.loras]
     return {"model": str(args.model or "tiny random Wan"), "settings": json.dumps(settings)}

@@ -129,6 +129,7 @@ class InProcessRunner(Runtime):
             free,
             guidance_batch=guidance,
             models=len(self._models),
+            offload=self.spec.offload,
         )
         if cancelled is not None and cancelled():
             raise JobCancelled("cancelled before the first step", 0, job.steps)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import DTYPES, PRECISIONS
 from ..wanvideo.model import WanConfig
+from ..wanvideo.offload import RING_BLOCKS
 from .config import ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class MemoryPlan:
     """``replicated`` or ``sharded`` (``weights_bytes`` is then this rank's shards plus the replicated rest)."""
     gather_bytes: int = 0
     """Sharded weights: the full weights of the blocks in flight (the running one and the prefetched next)."""
+    offload: bool = False
+    """Blocks streamed from host memory: ``weights_bytes`` is then the ring of device buffers plus the rest."""
+    host_bytes: int = 0
+    """Pinned host memory per rank (the offloaded blocks), not counted in ``total_bytes`` (the device's)."""
 
     @property
     def total_bytes(self) -> int:
@@ -75,6 +80,8 @@ class MemoryPlan:
         weights = f"weights {_gib(self.weights_bytes)}"
         if self.weights == "sharded":
             weights = f"sharded weights {_gib(self.weights_bytes)} + gathered blocks {_gib(self.gather_bytes)}"
+        if self.offload:
+            weights += f" (offload: {RING_BLOCKS}-block ring + the rest; blocks in pinned host memory: {_gib(self.host_bytes)})"
         return (
             f"{weights} + activations {_gib(self.activation_bytes)} + "
             f"stale K/V {_gib(self.stale_kv_bytes)} + attention buffers {_gib(self.attention_bytes)} + "
@@ -180,6 +187,14 @@ def choose_weights(
     return "sharded" if models * resident > WEIGHTS_SHARE * free_bytes else "replicated"
 
 
+def block_bytes(config: WanConfig, precision: str, quantization: str) -> int:
+    """One transformer block's weights as loaded (what offload keeps in host memory and streams per forward)."""
+    quantizable, other = parameter_counts(config)
+    _, other_outside = parameter_counts(dataclasses.replace(config, num_layers=0))
+    act = PRECISION_BYTES[precision]
+    return (quantizable * (1 if "fp8" in quantization else act) + (other - other_outside) * act) // config.num_layers
+
+
 def plan_memory(
     config: WanConfig,
     parallel: ParallelConfig,
@@ -192,12 +207,14 @@ def plan_memory(
     check: bool = True,
     models: int = 1,
     weights: str = "replicated",
+    offload: bool = False,
 ) -> MemoryPlan:
     """Estimate one rank's memory for latents of ``job_shape`` ``[B, C, F, H, W]``.
 
     ``guidance_batch`` is 2 when CFG runs cond and uncond as one batch, else 1. ``models`` is how many models of
     ``config``'s shape every rank holds (2: Wan 2.2 A14B's experts, each with its own stale K/V); ``weights``
-    ``replicated`` or ``sharded`` (``auto`` resolved by the ranks, see ``choose_weights``). With ``check`` and a
+    ``replicated`` or ``sharded`` (``auto`` resolved by the ranks, see ``choose_weights``). ``offload``: the blocks
+    stay in pinned host memory (``host_bytes``), the device holds a ring of two per model. With ``check`` and a
     known ``device_free_bytes``, a plan that does not fit raises ``WanDistriFusionError`` naming the
     numbers and the settings that would fit.
     """
@@ -206,16 +223,16 @@ def plan_memory(
     if weights not in ("replicated", "sharded"):
         raise WanDistriFusionError(f"weights: {weights!r} is not resolved; the plan takes replicated or sharded.")
     args = (config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch, models)
-    plan = _estimate(*args, weights=weights)
+    plan = _estimate(*args, weights=weights, offload=offload)
     if check and plan.fits is False:
-        alternatives = _alternatives(*args, weights=weights)
+        alternatives = _alternatives(*args, weights=weights, offload=offload)
         plan = dataclasses.replace(plan, suggestions=tuple(alternatives))
         if alternatives:
             fix = "what would fit, cheapest first: " + "; ".join(alternatives)
         else:
             fix = (
-                "none of CFG parallel, sharded weights, fp8 K/V buffers, the sync or ulysses mode, fp8 weights or more "
-                "GPUs would fit; lower the resolution or the length"
+                "none of CFG parallel, sharded weights, fp8 K/V buffers, the sync or ulysses mode, fp8 weights, offload "
+                "or more GPUs would fit; lower the resolution or the length"
             )
         raise WanDistriFusionError(
             f"memory: this job needs about {_gib(plan.total_bytes)} per rank but the device has "
@@ -277,7 +294,16 @@ def _usable_cores() -> int:
 
 
 def _estimate(
-    config, parallel, shape, precision, quantization, free, guidance_batch, models=1, weights="replicated"
+    config,
+    parallel,
+    shape,
+    precision,
+    quantization,
+    free,
+    guidance_batch,
+    models=1,
+    weights="replicated",
+    offload=False,
 ) -> MemoryPlan:
     batch, _, frames, height, width = shape
     pf, ph, pw = config.patch_size
@@ -300,6 +326,16 @@ def _estimate(
 
     weights = weights if world > 1 else "replicated"
     resident, gathered = weight_bytes(config, precision, quantization, world, weights)
+    host_bytes = 0
+    if offload:  # every model's blocks in host memory, a ring of RING_BLOCKS of them on the device
+        weights, gathered = "replicated", 0  # offload streams whole blocks; sharded weights are not combined with it
+        host_bytes = layers * block_bytes(config, precision, quantization)
+        resident = (
+            weight_bytes(config, precision, quantization)[0]
+            - host_bytes
+            + RING_BLOCKS * block_bytes(config, precision, quantization)
+        )
+        host_bytes *= models
 
     # Live tensors of one block per local token: residual, modulated input, q/k/v and fp32 RoPE
     # temporaries around attention (~10 x dim), or input, hidden and GELU output around the FFN.
@@ -331,15 +367,27 @@ def _estimate(
         attention_bytes=attention,
         reserve_bytes=RESERVE_BYTES,
         device_free_bytes=free,
+        offload=offload,
+        host_bytes=host_bytes,
     )
 
 
 def _alternatives(
-    config, parallel, shape, precision, quantization, free, guidance_batch, models=1, weights="replicated"
+    config,
+    parallel,
+    shape,
+    precision,
+    quantization,
+    free,
+    guidance_batch,
+    models=1,
+    weights="replicated",
+    offload=False,
 ) -> list[str]:
     """The settings under which the job would fit, cheapest first: exact changes that keep the overlap (CFG
     parallel, sharded weights), then fp8 K/V (rounds the stale K/V), then the exact modes without overlap (sync,
-    ulysses), then fp8 weights (rounds the model), each alone and with sharded weights; then more GPUs."""
+    ulysses), then fp8 weights (rounds the model), each alone and with sharded weights; then offload (streams every
+    block over PCIe each step), alone or with a change that does not fit without it; then more GPUs."""
     world = parallel.world_size
     # (cost rank, label, parallel, quantization): the rank orders the proposals, lower is cheaper
     changes: list[tuple[int, str, ParallelConfig, str]] = []
@@ -368,11 +416,22 @@ def _alternatives(
             (cost + 2, f"sharded weights + {label}", option, quant, "sharded") for cost, label, option, quant in changes
         ]
     candidates.sort(key=lambda candidate: candidate[0])
-    found = []
+    found, fitting_labels = [], set()
     for _, label, option, quant, weights_option in candidates:
-        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, weights_option)
+        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, weights_option, offload)
         if plan.fits:
             found.append(f"{label} ({_gib(plan.total_bytes)} per rank)")
+            fitting_labels.add(label)
+    if not offload:  # blocks streamed from host memory: alone, or with each change that does not fit without it
+        for label, option, quant in [("offload", parallel, quantization), *((c[1], c[2], c[3]) for c in changes)]:
+            if label in fitting_labels:
+                continue
+            plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, "replicated", True)
+            if plan.fits:
+                label = label if label == "offload" else f"{label} + offload"
+                found.append(
+                    f"{label} ({_gib(plan.total_bytes)} per rank + {_gib(plan.host_bytes)} pinned host memory)"
+                )
     modes = [parallel.mode] if world > 1 else ["ulysses", "sync", "displaced"]  # one rank has no mode yet
     for more in range(world + 1, 65):
         fitting = None
@@ -387,7 +446,16 @@ def _alternatives(
                 ):
                     continue
                 plan = _estimate(
-                    config, option, shape, precision, quantization, free, guidance_batch, models, weights_option
+                    config,
+                    option,
+                    shape,
+                    precision,
+                    quantization,
+                    free,
+                    guidance_batch,
+                    models,
+                    weights_option,
+                    offload,
                 )
                 if plan.fits:
                     fitting = (mode, plan)

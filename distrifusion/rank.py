@@ -10,6 +10,7 @@ import torch.distributed as dist
 from ..wanvideo.fp8 import enable_fp8_matmul
 from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_model
 from ..wanvideo.lora import apply_loras
+from ..wanvideo.offload import stream_blocks_from_host
 from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
@@ -85,15 +86,18 @@ def load_rank_models(
 def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = None, mesh=None) -> torch.nn.Module:
     """Load ``spec``'s weights (or ``path``'s) on this rank's device, projections fused, with the group's attention
     kernel and compile setting. With a ``mesh`` the model is loaded on the CPU (memory-mapped), the LoRA chain
-    merged there, and only this rank's shard of each block moves to the device (``sharded_weights.py``)."""
+    merged there, and only this rank's shard of each block moves to the device (``sharded_weights.py``). With
+    ``offload`` the blocks stay in host memory, streamed to the device per forward (``wanvideo/offload.py``)."""
     model = load_wan_model(
         path or spec.model_path,
         dtype=PRECISIONS[spec.precision],
         quantization=spec.quantization,
-        device="cpu" if mesh is not None else device,
+        device="cpu" if mesh is not None or spec.offload else device,
     )
     model.eval()
     model.fuse_projections()
+    if spec.offload:
+        stream_blocks_from_host(model, device)
     if spec.loras:
         apply_loras(model, spec.model_path, spec.loras)
     if mesh is not None:

@@ -64,6 +64,9 @@ class RuntimeSpec:
     weights: str = "auto"
     """``replicated`` (every rank a full copy), ``sharded`` (each rank 1/N of every block, gathered around the
     block; ``sharded_weights.py``) or ``auto`` (sharded when the ranks' GPUs cannot hold a full copy)."""
+    offload: bool = False
+    """Keep the transformer blocks in pinned host memory and stream them to the GPU ahead of use
+    (``wanvideo/offload.py``): each rank holds only a ring of two blocks on its device."""
 
     def __post_init__(self) -> None:
         world = self.parallel.world_size
@@ -107,6 +110,8 @@ class RuntimeSpec:
                     "lora: a LoRA chain with a second model (Wan 2.2's two experts) is not supported yet (each expert "
                     "needs its own chain); disconnect the LoRA or the second model."
                 )
+        if not isinstance(self.offload, bool):
+            raise WanDistriFusionError(f"offload: {self.offload!r} is not true or false; use true or false.")
         object.__setattr__(self, "local_ranks", local)
         for name in ("step_timeout_s", "start_timeout_s", "remote_timeout_s"):
             object.__setattr__(self, name, float(getattr(self, name)))

@@ -227,6 +227,7 @@ def status_report(
             "model": model,
             "precision": spec.precision if spec is not None else None,
             "quantization": spec.quantization if spec is not None else None,
+            "offload": spec.offload if spec is not None else None,
             "loras": [[lora.name, lora.strength] for lora in spec.loras] if spec is not None else [],
             "attention": parallel.attention_backend if parallel is not None else None,
             "weights": runtime_status.get("weights") or _weights_setting(spec),
@@ -413,6 +414,7 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
     lines.append(
         f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
         f"attention {runtime.get('attention')}" + (f", weights {runtime['weights']}" if runtime.get("weights") else "")
+        + (", blocks streamed from host memory (offload)" if runtime.get("offload") else "")
     )
     if runtime.get("loras"):
         lines.append("   LoRA: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime["loras"]))

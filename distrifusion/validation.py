@@ -24,6 +24,7 @@ from ..wanvideo.sampling import SAMPLERS, SCHEDULERS, sigma_schedule
 from .attention import check_heads
 from .config import ParallelConfig
 from .job import GenerationJob, pixels_per_token
+from .memory_plan import check_offload_host_memory
 from .partition import partition_tokens
 from .settings import RuntimeSpec
 
@@ -105,7 +106,7 @@ def check_before_start(
 
 def check_spec_before_start(spec: RuntimeSpec) -> WanConfig:
     """``check_before_start`` for a runtime's settings (the Loader's, and the worker group's before it launches)."""
-    return check_before_start(
+    config = check_before_start(
         spec.model_path,
         spec.parallel,
         device=spec.device,
@@ -113,6 +114,9 @@ def check_spec_before_start(spec: RuntimeSpec) -> WanConfig:
         first_rank=spec.first_rank,
         second_model_path=spec.second_model_path,
     )
+    if spec.offload:
+        check_offload_host_memory(config, spec.precision, spec.quantization, spec.local_ranks, len(spec.model_paths))
+    return config
 
 
 EXPERT_SHAPE = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "model_type")

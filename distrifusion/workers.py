@@ -409,6 +409,7 @@ class WorkerGroup(Runtime):
             guidance_batch=guidance,
             models=len(self.spec.model_paths),
             weights=self.weights or "replicated",
+            offload=self.spec.offload,
         )
         logger.info("memory plan: %s", self._last_plan.summary())
 

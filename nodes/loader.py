@@ -82,6 +82,10 @@ TOOLTIPS = {
     "all GPUs just before it runs while the previous one computes (14B on 2 x 24 GB cards; exact, same result; costs "
     "the gathers' traffic, small over NVLink). auto = sharded when a full copy would take more than 70% of the "
     "smallest GPU's free memory, else replicated (the Status node says which). Needs GPUs >= 2 for sharded.",
+    "offload": "Keep the transformer blocks in pinned host (CPU) memory and copy each to the GPU just before it runs, "
+    "the next one in flight while the current one computes: each GPU then holds two blocks instead of the whole model "
+    "(14B bf16: ~1.7 GB instead of ~27 GB), so the 14B model runs on 24 GB cards. Needs the blocks' size in free RAM "
+    "per GPU (14B: 26 GB bf16, 13 GB fp8). Off: every GPU holds the whole model (fastest when it fits).",
     "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
     "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain. Measured in "
     "ComfyUI on one H200 with FlashAttention-4: later prompts 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own "
@@ -125,6 +129,7 @@ class OfficialDistriFusionModelLoader:
                     [NO_SECOND_MODEL, *_comfy.diffusion_model_files()], NO_SECOND_MODEL, tip["second_model"]
                 ),
                 "weights": combo_widget(WEIGHTS, "auto", tip["weights"]),
+                "offload": bool_widget(False, tip["offload"]),
             },
         }
 
@@ -185,6 +190,7 @@ def build_settings(
     compile_blocks: bool = False,
     second_model: str = "none",
     weights: str = "auto",
+    offload: bool = False,
     device: str | None = None,
     cuda_devices: int | None = None,
 ) -> RuntimeSettings:
@@ -274,6 +280,7 @@ def build_settings(
         master_port=port,
         second_model_path=second_path,
         weights=weights,
+        offload=bool(offload),
     )
     return RuntimeSettings(
         model=model,

@@ -114,6 +114,11 @@ class RuntimeRegistry:
             self._runtime, self._settings = runtime, settings
             return runtime
 
+    def is_loaded(self, settings: RuntimeSettings) -> bool:
+        """Whether the running group is the one ``settings`` would use (its weights already loaded)."""
+        with self._lock:
+            return self._runtime is not None and self._settings.same_group(settings) and _alive(self._runtime)
+
     def current(self):
         """``(runtime, settings)`` now, without waiting for a start in progress."""
         return self._runtime, self._settings

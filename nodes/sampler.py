@@ -16,7 +16,7 @@ from ..distrifusion.job import GenerationJob, vae_stride
 from ..distrifusion.validation import check_guidance, check_job, check_model
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.model import WanConfig
-from . import _comfy, comfy_sampling, wan_conditioning
+from . import _comfy, comfy_memory, comfy_sampling, wan_conditioning
 from ._widgets import combo_widget, float_widget, int_widget, socket
 from .loader import CATEGORY
 from .runtime import MODEL_TYPE, RUNTIMES, DistriFusionModel
@@ -351,6 +351,7 @@ def sample_video(
     noise = _comfy.prepare_noise(latent_image, seed) if steps_range.add_noise else torch.zeros(shape)
     steps = job.steps
 
+    comfy_memory.make_room(model.settings, config, job, loaded=RUNTIMES.is_loaded(model.settings))
     runtime = model.runtime()
     activity = RUNTIMES.activity
     bar = _comfy.progress_bar(steps, node_id=unique_id)

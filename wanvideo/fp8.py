@@ -89,13 +89,15 @@ class Fp8Linear(nn.Linear):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def enable_fp8_matmul(model: nn.Module) -> int:
-    """Let every ``float8_e4m3fn`` ``Fp8Linear`` of ``model`` multiply in fp8 when its device has fp8 tensor
-    cores (capability 8.9+). Returns how many layers will; 0 on CPU, older GPUs or ``fp8_e5m2`` weights."""
+def enable_fp8_matmul(model: nn.Module, device: torch.device | str | None = None) -> int:
+    """Let every ``float8_e4m3fn`` ``Fp8Linear`` of ``model`` multiply in fp8 when the device it runs on (``device``,
+    default where its weight is) has fp8 tensor cores (capability 8.9+). Returns how many layers will; 0 on CPU,
+    older GPUs or ``fp8_e5m2`` weights."""
     count = 0
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            module.use_fp8_matmul = module.weight.dtype == torch.float8_e4m3fn and has_fp8_matmul(module.weight.device)
+            where = module.weight.device if device is None else device
+            module.use_fp8_matmul = module.weight.dtype == torch.float8_e4m3fn and has_fp8_matmul(where)
             count += module.use_fp8_matmul
     return count
 

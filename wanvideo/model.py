@@ -8,7 +8,9 @@ the token grid goes through the blocks, with rotary positions and per-token time
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -359,6 +361,8 @@ class WanModel(nn.Module):
             self.img_emb = WanImageEmbedding(config.image_dim, dim, config.image_positions)
         self.compute_dtype = torch.float32
         """dtype activations run in; ``loading.py`` sets it (weights may be stored narrower, e.g. fp8)."""
+        self.block_streamer = None
+        """``offload.BlockStreamer`` when the blocks' weights live in host memory and are streamed in per forward."""
 
     def set_attention_backend(self, backend: str) -> None:
         """Run self-attention on ``backend`` (see ``attention.ATTENTION_BACKENDS``)."""
@@ -387,6 +391,12 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.before_attention = torch.compile(block.before_attention, backend=backend)
             block.after_attention = torch.compile(block.after_attention, backend=backend)
+
+    def blocks_on_device(self) -> contextlib.AbstractContextManager[Iterable[WanBlock]]:
+        """The blocks in order, each with its weights on the compute device while it runs (``offload.py``)."""
+        if self.block_streamer is None:
+            return contextlib.nullcontext(self.blocks)
+        return self.block_streamer.streaming(self.blocks)
 
     def token_grid(self, x: Tensor) -> tuple[int, int, int]:
         """Token grid (frames, rows, cols) that latents of this shape patchify into."""
@@ -441,8 +451,8 @@ class WanModel(nn.Module):
         if self.config.clip_image and clip_fea is not None:
             image_context = self.img_emb(clip_fea.to(compute_dtype))
 
-        with sdpa_backend_order(x.device):
-            for block in self.blocks:
+        with sdpa_backend_order(x.device), self.blocks_on_device() as blocks:
+            for block in blocks:
                 tokens = block(tokens, time_modulation, context, (cos, sin), image_context, timestep_of_token)
         out = self.head(tokens, time_embedding, timestep_of_token)
         if token_index is not None:

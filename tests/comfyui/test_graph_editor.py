@@ -167,9 +167,11 @@ def test_our_nodes_created_from_the_library_have_every_widget(editor):
         "compile",
         "second_model",
         "weights",
+        "offload",
     ]
     assert loader["values"]["patch_size"] == 64 and loader["values"]["gpus"] == 1
     assert loader["values"]["second_model"] == "none" and loader["values"]["weights"] == "auto"
+    assert loader["values"]["offload"] is False
     assert loader["outputs"] == ["model:DISTRIFUSION_WAN_MODEL", "second model:DISTRIFUSION_WAN_MODEL"]
     sampler = created[SAMPLER]
     assert sampler["title"] == "🎯 Official DistriFusion Sampler"

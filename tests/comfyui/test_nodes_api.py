@@ -111,6 +111,8 @@ def test_object_info_has_three_nodes_with_every_widget(comfy):
     assert info[LOADER]["output"] == ["DISTRIFUSION_WAN_MODEL", "DISTRIFUSION_WAN_MODEL"]
     assert info[LOADER]["input"]["optional"]["second_model"][1]["default"] == "none"
     _check_widgets(info[LOADER]["input"]["optional"], {"weights": ("auto", ["replicated", "sharded", "auto"])})
+    offload = info[LOADER]["input"]["optional"]["offload"]
+    assert offload[0] == "BOOLEAN" and offload[1]["default"] is False and "pinned host" in offload[1]["tooltip"]
     assert info[SAMPLER]["output"] == ["LATENT"]
     assert info[STATUS]["output"] == ["STRING"] and info[STATUS]["output_node"] is True
 
