@@ -247,9 +247,10 @@ def check_host_memory(
     """On the CPU every rank is a process in this host's RAM: refuse ``ranks`` copies of ``plan`` that do not fit
     ``available_bytes`` (default: what the host has available now); warn when the ranks outnumber the cores."""
     available = host_available_bytes() if available_bytes is None else available_bytes
-    needed = ranks * plan.total_bytes
+    per_rank = plan.total_bytes + plan.host_bytes  # on the CPU, offloaded blocks are in the same RAM
+    needed = ranks * per_rank
     if needed > available:
-        fitting = available // plan.total_bytes
+        fitting = available // per_rank
         fix = (
             f"lower world size to {fitting} or fewer ranks on this host (the others can run on other hosts with "
             "`cli.py worker`)"
@@ -258,7 +259,7 @@ def check_host_memory(
         )
         who = f"world size: {ranks} CPU ranks on this host need" if ranks > 1 else "memory: this job needs"
         raise WanDistriFusionError(
-            f"{who} about {_gib(needed)} of RAM ({_gib(plan.total_bytes)} each: {plan.breakdown()}) but "
+            f"{who} about {_gib(needed)} of RAM ({_gib(per_rank)} each: {plan.breakdown()}) but "
             f"{_gib(available)} is available; {fix}."
         )
     cores = _usable_cores() if cores is None else cores
@@ -269,6 +270,30 @@ def check_host_memory(
             cores,
             cores,
         )
+
+
+def check_offload_host_memory(
+    config: WanConfig,
+    precision: str,
+    quantization: str,
+    ranks: int,
+    models: int = 1,
+    available_bytes: int | None = None,
+) -> int:
+    """Refuse ``offload`` before loading when this host's ``ranks`` ranks cannot keep their blocks in its RAM (each
+    rank pins its own copy); returns the bytes they pin."""
+    needed = ranks * models * config.num_layers * block_bytes(config, precision, quantization)
+    available = host_available_bytes() if available_bytes is None else available_bytes
+    if needed > available:
+        if "fp8" not in quantization:
+            fix = "use quantization fp8_e4m3fn (half the bytes)"
+        else:
+            fix = "use fewer GPUs on this host" if ranks > 1 else "free RAM (other programs, ComfyUI's cached models)"
+        raise WanDistriFusionError(
+            f"offload: {ranks} rank{'s' if ranks > 1 else ''} on this host would pin {_gib(needed)} of transformer "
+            f"blocks in host memory but {_gib(available)} of RAM is available; {fix}, or turn offload off."
+        )
+    return needed
 
 
 def host_available_bytes() -> int:

@@ -63,7 +63,7 @@ def resolve_weights(spec: RuntimeSpec, device: torch.device, free_bytes: int) ->
     the smallest free memory of the group decides, see ``memory_plan.choose_weights``)."""
     if spec.weights != "auto":
         return spec.weights
-    if spec.world_size < 2 or device.type != "cuda":
+    if spec.world_size < 2 or device.type != "cuda" or spec.offload:  # offload streams whole blocks instead
         return "replicated"
     free = torch.tensor([float(free_bytes)], dtype=torch.float64, device=device)
     dist.all_reduce(free, op=dist.ReduceOp.MIN)

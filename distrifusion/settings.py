@@ -112,6 +112,11 @@ class RuntimeSpec:
                 )
         if not isinstance(self.offload, bool):
             raise WanDistriFusionError(f"offload: {self.offload!r} is not true or false; use true or false.")
+        if self.offload and self.weights == "sharded":
+            raise WanDistriFusionError(
+                "offload: streamed blocks and sharded weights are two answers to one problem and do not combine; "
+                "turn offload off (sharded weights over fast links) or set weights to replicated or auto."
+            )
         object.__setattr__(self, "local_ranks", local)
         for name in ("step_timeout_s", "start_timeout_s", "remote_timeout_s"):
             object.__setattr__(self, name, float(getattr(self, name)))

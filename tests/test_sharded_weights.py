@@ -191,7 +191,9 @@ def test_refusal_proposes_sharded_weights_cheapest_first():
         plan_memory(WAN_14B, parallel, LATENT_480P_81, "bf16", device_free_bytes=23 * GIB, guidance_batch=1)
     message = str(caught.value)
     proposals = message.split("what would fit, cheapest first: ", 1)[1].rstrip(".").split("; ")
-    assert all("sharded weights" in p for p in proposals if "GPUs" not in p), proposals
+    assert all("sharded weights" in p for p in proposals if "GPUs" not in p and "offload" not in p), proposals
+    streamed = [i for i, p in enumerate(proposals) if "offload" in p]
+    assert streamed and min(streamed) > max(i for i, p in enumerate(proposals) if "sharded" in p), proposals
     first = re.fullmatch(r"(.+) \((\d+\.\d) GiB per rank\)", proposals[0])
     expected = plan_memory(
         WAN_14B, ParallelConfig(world_size=2, mode="sync"), LATENT_480P_81, "bf16", guidance_batch=1, weights="sharded"
@@ -250,3 +252,16 @@ def test_sharded_group_switches_its_lora_and_says_it_is_sharded(files):
     assert torch.equal(outputs["sharded"][0], outputs["replicated"][0])
     assert torch.equal(outputs["sharded"][1], outputs["replicated"][1])
     assert relative_error(outputs["sharded"][0], outputs["sharded"][1]) > 1e-2
+
+
+def test_offload_with_sharded_weights_is_refused(tmp_path):
+    from wan_distrifusion.distrifusion.config import ParallelConfig
+    from wan_distrifusion.distrifusion.settings import RuntimeSpec
+    from wan_distrifusion.wanvideo.errors import WanDistriFusionError
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(WanDistriFusionError, match="offload: .*do not combine"):
+        RuntimeSpec(str(checkpoint), ParallelConfig(world_size=2, mode="sync"), offload=True, weights="sharded")
+    spec = RuntimeSpec(str(checkpoint), ParallelConfig(world_size=2, mode="sync"), offload=True, weights="auto")
+    assert spec.offload and spec.weights == "auto"
