@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--warmup-steps", type=int, help="displaced mode: synchronous steps first (default 4; 2 with the tiny model)"
     )
+    gen.add_argument(
+        "--easycache",
+        metavar="THRESHOLD[,START,END]",
+        help="ComfyUI's EasyCache: skip steps whose output barely changes (reuse threshold, e.g. 0.2; start and end "
+        "percent, default 0.15,0.95); every rank skips the same steps",
+    )
     gen.add_argument("--sync-frequency", type=int, default=0, help="displaced: every k-th step exact (0 = never)")
     gen.add_argument("--patch-size", type=int, default=64, help="partition granularity in pixels (default 64)")
     gen.add_argument("--patch-overlap", type=int, default=0, help="displaced: fresh halo in pixels (default 0)")
@@ -356,6 +362,8 @@ def generate(args: argparse.Namespace) -> int:
     job = _module("distrifusion.job").GenerationJob(
         positive=torch.zeros(1, 1, 1), negative=None, **{name: getattr(args, name) for name in JOB_FLAGS}
     )
+    if args.easycache:
+        job = job.with_changes(step_cache=_module("wanvideo.step_cache").EasyCacheSettings.parse(args.easycache))
     validation.check_solver(job)  # settings first (the job checked itself): a bad flag fails before anything starts
     if args.latent:
         job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
@@ -453,10 +461,13 @@ def _sample_with_bar(runtime, job):
         bar.set_postfix_str(f"{event.seconds_per_step:.2f} s/step, mem {memory} GiB", refresh=False)
         bar.update(event.step - bar.n)
 
+    reports: list[str] = []
     try:
-        return _module("distrifusion.run").run_job(runtime, job, progress=progress)
+        return _module("distrifusion.run").run_job(runtime, job, progress=progress, report=reports.append)
     finally:
         bar.close()
+        for line in reports:  # the EasyCache summary, below the finished bar
+            print(line)
 
 
 def _load_vae(path: str) -> dict:
@@ -521,6 +532,8 @@ def _metadata(args: argparse.Namespace, job, spec) -> dict:
     settings.update(precision=spec.precision, quantization=spec.quantization, device=spec.device)
     settings["parallel"] = spec.parallel.to_dict()
     settings["loras"] = [{"file": lora.name, "strength": lora.strength} for lora in spec.loras]
+    if job.step_cache is not None:
+        settings["easycache"] = job.step_cache.to_dict()
     return {"model": str(args.model or "tiny random Wan"), "settings": json.dumps(settings)}
 
 

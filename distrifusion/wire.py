@@ -60,6 +60,8 @@ class Prediction:
     seconds_per_step: float
     memory_per_rank: list[int]
     peak_per_rank: list[int]
+    skipped: bool = False
+    """The job's EasyCache skipped the model on every rank for this call."""
 
 
 @dataclass(frozen=True)
