@@ -5,7 +5,7 @@ measures the input change ``mean|x - x_prev|`` (subsampled 8x over height and wi
 item), predicts the relative output change as ``k * input_change / mean|out_prev|`` with ``k`` the last measured
 ratio of output change to input change, and accumulates it; while the sum stays under ``reuse_threshold`` the
 call is skipped and returns ``x + (out_prev - x_prev)`` (per batch item), otherwise the model runs and the sum
-restarts at 0. Three computed calls in range are needed before the first skip (``x_prev``, then ``k``).
+restarts at 0. Two computed calls in range come before the first skip (the first gives ``x_prev``, the second ``k``).
 
 Same widgets and meaning as ComfyUI's node: ``start_percent`` / ``end_percent`` are sampling percents turned into
 sigmas by the flow model's shift (``percent_to_sigma``); calls at or below the end sigma run the model and
