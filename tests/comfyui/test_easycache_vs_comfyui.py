@@ -126,3 +126,18 @@ def test_same_steps_skipped_and_same_latent_as_native_easycache(comfy, loader, c
     assert result["ours"] == result["native"]
     assert result["error"] < TOLERANCE
     assert result["cache_effect"] > 100 * TOLERANCE, "skipping must change the latent, or the check above is empty"
+
+
+def test_widgets_are_native_easycaches(comfy):
+    """Our node offers native EasyCache's widgets with its defaults and ranges, on our model link."""
+    info = comfy.get("/object_info").json()
+    ours, native = info["OfficialDistriFusionEasyCache"], info["EasyCache"]
+    assert ours["display_name"] == "🎯 Official DistriFusion EasyCache"
+    assert ours["input"]["required"]["model"][0] == "DISTRIFUSION_WAN_MODEL"
+    assert ours["output"] == ["DISTRIFUSION_WAN_MODEL"]
+    assert list(ours["input"]["required"]) == list(native["input"]["required"])
+    for name in ("reuse_threshold", "start_percent", "end_percent", "verbose"):
+        mine, theirs = ours["input"]["required"][name], native["input"]["required"][name]
+        assert mine[0] == theirs[0], name
+        for key in ("default", "min", "max", "step"):
+            assert mine[1].get(key) == theirs[1].get(key), (name, key, mine, theirs)
