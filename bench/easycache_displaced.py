@@ -28,7 +28,7 @@ def generate(out: Path, args: argparse.Namespace, mode: str, cache: bool, sync_f
     command = [sys.executable, str(REPO_ROOT / "cli.py"), "generate", "--out", str(out), "--device", "cpu"]
     command += ["--world-size", str(args.world_size), "--mode", mode, "--steps", str(args.steps)]
     command += ["--sampler", "euler", "--shift", "3", "--warmup-steps", "2", "--sync-frequency", str(sync_frequency)]
-    command += ["--width", "128", "--height", "128", "--length", "9", "--seed", "3"]
+    command += ["--width", "128", "--height", "128", "--length", "9", "--seed", "3", "--patch-size", "16"]
     if cache:
         command += ["--easycache", args.easycache]
     result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
