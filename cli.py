@@ -408,7 +408,8 @@ def generate(args: argparse.Namespace) -> int:
     if pixels is not None:
         _write_video(pixels, out)
     if parallel.for_job(job.steps, job.sync_frequency).mode == "displaced" and spec.world_size > 1:
-        print(displaced_share(parallel.schedule(job.sync_frequency), job.steps))
+        calls = status.get("last_job_stats", {}).get("steps", job.steps)  # EasyCache: the computed steps
+        print(displaced_share(parallel.schedule(job.sync_frequency), calls))
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
         f"(start {started - began:.1f} s, sampling {sampled - started:.1f} s, "
@@ -421,7 +422,7 @@ def displaced_share(schedule, calls: int) -> str:
     """How many of the model calls used the previous step's K/V (DistriFusion) rather than a fresh exchange."""
     stale = sum(not schedule.is_synchronous(call) for call in range(calls))
     return (
-        f"DistriFusion (displaced): {stale} of {calls} steps used the previous step's K/V, "
+        f"DistriFusion (displaced): {stale} of {calls} computed steps used the previous step's K/V, "
         f"{calls - stale} exchanged fresh K/V ({schedule.warmup_steps} warm-up steps, "
         f"sync frequency {schedule.sync_frequency})"
     )
