@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--easycache",
         metavar="THRESHOLD[,START,END]",
         help="ComfyUI's EasyCache: skip steps whose output barely changes (reuse threshold, e.g. 0.2; start and end "
-        "percent, default 0.15,0.95); every rank skips the same steps",
+        "percent, default 0.15,0.95); every rank skips the same steps; with -v every decision is logged",
     )
     gen.add_argument("--sync-frequency", type=int, default=0, help="displaced: every k-th step exact (0 = never)")
     gen.add_argument("--patch-size", type=int, default=64, help="partition granularity in pixels (default 64)")
@@ -363,7 +363,8 @@ def generate(args: argparse.Namespace) -> int:
         positive=torch.zeros(1, 1, 1), negative=None, **{name: getattr(args, name) for name in JOB_FLAGS}
     )
     if args.easycache:
-        job = job.with_changes(step_cache=_module("wanvideo.step_cache").EasyCacheSettings.parse(args.easycache))
+        cache = _module("wanvideo.step_cache").EasyCacheSettings.parse(args.easycache, verbose=args.verbose)
+        job = job.with_changes(step_cache=cache)
     validation.check_solver(job)  # settings first (the job checked itself): a bad flag fails before anything starts
     if args.latent:
         job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)

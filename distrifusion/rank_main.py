@@ -291,7 +291,8 @@ class RankProcess:
                     memory, peak = ([int(row[i]) for row in table] for i in (0, 1))
                     skipped = flow.step_cache is not None and flow.step_cache.last_skipped
                     seconds = time.perf_counter() - began
-                    self.send(wire.Prediction(command.session, calls, seconds, memory, peak, skipped))
+                    notes = list(flow.step_cache.notes) if flow.step_cache is not None else []
+                    self.send(wire.Prediction(command.session, calls, seconds, memory, peak, skipped, notes))
         except BaseException as error:  # everything goes back to the controller
             self.report_error(error, "session", calls + 1, command.job.steps)
             return False

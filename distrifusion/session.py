@@ -264,6 +264,8 @@ class GroupSession(ForwardSession):
         latents.unlink()  # rank 0 has mapped it: nothing is left in the shared-memory folder
         uncond = latents.uncond.clone() if self.return_uncond else None
         done = answer[0]
+        for note in done.notes:  # EasyCache's verbose lines from rank 0, in the controller's console
+            logger.info(note)
         return latents.flow.clone(), uncond, done.seconds_per_step, done.memory_per_rank, done.skipped
 
     def _record(self, event: ProgressEvent) -> None:

@@ -210,15 +210,18 @@ def test_the_demo_uses_stale_kv_after_its_warm_up_and_says_how_often(tmp_path):
 
 def test_easycache_skips_steps_on_every_rank_and_says_which(tmp_path):
     """--easycache at world size 2 (displaced): the skipped steps are printed, the stale-K/V share counts only the
-    computed steps, and the metadata records the settings."""
+    computed steps, -v logs rank 0's decisions in the CLI's own log, and the metadata records the settings."""
     out = tmp_path / "cached.safetensors"
     result = run_cli(
-        "generate", "--world-size", "2", "--steps", "16", "--easycache", "0.3,0.1,0.9", "--out", str(out), cwd=tmp_path
-    )
+        "generate", "--world-size", "2", "--steps", "16", "--easycache", "0.3,0.1,0.9", "-v", "--out", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     found = re.search(r"EasyCache - skipped (\d+)/16 steps \([\d.]+x speedup\); skipped calls \[", result.stdout)
     assert found and 0 < int(found.group(1)) < 16, result.stdout
     computed = 16 - int(found.group(1))
+    decisions = re.findall(r"EasyCache \[verbose\] - (NOT )?skipping step", result.stdout + result.stderr)
+    assert sum(not negated for negated in decisions) == 16 - computed and len(decisions) > 16 - computed
     assert f"DistriFusion (displaced): {computed - 2} of {computed} computed steps" in result.stdout, result.stdout
     with safe_open(str(out), "pt") as handle:
         assert (

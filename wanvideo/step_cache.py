@@ -69,7 +69,7 @@ class EasyCacheSettings:
             )
 
     @classmethod
-    def parse(cls, text: str) -> EasyCacheSettings:
+    def parse(cls, text: str, verbose: bool = False) -> EasyCacheSettings:
         """``THRESHOLD[,START,END]`` (the CLI's ``--easycache``)."""
         parts = [part.strip() for part in text.split(",")]
         if len(parts) not in (1, 3):
@@ -83,8 +83,8 @@ class EasyCacheSettings:
                 f"--easycache: {text!r} has a part that is not a number; use e.g. 0.2."
             ) from error
         if len(numbers) == 1:
-            return cls(numbers[0])
-        return cls(numbers[0], numbers[1], numbers[2])
+            return cls(numbers[0], verbose=verbose)
+        return cls(numbers[0], numbers[1], numbers[2], verbose=verbose)
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in ("reuse_threshold", "start_percent", "end_percent", "verbose")}
@@ -123,6 +123,8 @@ class EasyCache:
         self.skipped: list[int] = []
         """Indices (from 0) of the calls that were skipped."""
         self.last_skipped = False
+        self.notes: list[str] = []
+        """The verbose lines of the last call (a worker group's controller logs rank 0's in its own console)."""
         self._active = False
         self._rate: Tensor | None = None
         self._accumulated: Tensor | float = 0.0
@@ -137,7 +139,7 @@ class EasyCache:
         ``model_input`` is what the model sees ``[items * B, C (+ concatenated), F, H, W]``; ``measured_item`` is
         the batch item ComfyUI measures (of ``items`` conditionings).
         """
-        index, self.calls, self.last_skipped = self.calls, self.calls + 1, False
+        index, self.calls, self.last_skipped, self.notes = self.calls, self.calls + 1, False, []
         sigma32 = torch.tensor(sigma, dtype=torch.float32)
         if not bool(sigma32 > self.end_sigma):
             return run()  # past the end: ComfyUI runs the model and touches no cache
@@ -178,7 +180,8 @@ class EasyCache:
 
     def _verbose(self, message: str, value) -> None:
         if self.settings.verbose and self.log:
-            logger.info("EasyCache [verbose] - " + message, float(value), self.settings.reuse_threshold)
+            self.notes.append("EasyCache [verbose] - " + message % (float(value), self.settings.reuse_threshold))
+            logger.info(self.notes[-1])
 
     @staticmethod
     def _subsample(x: Tensor, item: int, items: int) -> Tensor:
