@@ -27,9 +27,9 @@ TOLERANCE = 1e-4
 """Relative error of our latent vs native KSampler's with the same EasyCache settings (fp32)."""
 SETTINGS = {"seed": 5, "steps": 14, "scheduler": "simple", "denoise": 1.0}
 CACHE = {"reuse_threshold": 0.88, "start_percent": 0.1, "end_percent": 0.9, "verbose": True}
-"""Reuse threshold where this tiny model skips 5-6 of the 14 steps, two in a row too (the accumulated change), and
-computes the others; every accumulated change in these runs is at least 0.036 away from it (round-off is ~1e-6).
-start/end inside the run, so both bounds matter."""
+"""Reuse threshold where the tiny model (drawn anew each test session) skipped 5-6 of the 14 steps in every session
+tried, two in a row too (the accumulated change), and computed the others; the accumulated changes seen were at least
+0.036 away from it (round-off is ~1e-6). start/end inside the run, so both bounds matter."""
 
 OURS = re.compile(r"EasyCache - skipped (\d+)/(\d+) steps \([^)]*\); skipped calls (\[[\d, ]*\])")
 NATIVE_SUMMARY = re.compile(r"EasyCache - skipped (\d+)/(\d+) steps \([\d.]+x speedup\)\.")
