@@ -394,6 +394,7 @@ def sample_video(
             )
         if forward.step_cache_summary() is not None:
             logger.info(forward.step_cache_summary())
+            activity.note_easycache(forward.step_cache_summary())
     except JobCancelled as exc:
         activity.cancel()
         mm.interrupt_current_processing(False)

@@ -90,6 +90,7 @@ def run_both(comfy, loader: dict, cfg: float, native_node: str, prefix: str) -> 
     native = NATIVE_SUMMARY.findall(log)
     assert len(native) == 1, f"expected one closing line of native EasyCache, got {native}"
     native_list, native_calls = native_skipped(log)
+    status = comfy.get("/distrifusion/status").json()
     latents = {name: load_latent(output_files(comfy, entry, f"save{suffix}", "latents")[0]) for name, suffix in (
         ("ours", ""), ("native", "_native"), ("plain", "_plain"))}  # fmt: skip
     return {
@@ -101,6 +102,7 @@ def run_both(comfy, loader: dict, cfg: float, native_node: str, prefix: str) -> 
         "native_count": int(native[0][0]),
         "error": relative_error(latents["ours"], latents["native"]),
         "cache_effect": relative_error(latents["native"], latents["plain"]),
+        "status": (status["step"].get("easycache") or "", status["text"]),
     }
 
 
@@ -124,6 +126,8 @@ def test_same_steps_skipped_and_same_latent_as_native_easycache(comfy, loader, c
     assert result["ours_count"] == len(result["ours"])
     assert 0 < len(result["native"]) < steps - 4, "the threshold must make native skip some steps, not most"
     assert result["ours"] == result["native"]
+    summary, text = result["status"]
+    assert summary.endswith(f"skipped calls {result['ours']}") and f"⏩ {summary}" in text, result["status"]
     assert result["error"] < TOLERANCE
     assert result["cache_effect"] > 100 * TOLERANCE, "skipping must change the latent, or the check above is empty"
 
