@@ -200,3 +200,30 @@ def test_the_group_decision_overrides_ranks_that_measure_differently():
     assert len({tuple(skipped) for skipped in alone}) > 1, "the scaling must change a rank's own decisions"
     assert all(skipped == group[-1] for skipped in group) and group[-1]
     assert group[-1] == alone[-1], "the group takes the largest change: that of the rank that scales most"
+
+
+def test_image_to_video_skips_reuse_the_previous_prediction_as_native():
+    """With concatenated image channels ComfyUI takes the cached difference against the input's last output-width
+    channels (the image latent, constant over the steps): a skipped call returns the previous prediction itself."""
+    from wan_distrifusion.wanvideo.sampling import GuidedFlow, sample_guided
+
+    model = tiny_model(0, model_type="i2v")
+    gen = torch.Generator().manual_seed(4)
+    y = torch.randn(1, 8, 3, 16, 16, generator=gen)
+    cache = EasyCache(EasyCacheSettings(0.5, 0.0, 1.0), shift=3.0)
+    flow = GuidedFlow(
+        model, torch.randn(1, 7, 32, generator=gen), torch.randn(1, 5, 32, generator=gen), cfg=4.0,
+        model_kwargs={"y": y}, step_cache=cache,
+    )  # fmt: skip
+    predictions = []
+
+    def recorded(x, t):
+        predictions.append(flow(x, t))
+        return predictions[-1]
+
+    sample_guided(recorded, (1, 4, 3, 16, 16), seed=1, steps=12, shift=3.0, sampler="euler")
+    assert cache.skipped, "the threshold must skip some calls"
+    for index in cache.skipped:
+        last = max(i for i in range(index) if i not in cache.skipped)
+        # equal up to round-off of image + (prediction - image) (the x term of text-to-video would be ~0.1 here)
+        torch.testing.assert_close(predictions[index], predictions[last], rtol=0, atol=1e-5)
