@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--warmup-steps", type=int, help="displaced mode: synchronous steps first (default 4; 2 with the tiny model)"
     )
+    gen.add_argument(
+        "--easycache",
+        metavar="THRESHOLD[,START,END]",
+        help="ComfyUI's EasyCache: skip steps whose output barely changes (reuse threshold, e.g. 0.2; start and end "
+        "percent, default 0.15,0.95); every rank skips the same steps; with -v every decision is logged",
+    )
     gen.add_argument("--sync-frequency", type=int, default=0, help="displaced: every k-th step exact (0 = never)")
     gen.add_argument("--patch-size", type=int, default=64, help="partition granularity in pixels (default 64)")
     gen.add_argument("--patch-overlap", type=int, default=0, help="displaced: fresh halo in pixels (default 0)")
@@ -369,6 +375,9 @@ def generate(args: argparse.Namespace) -> int:
     job = _module("distrifusion.job").GenerationJob(
         positive=torch.zeros(1, 1, 1), negative=None, **{name: getattr(args, name) for name in JOB_FLAGS}
     )
+    if args.easycache:
+        cache = _module("wanvideo.step_cache").EasyCacheSettings.parse(args.easycache, verbose=args.verbose)
+        job = job.with_changes(step_cache=cache)
     validation.check_solver(job)  # settings first (the job checked itself): a bad flag fails before anything starts
     _module("distrifusion.settings").check_weights(args.weights, args.world_size)
     if args.latent:
@@ -416,7 +425,8 @@ def generate(args: argparse.Namespace) -> int:
     if pixels is not None:
         _write_video(pixels, out)
     if parallel.for_job(job.steps, job.sync_frequency).mode == "displaced" and spec.world_size > 1:
-        print(displaced_share(parallel.schedule(job.sync_frequency), job.steps))
+        calls = status.get("last_job_stats", {}).get("steps", job.steps)  # EasyCache: the computed steps
+        print(displaced_share(parallel.schedule(job.sync_frequency), calls))
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
         f"(start {started - began:.1f} s, sampling {sampled - started:.1f} s, "
@@ -429,7 +439,7 @@ def displaced_share(schedule, calls: int) -> str:
     """How many of the model calls used the previous step's K/V (DistriFusion) rather than a fresh exchange."""
     stale = sum(not schedule.is_synchronous(call) for call in range(calls))
     return (
-        f"DistriFusion (displaced): {stale} of {calls} steps used the previous step's K/V, "
+        f"DistriFusion (displaced): {stale} of {calls} computed steps used the previous step's K/V, "
         f"{calls - stale} exchanged fresh K/V ({schedule.warmup_steps} warm-up steps, "
         f"sync frequency {schedule.sync_frequency})"
     )
@@ -469,10 +479,13 @@ def _sample_with_bar(runtime, job):
         bar.set_postfix_str(f"{event.seconds_per_step:.2f} s/step, mem {memory} GiB", refresh=False)
         bar.update(event.step - bar.n)
 
+    reports: list[str] = []
     try:
-        return _module("distrifusion.run").run_job(runtime, job, progress=progress)
+        return _module("distrifusion.run").run_job(runtime, job, progress=progress, report=reports.append)
     finally:
         bar.close()
+        for line in reports:  # the EasyCache summary, below the finished bar
+            print(line)
 
 
 def _load_vae(path: str) -> dict:
@@ -537,6 +550,8 @@ def _metadata(args: argparse.Namespace, job, spec) -> dict:
     settings.update(precision=spec.precision, quantization=spec.quantization, device=spec.device, offload=spec.offload)
     settings["parallel"] = spec.parallel.to_dict()
     settings["loras"] = [{"file": lora.name, "strength": lora.strength} for lora in spec.loras]
+    if job.step_cache is not None:
+        settings["easycache"] = job.step_cache.to_dict()
     return {"model": str(args.model or "tiny random Wan"), "settings": json.dumps(settings)}
 
 

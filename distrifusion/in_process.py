@@ -62,7 +62,8 @@ class LocalSession(ForwardSession):
         uncond = self.flow.last_uncond if self.flow.return_uncond else None
         flow = flow.to("cpu")
         uncond = None if uncond is None else uncond.to("cpu")
-        return flow, uncond, time.perf_counter() - began, (memory_in_use(device),)
+        skipped = self.flow.step_cache is not None and self.flow.step_cache.last_skipped
+        return flow, uncond, time.perf_counter() - began, (memory_in_use(device),), skipped
 
     def _record(self, event: ProgressEvent) -> None:
         self.runner._progress = {

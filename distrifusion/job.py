@@ -9,6 +9,7 @@ import torch
 
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.model import WAN22_LATENT_CHANNELS, WanConfig
+from ..wanvideo.step_cache import EasyCacheSettings
 
 VAE_STRIDE = 8
 """Pixels per latent row/column of the Wan 2.1 VAE (16 channels); the Wan 2.2 VAE (48 channels) has 16."""
@@ -59,6 +60,9 @@ class GenerationJob:
     frame_denoise: torch.Tensor | None = None
     """TI2V 5B: each latent frame's mean denoise mask ``[1, 1, F, 1, 1]`` (0 = a kept image frame): its timestep is
     ``t`` times this (``wanvideo.sampling.frame_timesteps``)."""
+    step_cache: EasyCacheSettings | None = None
+    """ComfyUI's EasyCache settings (``wanvideo.step_cache``): skip model calls whose output barely changes, the same
+    calls on every rank; ``None`` = every call runs the model."""
     extra: dict = field(default_factory=dict)
 
     def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
@@ -99,6 +103,11 @@ class GenerationJob:
             raise WanDistriFusionError(f"denoise: {self.denoise} must be in (0, 1].")
         if self.expert not in (0, 1):
             raise WanDistriFusionError(f"expert: {self.expert} must be 0 (the Loader's model) or 1 (its second model).")
+        if self.step_cache is not None and not isinstance(self.step_cache, EasyCacheSettings):
+            raise WanDistriFusionError(
+                f"easycache: expected EasyCache settings, got {type(self.step_cache).__name__}; connect the "
+                "DistriFusion EasyCache node's model output."
+            )
         if self.sync_frequency < 0:
             raise WanDistriFusionError(f"sync frequency: {self.sync_frequency} must be 0 (never) or more.")
         for name, cond in self._conditionings():

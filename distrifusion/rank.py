@@ -12,6 +12,7 @@ from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_mode
 from ..wanvideo.lora import apply_loras
 from ..wanvideo.offload import stream_blocks_from_host
 from ..wanvideo.sampling import GuidedFlow
+from ..wanvideo.step_cache import EasyCache
 from .config import ParallelConfig
 from .job import GenerationJob
 from .memory_plan import choose_weights
@@ -137,4 +138,21 @@ def session_flow(
         negative_kwargs={**(job.extra.get("model_kwargs") or {}), **job.model_kwargs("negative")},
         return_uncond=bool(return_uncond),
         denoise_mask=job.frame_denoise,
+        step_cache=job_step_cache(job, parallel.world_size, rank),
     )
+
+
+def job_step_cache(job: GenerationJob, world_size: int, rank: int) -> EasyCache | None:
+    """``job``'s EasyCache for this rank: with several ranks every skip decision is the group's (the accumulated
+    change all-reduced with MAX over every rank, CFG-parallel halves included), so all ranks skip the same calls
+    and a skipped call runs no collective of the model; rank 0 logs."""
+    if job.step_cache is None:
+        return None
+    return EasyCache(job.step_cache, job.shift, decide=group_max if world_size > 1 else None, log=rank == 0)
+
+
+def group_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest of every rank's ``value`` (a 0-d tensor on the rank's device), identical on every rank."""
+    agreed = value.detach().reshape(1).to(torch.float64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return agreed[0]

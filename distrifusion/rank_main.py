@@ -298,7 +298,10 @@ class RankProcess:
                     if flow.return_uncond:
                         latents.uncond.copy_(flow.last_uncond)
                     memory, peak = ([int(row[i]) for row in table] for i in (0, 1))
-                    self.send(wire.Prediction(command.session, calls, time.perf_counter() - began, memory, peak))
+                    skipped = flow.step_cache is not None and flow.step_cache.last_skipped
+                    seconds = time.perf_counter() - began
+                    notes = list(flow.step_cache.notes) if flow.step_cache is not None else []
+                    self.send(wire.Prediction(command.session, calls, seconds, memory, peak, skipped, notes))
         except BaseException as error:  # everything goes back to the controller
             self.report_error(error, "session", calls + 1, command.job.steps)
             return False

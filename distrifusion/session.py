@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.step_cache import skip_summary
 from . import wire
 from .job import GenerationJob
 from .shared_latents import SharedLatents
@@ -80,6 +81,8 @@ class ForwardSession:
         self.total = job.steps
         """Expected number of calls (the job's steps), for progress events."""
         self.calls = 0
+        self.skipped_calls: list[int] = []
+        """Calls (from 0) whose model evaluation the job's EasyCache skipped on every rank."""
         self.return_uncond = bool(return_uncond) and job.negative is not None
         self.last_uncond: torch.Tensor | None = None
         """With ``return_uncond``: the unguided (negative-prompt) flow of the last call."""
@@ -93,8 +96,10 @@ class ForwardSession:
     def __exit__(self, *exc) -> None:
         raise NotImplementedError
 
-    def _evaluate(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor | None, float, tuple[int, ...]]:
-        """(flow, uncond flow or None, seconds, memory per rank) of one call."""
+    def _evaluate(
+        self, x: torch.Tensor, t: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float, tuple[int, ...], bool]:
+        """(flow, uncond flow or None, seconds, memory per rank, whether the ranks skipped the model) of one call."""
         raise NotImplementedError
 
     def _record(self, event: ProgressEvent) -> None:
@@ -113,7 +118,9 @@ class ForwardSession:
                 f"cancelled after step {self.calls} of {self.total}", self.calls, max(self.total, self.calls)
             )
         x = x.detach().to("cpu", torch.float32).contiguous()
-        flow, uncond, seconds, memory = self._evaluate(x, float(t))
+        flow, uncond, seconds, memory, skipped = self._evaluate(x, float(t))
+        if skipped:
+            self.skipped_calls.append(self.calls)
         self.calls += 1
         self.last_uncond = uncond
         event = ProgressEvent(self.calls, max(self.total, self.calls), seconds, tuple(memory))
@@ -121,6 +128,12 @@ class ForwardSession:
         if self._progress is not None:
             self._progress(event)
         return flow
+
+    def step_cache_summary(self) -> str | None:
+        """ComfyUI's EasyCache closing line for this session (``None`` without EasyCache)."""
+        if self.job.step_cache is None:
+            return None
+        return skip_summary(self.skipped_calls, self.calls)
 
 
 class Runtime:
@@ -250,7 +263,10 @@ class GroupSession(ForwardSession):
         self._wait(take, lambda: bool(answer), f"during step {call} of {max(self.total, call)}")
         latents.unlink()  # rank 0 has mapped it: nothing is left in the shared-memory folder
         uncond = latents.uncond.clone() if self.return_uncond else None
-        return latents.flow.clone(), uncond, answer[0].seconds_per_step, answer[0].memory_per_rank
+        done = answer[0]
+        for note in done.notes:  # EasyCache's verbose lines from rank 0, in the controller's console
+            logger.info(note)
+        return latents.flow.clone(), uncond, done.seconds_per_step, done.memory_per_rank, done.skipped
 
     def _record(self, event: ProgressEvent) -> None:
         self.group.record_progress(event)

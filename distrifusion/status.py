@@ -128,6 +128,8 @@ class RunActivity:
     cancelled_at: float | None = None
     """When the last run was cancelled by the user, if it was (a cancel is not an error)."""
     jobs_done: int = 0
+    easycache: str | None = None
+    """EasyCache's closing line of the current (or last) job, ``None`` without EasyCache."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def begin(self, total_steps: int, latent_shape: tuple[int, ...] | None = None, model: str | None = None) -> None:
@@ -137,6 +139,12 @@ class RunActivity:
             self.seconds_per_step, self.memory_per_rank = None, []
             self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
             self.started_at, self.finished_at = time.time(), None
+            self.easycache = None
+
+    def note_easycache(self, summary: str | None) -> None:
+        """Which steps the job's EasyCache skipped (its closing line)."""
+        with self._lock:
+            self.easycache = summary
 
     def update(self, step: int, total: int, seconds_per_step: float | None = None, memory_per_rank=None) -> None:
         with self._lock:
@@ -179,6 +187,7 @@ class RunActivity:
                 "last_error": self.last_error,
                 "last_error_at": self.last_error_at,
                 "cancelled_at": self.cancelled_at,
+                "easycache": self.easycache,
             }
 
 
@@ -214,6 +223,7 @@ def status_report(
         "jobs_done": progress["jobs_done"],
         "latent_shape": progress["latent_shape"],
         "model": progress["model"],
+        "easycache": progress["easycache"],
     }
 
     state = _runtime_state(runtime, starting, progress["running"])
@@ -389,6 +399,8 @@ def format_report(report: dict) -> str:
         lines.append(f"🔄 Step {step.get('current')}/{step.get('total')} ({state}){per_step_text}")
         if step.get("model"):
             lines.append(f"   Model: {step['model']}")
+        if step.get("easycache"):
+            lines.append(f"⏩ {step['easycache']}")
     else:
         lines.append("🔄 No step run yet")
     memory = report.get("memory_per_rank_mib") or []

@@ -21,6 +21,7 @@ from safetensors.torch import save as save_tensors
 
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.lora import LoraFile
+from ..wanvideo.step_cache import EasyCacheSettings
 from .job import GenerationJob
 
 STORE_PREFIX = "wan_distrifusion/"
@@ -133,6 +134,8 @@ def encode_job(job: GenerationJob) -> tuple[dict, dict[str, torch.Tensor]]:
                     extra[key] = _json_value(f"job.extra[{key!r}]", item)
         elif isinstance(value, torch.Tensor):
             tensors[field.name] = value
+        elif isinstance(value, EasyCacheSettings):
+            fields[field.name] = value.to_dict()
         else:
             fields[field.name] = _json_value(f"job.{field.name}", value)
     return {"fields": fields, "extra": extra}, tensors
@@ -140,6 +143,8 @@ def encode_job(job: GenerationJob) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def decode_job(header: dict, tensors: dict[str, torch.Tensor]) -> GenerationJob:
     kwargs = dict(header["fields"])
+    if kwargs.get("step_cache") is not None:
+        kwargs["step_cache"] = EasyCacheSettings(**kwargs["step_cache"])
     extra = dict(header.get("extra", {}))
     for name, tensor in tensors.items():
         if name.startswith("extra."):

@@ -62,6 +62,10 @@ class Prediction:
     seconds_per_step: float
     memory_per_rank: list[int]
     peak_per_rank: list[int]
+    skipped: bool = False
+    """The job's EasyCache skipped the model on every rank for this call."""
+    notes: list[str] = field(default_factory=list)
+    """EasyCache's verbose lines of this call on rank 0, for the controller's log."""
 
 
 @dataclass(frozen=True)

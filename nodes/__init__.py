@@ -4,6 +4,7 @@ ComfyUI modules are imported only inside the nodes' functions (see ``_comfy``), 
 imports without ComfyUI.
 """
 
+from .easycache import OfficialDistriFusionEasyCache
 from .loader import OfficialDistriFusionModelLoader
 from .lora import OfficialDistriFusionLora
 from .sampler import OfficialDistriFusionSampler, OfficialDistriFusionSamplerAdvanced
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "OfficialDistriFusionStatus": OfficialDistriFusionStatus,
     "OfficialDistriFusionVAEDecode": OfficialDistriFusionVAEDecode,
     "OfficialDistriFusionLora": OfficialDistriFusionLora,
+    "OfficialDistriFusionEasyCache": OfficialDistriFusionEasyCache,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OfficialDistriFusionStatus": "🎯 Official DistriFusion Status",
     "OfficialDistriFusionVAEDecode": "🎯 Official DistriFusion VAE Decode",
     "OfficialDistriFusionLora": "🎯 Official DistriFusion LoRA",
+    "OfficialDistriFusionEasyCache": "🎯 Official DistriFusion EasyCache",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

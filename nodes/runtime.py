@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from ..distrifusion.settings import RuntimeSpec
 from ..distrifusion.status import RunActivity
 from ..wanvideo.errors import WanDistriFusionError
+from ..wanvideo.step_cache import EasyCacheSettings
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class DistriFusionModel:
     expert: int = 0
     """Which of the group's models this link runs (``GenerationJob.expert``): 0 = the Loader's model, 1 = its
     second model. Both links of one Loader share one worker group."""
+    step_cache: EasyCacheSettings | None = None
+    """EasyCache settings from the DistriFusion EasyCache node; the Sampler hands them to the job."""
 
     def runtime(self):
         return RUNTIMES.acquire(self.settings)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,7 +19,7 @@ from ..wanvideo.model import WanConfig
 from . import _comfy, comfy_memory, comfy_sampling, wan_conditioning
 from ._widgets import combo_widget, float_widget, int_widget, socket
 from .loader import CATEGORY
-from .runtime import MODEL_TYPE, RUNTIMES, DistriFusionModel
+from .runtime import MODEL_TYPE, RUNTIMES
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def sample_two_experts(model, positive, negative, latent, **settings) -> tuple[d
         settings["denoise"],
     )  # fmt: skip
     switch = sum(1 for sigma in sigmas[:-1].tolist() if sigma >= boundary)
-    low = DistriFusionModel(model.settings, 1)
+    low = replace(model, expert=1)
     logger.info("two experts: steps 0-%d high-noise, %d-%d low-noise", switch, switch, len(sigmas) - 1)
     if switch == 0:
         return sample_video(low, positive, negative, latent, StepRange(), **settings)
@@ -323,6 +323,7 @@ def sample_video(
         sync_frequency=sync_frequency,
         latent=start,
         expert=model.expert,
+        step_cache=model.step_cache,
     )
     shape = job.latent_shape(config.out_dim)
     denoise_mask = None
@@ -392,6 +393,9 @@ def sample_video(
                 callback=on_step,
                 denoise_mask=denoise_mask,
             )
+        if forward.step_cache_summary() is not None:
+            logger.info(forward.step_cache_summary())
+            activity.note_easycache(forward.step_cache_summary())
     except JobCancelled as exc:
         activity.cancel()
         mm.interrupt_current_processing(False)

@@ -102,6 +102,9 @@ def test_generate_at_world_size_two_equals_the_in_process_api(files, tmp_path):
         (["--sampler", "foo"], "sampler"),
         (["--scheduler", "foo"], "scheduler"),
         (["--shift", "0"], "shift"),
+        (["--easycache", "0.2,0.1"], "--easycache"),
+        (["--easycache", "5"], "reuse_threshold"),
+        (["--easycache", "0.2,0.9,0.5"], "start_percent"),
     ],
 )
 def test_a_bad_setting_exits_non_zero_naming_it(bad, named, tmp_path):
@@ -200,7 +203,31 @@ def test_the_demo_uses_stale_kv_after_its_warm_up_and_says_how_often(tmp_path):
     out = tmp_path / "demo.safetensors"
     result = run_cli("generate", "--world-size", "2", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "DistriFusion (displaced): 6 of 8 steps used the previous step's K/V" in result.stdout, result.stdout
+    assert "DistriFusion (displaced): 6 of 8 computed steps used the previous step's K/V" in result.stdout, (
+        result.stdout
+    )
+
+
+def test_easycache_skips_steps_on_every_rank_and_says_which(tmp_path):
+    """--easycache at world size 2 (displaced): the skipped steps are printed, the stale-K/V share counts only the
+    computed steps, -v logs rank 0's decisions in the CLI's own log, and the metadata records the settings."""
+    out = tmp_path / "cached.safetensors"
+    result = run_cli(
+        "generate", "--world-size", "2", "--steps", "16", "--easycache", "0.3,0.1,0.9", "-v", "--out", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"EasyCache - skipped (\d+)/16 steps \([\d.]+x speedup\); skipped calls \[", result.stdout)
+    assert found and 0 < int(found.group(1)) < 16, result.stdout
+    computed = 16 - int(found.group(1))
+    decisions = re.findall(r"EasyCache \[verbose\] - (NOT )?skipping step", result.stdout + result.stderr)
+    assert sum(not negated for negated in decisions) == 16 - computed and len(decisions) > 16 - computed
+    assert f"DistriFusion (displaced): {computed - 2} of {computed} computed steps" in result.stdout, result.stdout
+    with safe_open(str(out), "pt") as handle:
+        assert (
+            '"easycache": {"reuse_threshold": 0.3, "start_percent": 0.1, "end_percent": 0.9'
+            in handle.metadata()["settings"]
+        )
 
 
 def _free_port() -> int:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import WanDistriFusionError
+from .step_cache import EasyCache
 
 logger = logging.getLogger(__name__)
 
@@ -407,8 +408,11 @@ class GuidedFlow:
         return_uncond: bool = False,
         denoise_mask: Tensor | None = None,
         negative_kwargs: Mapping[str, Any] | None = None,
+        step_cache: EasyCache | None = None,
     ):
         self.model = model
+        self.step_cache = step_cache
+        """ComfyUI's EasyCache around the model call (``step_cache.py``): a skipped call runs no model."""
         self.cfg = _check_cfg(cfg)
         text_len = _check_text_len(text_len)
         if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
@@ -436,7 +440,20 @@ class GuidedFlow:
         if self.denoise_mask is not None:
             timestep = frame_timesteps(timestep, self.denoise_mask)
         model_x = torch.cat([x, x]) if self.use_cfg else x
-        out = self.model(model_x, timestep, self.context, **self.extra)
+
+        def run() -> Tensor:
+            return self.model(model_x, timestep, self.context, **self.extra)
+
+        if self.step_cache is None:
+            out = run()
+        else:
+            # What ComfyUI's Wan model is handed: the latent with the image channels concatenated; ComfyUI batches
+            # [uncond; cond] and measures its first item, so here (batched [cond; uncond]) the last one.
+            model_input = (
+                torch.cat([model_x, self.extra["y"].to(model_x.dtype)], dim=1) if "y" in self.extra else model_x
+            )
+            items = 2 if self.use_cfg else 1
+            out = self.step_cache(model_input, float(t) / NUM_TRAIN_TIMESTEPS, run, items - 1, items)
         if tuple(out.shape) != tuple(model_x.shape):
             raise WanDistriFusionError(
                 f"The model returned shape {tuple(out.shape)} for latents {tuple(model_x.shape)}: the latent channels "

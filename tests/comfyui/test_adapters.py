@@ -35,7 +35,8 @@ def test_pack_imports_without_comfyui_and_without_side_effects():
         sys.modules[spec.name] = pack
         spec.loader.exec_module(pack)
         assert sorted(pack.NODE_CLASS_MAPPINGS) == [
-            "OfficialDistriFusionLora", "OfficialDistriFusionModelLoader", "OfficialDistriFusionSampler",
+            "OfficialDistriFusionEasyCache", "OfficialDistriFusionLora", "OfficialDistriFusionModelLoader",
+            "OfficialDistriFusionSampler",
             "OfficialDistriFusionSamplerAdvanced", "OfficialDistriFusionStatus", "OfficialDistriFusionVAEDecode"]
         assert pack.WEB_DIRECTORY == "./web"
         leaked = [m for m in sys.modules if m.split(".")[0] in ("comfy", "folder_paths", "server", "nodes", "execution")]

@@ -157,7 +157,93 @@ class DistriFusionTestTI2VLatent:
         return ({"samples": latent, "noise_mask": mask},)
 
 
+class DistriFusionTestModelCalls:
+    """MODEL in, MODEL out: logs the sigma of every diffusion-model call that reaches this point of the wrapper chain.
+    Put before native EasyCache (tag "all": every call) and after it (tag "ran": the calls EasyCache let through)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "all"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model, tag):
+        import logging
+
+        import comfy.patcher_extension
+
+        def record(executor, *args, **kwargs):
+            options = args[-1] if isinstance(args[-1], dict) else kwargs.get("transformer_options") or args[-2]
+            logging.info("distrifusion-test model call %s sigma=%r", tag, float(options["sigmas"][0]))
+            return executor(*args, **kwargs)
+
+        model = model.clone()
+        model.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, f"distrifusion_test_calls_{tag}", record
+        )
+        return (model,)
+
+
+class DistriFusionTestEasyCachePerCond:
+    """Native EasyCache with one method changed: a skipped call returns ``x + diff`` per conditioning, out of place.
+
+    ComfyUI 0.3.64's ``EasyCacheHolder.apply_cache_diff`` (1) adds every conditioning's cached difference to the
+    whole batch, so with cond and uncond in one batch a skipped call returns ``x + diff_uncond + diff_cond`` for
+    both (later ComfyUI adds each to its own item), and (2) adds in place to the model's input, which for a model
+    run in fp32 is the very tensor ``calculate_denoised`` then reads (``xc = x.to(dtype)`` copies only for another
+    dtype), so a skipped call's x0 becomes ``x'(1 - sigma)``. A bf16/fp16 model at cfg 1 behaves as this node does.
+    Every decision and cache stays native's code."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        number = ("FLOAT", {"default": 0.2, "min": 0.0, "max": 3.0, "step": 0.01})
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "reuse_threshold": number,
+                "start_percent": number,
+                "end_percent": number,
+                "verbose": ("BOOLEAN", {"default": False}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model, reuse_threshold, start_percent, end_percent, verbose):
+        import comfy.patcher_extension
+        from comfy_extras import nodes_easycache as native
+
+        class PerCondHolder(native.EasyCacheHolder):
+            def apply_cache_diff(self, x, uuids):
+                if self.first_cond_uuid in uuids:
+                    self.total_steps_skipped += 1
+                per_item = x.shape[0] // len(uuids)
+                items = [x[i * per_item : (i + 1) * per_item] for i in range(len(uuids))]
+                return torch.cat([item + self.uuid_cache_diffs[uuid].to(x.device) for item, uuid in zip(items, uuids)])
+
+            def clone(self):
+                copy = PerCondHolder(*self.settings)
+                copy.settings = self.settings
+                return copy
+
+        holder = PerCondHolder(reuse_threshold, start_percent, end_percent, 8, False, verbose)
+        holder.settings = (reuse_threshold, start_percent, end_percent, 8, False, verbose)
+        model = model.clone()
+        model.model_options["transformer_options"]["easycache"] = holder
+        kinds = comfy.patcher_extension.WrappersMP
+        model.add_wrapper_with_key(kinds.OUTER_SAMPLE, "easycache", native.easycache_sample_wrapper)
+        model.add_wrapper_with_key(kinds.CALC_COND_BATCH, "easycache", native.easycache_calc_cond_batch_wrapper)
+        model.add_wrapper_with_key(kinds.DIFFUSION_MODEL, "easycache", native.easycache_forward_wrapper)
+        return (model,)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DistriFusionTestEasyCachePerCond": DistriFusionTestEasyCachePerCond,
+    "DistriFusionTestModelCalls": DistriFusionTestModelCalls,
     "DistriFusionTestConditioning": DistriFusionTestConditioning,
     "DistriFusionTestLatent": DistriFusionTestLatent,
     "DistriFusionTestSaveImage": DistriFusionTestSaveImage,
