@@ -83,3 +83,65 @@ def test_model_forward_runs_its_blocks_under_the_sdpa_order(monkeypatch):
     with torch.no_grad():
         random_model(config, seed=3)(*_inputs(config))
     assert entered == [torch.device("cpu")]
+
+
+def _spy_kernel(dense: bool, seen: list):
+    """SDPA that records whether v arrived dense; ``dense_inputs`` as a FlashAttention-4 wrapper declares it."""
+
+    def kernel(q, k, v):
+        seen.append(v.is_contiguous())
+        return sdpa_attention(q, k, v)
+
+    kernel.dense_inputs = dense
+    return kernel
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kernels_that_want_dense_inputs_get_a_dense_v_and_the_same_result(compiled):
+    """The fused qkv's v is a strided view; a kernel that copies it anyway (``dense_inputs``) gets it dense from the
+    block (inside the compiled code when compiled), with bit-identical results; other kernels keep the view."""
+    config = tiny_config()
+    model = random_model(config, seed=5)
+    model.fuse_projections()
+    inputs = _inputs(config)
+    if compiled:
+        model.compile_blocks(backend="aot_eager")
+    outputs, seen = {}, {}
+    with torch.no_grad():
+        for dense in (False, True):
+            seen[dense] = []
+            kernel = _spy_kernel(dense, seen[dense])
+            for block in model.blocks:
+                block.self_attn.attention_fn = kernel
+            outputs[dense] = model(*inputs)
+    assert seen[False] == [False] * config.num_layers
+    assert seen[True] == [True] * config.num_layers
+    assert torch.equal(outputs[True], outputs[False])
+
+
+def test_gelu_epilogue_is_cuda_only_and_leaves_cpu_results_untouched():
+    """``set_fusions(gelu_epilogue=True)`` asks for cuBLASLt's tanh-GELU epilogue; on the CPU PyTorch's fused op
+    would use the erf GELU (not Wan's tanh), so the CPU must keep the plain FFN: bit-identical output."""
+    config = tiny_config()
+    model = random_model(config, seed=6)
+    inputs = _inputs(config)
+    with torch.no_grad():
+        plain = model(*inputs)
+        model.set_fusions(gelu_epilogue=True)
+        assert all(block.gelu_epilogue for block in model.blocks)
+        fused = model(*inputs)
+        model.set_fusions()
+    assert torch.equal(fused, plain)
+    assert not any(block.gelu_epilogue for block in model.blocks)
+
+
+def test_addmm_gelu_on_cpu_is_not_wans_gelu():
+    """Why the epilogue is CUDA-only: the same op on the CPU computes the erf GELU, measurably not the tanh one."""
+    x, weight, bias = (
+        torch.randn(64, 16, dtype=torch.float64),
+        torch.randn(32, 16, dtype=torch.float64),
+        torch.randn(32, dtype=torch.float64),
+    )
+    tanh_gelu = torch.nn.functional.gelu(torch.addmm(bias, x, weight.t()), approximate="tanh")
+    fused = torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    assert relative_error(fused, tanh_gelu) > 1e-5

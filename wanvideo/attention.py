@@ -18,7 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import WanDistriFusionError
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``."""
+"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``. A kernel that copies strided inputs
+to dense ones says so with a true ``dense_inputs`` attribute: the model then hands it dense ``v`` (see
+``WanSelfAttention.project``)."""
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash4", "flash3", "sage")
 
@@ -72,6 +74,7 @@ def _flash4() -> AttentionFn:
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
+    flash4_attention.dense_inputs = True
     return flash4_attention
 
 
@@ -82,6 +85,7 @@ def _flash3() -> AttentionFn:
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
+    flash3_attention.dense_inputs = True
     return flash3_attention
 
 
@@ -91,6 +95,7 @@ def _sage() -> AttentionFn:
     def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return sageattn(q.contiguous(), k.contiguous(), v.contiguous(), tensor_layout="NHD")
 
+    sage_attention.dense_inputs = True
     return sage_attention
 
 
