@@ -67,10 +67,10 @@ def classify(name: str) -> str:
         return "gemm"
     if n.startswith("triton_") or "cpp_fused" in n:  # inductor's fused pointwise / reduction kernels
         return "elementwise"
+    if any(k in n for k in _ATTENTION):  # before convolutions: cuDNN's attention kernels are "..._fprop_..." too
+        return "attention"
     if any(k in n for k in _CONV):
         return "other"
-    if any(k in n for k in _ATTENTION):
-        return "attention"
     if any(k in n for k in _GEMM):
         return "gemm"
     if "memset" in n or "memcpy" in n:
@@ -81,12 +81,14 @@ def classify(name: str) -> str:
 
 
 def flops(cfg, grid: tuple[int, int, int], batch: int, text_len: int) -> dict[str, float]:
-    """FLOPs (2 x multiply-adds) of one forward: GEMMs (blocks, text embedding, head) and attention (self + cross)."""
+    """FLOPs (2 x multiply-adds) of one forward (T2V, one timestep per item): GEMMs (blocks, text and time embedding,
+    head) and attention (self + cross); ``tests/test_bench_flops.py`` checks them against PyTorch's FLOP counter."""
     tokens, dim, ffn = math.prod(grid), cfg.dim, cfg.ffn_dim
     per_layer = 2 * batch * tokens * dim * (3 * dim + dim + dim + dim + 2 * ffn)  # qkv, o, cross q, cross o, FFN
     per_layer += 2 * batch * text_len * dim * 2 * dim  # cross k/v of the text tokens
     outside = 2 * batch * text_len * (cfg.text_dim * dim + dim * dim)  # text embedding
     outside += 2 * batch * tokens * dim * cfg.out_dim * math.prod(cfg.patch_size)  # head
+    outside += 2 * batch * (cfg.freq_dim * dim + dim * dim + dim * 6 * dim)  # time embedding and projection
     attention = 4 * batch * tokens * dim * (tokens + text_len)  # QK^T and PV, self and cross
     return {"gemm": per_layer * cfg.num_layers + outside, "attention": attention * cfg.num_layers}
 
