@@ -12,12 +12,13 @@ layout copies: inductor's fused triton kernels and PyTorch's own) and other (con
 attention use the exact FLOPs of the shapes (multiply-adds x 2) against the H200's practical limits. Ours' variants
 (``--variants``, on the ``--variant-cases`` only; ``base`` always runs):
 
-- ``base``: compiled blocks, ``auto`` attention (FlashAttention-4 when importable, else SDPA), dense v for kernels
-  that need it (``dense_inputs``: the copy is made inside the compiled block);
-- ``old-v``: the same kernel without ``dense_inputs`` (v copied in eager by the kernel wrapper: the code before);
+- ``base``: compiled blocks, ``auto`` attention (FlashAttention-4 when importable, else SDPA), inputs in the
+  kernel's ``input_layout`` (FlashAttention-4: dense v made inside the compiled block);
+- ``old-v``: the same kernel without ``input_layout`` (v copied in eager by the kernel wrapper: the code before);
 - ``gelu-epilogue``: ``WanModel.set_fusions(gelu_epilogue=True)`` (FFN bias + tanh-GELU in cuBLASLt's epilogue);
 - ``cdt``: inductor's ``coordinate_descent_tuning`` for the blocks' kernels (longer compile);
-- ``sdpa``: ours compiled on SDPA (the peer's kernel); ``fp8``: fp8_e4m3fn weights (scaled fp8 GEMMs).
+- ``sdpa``: ours compiled on SDPA (the peer's kernel); ``sdpa-heads-first``: the same with q/k/v made in
+  ``[B, H, L, D]`` memory (SDPA's own layout) inside the compiled block; ``fp8``: fp8_e4m3fn weights.
 
 Each variant's output is compared with ``base`` (relative error, bf16 round-off expected).
 """
@@ -49,7 +50,7 @@ CASES = {
     "tiny:1": dict(preset="tiny", shape="tiny_odd", batch=1, layers=None),
     "tiny:2": dict(preset="tiny", shape="tiny_odd", batch=2, layers=None),
 }
-VARIANTS = ("base", "old-v", "gelu-epilogue", "cdt", "sdpa", "fp8")
+VARIANTS = ("base", "old-v", "gelu-epilogue", "cdt", "sdpa", "sdpa-heads-first", "fp8")
 _CONV = ("conv", "fprop", "implicit_gemm", "im2col")
 _ATTENTION = ("flash", "fmha", "sdpa", "attention", "attn", "scaled_dot_product")
 _GEMM = ("gemm", "nvjet", "xmma", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")
@@ -103,7 +104,7 @@ def annotated(kernel):
         with torch.profiler.record_function(ATTENTION_RANGE):
             return kernel(q, k, v)
 
-    attention.dense_inputs = getattr(kernel, "dense_inputs", False)
+    attention.input_layout = getattr(kernel, "input_layout", None)
     return attention
 
 
@@ -275,7 +276,7 @@ class Breakdown:
         name = f"ours {variant}"
         if variant == "old-v":
             plain = annotated(kernel)
-            plain.dense_inputs = False  # v stays a view of qkv; the kernel's wrapper copies it in eager
+            plain.input_layout = None  # v stays a view of qkv; the kernel's wrapper copies it in eager
             for block in ours.blocks:
                 block.self_attn.attention_fn = plain
             self.measure(name, lambda: ours(x, t, ctx), models, base, self.peer_out)
@@ -293,8 +294,9 @@ class Breakdown:
             self.measure(name, lambda: ours(x, t, ctx), models, base, self.peer_out)
             uncompile(ours)
             ours.compile_blocks()
-        elif variant == "sdpa":
+        elif variant in ("sdpa", "sdpa-heads-first"):
             sdpa = annotated(pkg_attention().sdpa_attention)
+            sdpa.input_layout = "heads_first" if variant == "sdpa-heads-first" else None
             for block in ours.blocks:
                 block.self_attn.attention_fn = sdpa
             self.measure(name, lambda: ours(x, t, ctx), models, base, self.peer_out)

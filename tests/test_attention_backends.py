@@ -85,21 +85,27 @@ def test_model_forward_runs_its_blocks_under_the_sdpa_order(monkeypatch):
     assert entered == [torch.device("cpu")]
 
 
-def _spy_kernel(dense: bool, seen: list):
-    """SDPA that records whether v arrived dense; ``dense_inputs`` as a FlashAttention-4 wrapper declares it."""
+def _spy_kernel(layout: str | None, seen: list):
+    """SDPA that records the memory layout q/k/v arrive in; ``input_layout`` as a kernel wrapper declares it."""
 
     def kernel(q, k, v):
-        seen.append(v.is_contiguous())
+        seen.append(
+            (
+                v.is_contiguous(),
+                all(t.transpose(1, 2).is_contiguous() for t in (q, k, v)),
+            )
+        )
         return sdpa_attention(q, k, v)
 
-    kernel.dense_inputs = dense
+    kernel.input_layout = layout
     return kernel
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_kernels_that_want_dense_inputs_get_a_dense_v_and_the_same_result(compiled):
-    """The fused qkv's v is a strided view; a kernel that copies it anyway (``dense_inputs``) gets it dense from the
-    block (inside the compiled code when compiled), with bit-identical results; other kernels keep the view."""
+def test_kernels_get_their_input_layout_and_the_same_result(compiled):
+    """The fused qkv's v is a strided view. A kernel that copies it anyway (``tokens_first``, FlashAttention-4) gets it
+    dense, one that wants ``heads_first`` gets q/k/v in [B, H, L, D] memory, both made by the block (inside the
+    compiled code when compiled), with bit-identical results; other kernels keep the view."""
     config = tiny_config()
     model = random_model(config, seed=5)
     model.fuse_projections()
@@ -108,15 +114,18 @@ def test_kernels_that_want_dense_inputs_get_a_dense_v_and_the_same_result(compil
         model.compile_blocks(backend="aot_eager")
     outputs, seen = {}, {}
     with torch.no_grad():
-        for dense in (False, True):
-            seen[dense] = []
-            kernel = _spy_kernel(dense, seen[dense])
+        for layout in (None, "tokens_first", "heads_first"):
+            seen[layout] = []
+            kernel = _spy_kernel(layout, seen[layout])
             for block in model.blocks:
                 block.self_attn.attention_fn = kernel
-            outputs[dense] = model(*inputs)
-    assert seen[False] == [False] * config.num_layers
-    assert seen[True] == [True] * config.num_layers
-    assert torch.equal(outputs[True], outputs[False])
+            outputs[layout] = model(*inputs)
+    layers = config.num_layers
+    assert seen[None] == [(False, False)] * layers  # v: a slice of qkv's rows
+    assert seen["tokens_first"] == [(True, False)] * layers
+    assert seen["heads_first"] == [(False, True)] * layers
+    assert torch.equal(outputs["tokens_first"], outputs[None])
+    assert torch.equal(outputs["heads_first"], outputs[None])
 
 
 def test_gelu_epilogue_is_cuda_only_and_leaves_cpu_results_untouched():

@@ -18,9 +18,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import WanDistriFusionError
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``. A kernel that copies strided inputs
-to dense ones says so with a true ``dense_inputs`` attribute: the model then hands it dense ``v`` (see
-``WanSelfAttention.project``)."""
+"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``. A kernel that wants its inputs in one
+memory layout says so in an ``input_layout`` attribute (one of ``INPUT_LAYOUTS``): the model then produces q/k/v in
+it (``WanSelfAttention.project``)."""
+INPUT_LAYOUTS = ("tokens_first", "heads_first")
+"""``tokens_first``: dense ``[B, L, H, D]`` (FlashAttention, Sage); ``heads_first``: ``[B, H, L, D]`` in memory."""
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash4", "flash3", "sage")
 
@@ -74,7 +76,7 @@ def _flash4() -> AttentionFn:
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
-    flash4_attention.dense_inputs = True
+    flash4_attention.input_layout = "tokens_first"
     return flash4_attention
 
 
@@ -85,7 +87,7 @@ def _flash3() -> AttentionFn:
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
-    flash3_attention.dense_inputs = True
+    flash3_attention.input_layout = "tokens_first"
     return flash3_attention
 
 
@@ -95,7 +97,7 @@ def _sage() -> AttentionFn:
     def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return sageattn(q.contiguous(), k.contiguous(), v.contiguous(), tensor_layout="NHD")
 
-    sage_attention.dense_inputs = True
+    sage_attention.input_layout = "tokens_first"
     return sage_attention
 
 

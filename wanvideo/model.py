@@ -166,8 +166,11 @@ class WanSelfAttention(nn.Module):
         self.qkv = concat_linears([self.q, self.k, self.v])
         del self.q, self.k, self.v
 
-    def project(self, x: Tensor, rope: tuple[Tensor, Tensor], dense_v: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k (normed, rotated) and v, ``[B, L, H, D]``; ``dense_v``: v contiguous, not a view of the fused qkv."""
+    def project(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], layout: str | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (normed, rotated) and v, ``[B, L, H, D]``, in memory as ``layout`` asks (``attention.INPUT_LAYOUTS``;
+        None: as produced, v a strided view of the fused qkv output)."""
         heads = (self.num_heads, self.head_dim)
         if self.qkv is not None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -176,16 +179,20 @@ class WanSelfAttention(nn.Module):
         q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope)
         k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope)
         v = v.unflatten(-1, heads)
-        return q, k, (v.contiguous() if dense_v else v)
+        if layout == "tokens_first":
+            v = v.contiguous()
+        elif layout == "heads_first":  # [B, H, L, D] in memory, still indexed [B, L, H, D]
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        return q, k, v
 
-    def wants_dense_inputs(self) -> bool:
-        """Whether the attention kernel copies strided inputs to dense ones (``dense_inputs``, e.g. FlashAttention-4):
-        then v is made dense where it is produced, inside the compiled block (one pass fused with the q/k norms)
-        instead of a separate copy in eager. Read outside the compiled code, so swapping kernels never recompiles."""
-        return bool(getattr(self.attention_fn, "dense_inputs", False))
+    def input_layout(self) -> str | None:
+        """The memory layout the attention kernel wants its inputs in (its ``input_layout``, e.g. FlashAttention-4's
+        dense ``tokens_first``). Made where q/k/v are produced, inside the compiled block (fused with the q/k norm
+        kernels), instead of a copy in eager; read outside the compiled code, so swapping kernels never recompiles."""
+        return getattr(self.attention_fn, "input_layout", None)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return self.o(self.attention_fn(*self.project(x, rope, self.wants_dense_inputs())).flatten(2))
+        return self.o(self.attention_fn(*self.project(x, rope, self.input_layout())).flatten(2))
 
 
 class WanCrossAttention(nn.Module):
@@ -285,8 +292,8 @@ class WanBlock(nn.Module):
         image_context: Tensor | None = None,
         timestep_of_token: Tensor | None = None,
     ) -> Tensor:
-        dense_v = self.self_attn.wants_dense_inputs()
-        q, k, v, modulation = self.before_attention(x, time_modulation, rope, timestep_of_token, dense_v)
+        layout = self.self_attn.input_layout()
+        q, k, v, modulation = self.before_attention(x, time_modulation, rope, timestep_of_token, layout)
         attention = self.self_attn.attention_fn(q, k, v)
         return self.after_attention(x, attention, modulation, context, image_context, timestep_of_token)
 
@@ -299,11 +306,11 @@ class WanBlock(nn.Module):
         time_modulation: Tensor,
         rope: tuple[Tensor, Tensor],
         timestep_of_token: Tensor | None = None,
-        dense_v: bool = False,
+        layout: str | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         modulation = (self.modulation.float() + time_modulation).to(x.dtype)
         shift_msa, scale_msa = (per_token(modulation[:, :, i], timestep_of_token) for i in range(2))
-        q, k, v = self.self_attn.project(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), rope, dense_v)
+        q, k, v = self.self_attn.project(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), rope, layout)
         return q, k, v, modulation
 
     def after_attention(
