@@ -219,13 +219,20 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def diffusers_callable(model):
-    """Make diffusers' model callable like ours: ``f(x, t, context) -> prediction``."""
+    """Make diffusers' model callable like ours: ``f(x, t, context) -> prediction``.
+
+    Under the SDPA backend order our own forward states (cuDNN first on Hopper): both models get the same
+    attention kernel, also when compiled (inductor picks SDPA's backend when it traces the first call).
+    """
+    backend_order = pkg("wanvideo.attention").sdpa_backend_order
 
     def forward(x, t, context, **_):
         dtype = model.proj_out.weight.dtype
-        return model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=context.to(dtype), return_dict=False)[
-            0
-        ]
+        with backend_order(x.device):
+            out = model(
+                hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=context.to(dtype), return_dict=False
+            )
+        return out[0]
 
     return forward
 
