@@ -162,6 +162,23 @@ def build_diffusers(cfg, state_dict: dict[str, torch.Tensor], device, dtype=torc
     return model.eval().requires_grad_(False)
 
 
+def patch_diffusers_logger() -> None:
+    """diffusers' context-parallel hook warns through ``Logger.warning_once``, which only exists once ``transformers``
+    is imported (it adds it to ``logging.Logger``); without it the hook raises on Wan's 1-D timestep. Same shim."""
+    import functools
+    import logging
+
+    if not hasattr(logging.Logger, "warning_once"):
+        logging.Logger.warning_once = functools.lru_cache(None)(logging.Logger.warning)
+
+
+def compile_diffusers(model) -> None:
+    """The peer at its best: diffusers' documented regional compile, each ``WanTransformerBlock`` compiled with
+    ``fullgraph=True`` (in place; the embeddings, RoPE tables and head stay eager, like our ``compile_blocks``)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.compile_repeated_blocks(fullgraph=True)
+
+
 def build_ours(cfg, original_sd: dict[str, torch.Tensor], device, dtype=torch.bfloat16, quantization: str = "disabled"):
     """Our ``WanModel`` through the loader's state-dict entry point (``load_wan_model``'s dtypes, fp8 storage),
     projections fused as the runtime runs it.
@@ -202,13 +219,20 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def diffusers_callable(model):
-    """Make diffusers' model callable like ours: ``f(x, t, context) -> prediction``."""
+    """Make diffusers' model callable like ours: ``f(x, t, context) -> prediction``.
+
+    Under the SDPA backend order our own forward states (cuDNN first on Hopper): both models get the same
+    attention kernel, also when compiled (inductor picks SDPA's backend when it traces the first call).
+    """
+    backend_order = pkg("wanvideo.attention").sdpa_backend_order
 
     def forward(x, t, context, **_):
         dtype = model.proj_out.weight.dtype
-        return model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=context.to(dtype), return_dict=False)[
-            0
-        ]
+        with backend_order(x.device):
+            out = model(
+                hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=context.to(dtype), return_dict=False
+            )
+        return out[0]
 
     return forward
 

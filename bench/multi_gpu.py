@@ -14,7 +14,9 @@ tensor, bf16) for Wan 1.3B (480p x 81) and 14B (720p x 81), and runs, per model:
 - ours: ``displaced`` (1.3B bf16 and fp8 K/V; 14B fp8 K/V, as the memory plan needs on 80 GB), ``displaced``
   with CFG parallel (batch 2 = cond + uncond split over two rank groups), ``sync``, ``ulysses``;
 - ``bound``: this rank's tokens with stale K/V already in place and no exchange (the compute bound);
-- ``peer``: diffusers ``enable_parallelism(ContextParallelConfig(ulysses_degree=N))``, same weights;
+- ``peer``: diffusers ``enable_parallelism(ContextParallelConfig(ulysses_degree=N))``, same weights, eager at
+  batch 1, then compiled as diffusers documents it (``compile_repeated_blocks(fullgraph=True)``, the Ulysses
+  all-to-alls traced as functional collectives) at batch 1 and 2: the reference of every ``/peer`` ratio;
 - ``fidelity`` (first phase): a few-step CFG sample in every mode vs the one-GPU sample (rel err, PSNR).
 
 ``--budget-s`` orders every (phase, case) by priority, keeps what fits its estimate, recalibrates from
@@ -47,7 +49,7 @@ CLIP_STEPS = 50
 PRODUCT_WARMUP = 4  # ParallelConfig.warmup_steps default: synchronous steps at the start of a clip
 SINGLE_S = {"1.3B": 0.65, "14B": 12.7, "tiny": 0.01}  # one H100, bf16, batch 1 (design notes): for estimates
 SETUP_S = {"1.3B": 6.0, "14B": 25.0, "tiny": 1.0}
-COMPILE_S = {"1.3B": 40.0, "14B": 45.0, "tiny": 5.0}  # --compile: a few shapes per phase (inductor's cache helps later)
+COMPILE_S = {"1.3B": 40.0, "14B": 45.0, "tiny": 40.0}  # one compile (tiny: inductor on a busy CPU)
 PHASE_OVERHEAD_S = 30.0
 MODEL_SHAPE = {"1.3B": "480p81", "14B": "720p81", "tiny": "tiny"}
 
@@ -128,6 +130,31 @@ def build_cases(model: str, phase: Phase, args) -> list[Case]:
         cases.append(
             Case("displaced fp8kv", model, "ours", 1, "displaced", "fp8_e4m3fn", calls=3 + reps, priority=base + 0.6)
         )
+    if "compiled" in args.peer_variants:  # after the eager peer: compiling is in place
+        cases.append(
+            Case(
+                "peer ulysses compiled",
+                model,
+                "peer",
+                1,
+                "ulysses",
+                calls=1 + reps,
+                priority=base + 0.25,
+                extra={"compiled": True},
+            )
+        )
+        cases.append(
+            Case(
+                "peer ulysses compiled b2",
+                model,
+                "peer",
+                2,
+                "ulysses",
+                calls=1 + reps,
+                priority=base + 20.15 + later,
+                extra={"compiled": True},
+            )
+        )
     if phase.n % 2 == 0:
         cases.append(
             Case(
@@ -155,6 +182,8 @@ def build_cases(model: str, phase: Phase, args) -> list[Case]:
         else:
             step = per_rank_estimate(model, phase.n, phase.link, case.kind, case.batch, case.cfg_parallel)
             case.est_s = case.calls * step + (6.0 if case.kind == "peer" else 1.0)
+            if case.extra.get("compiled"):  # one compile per batch size
+                case.est_s += COMPILE_S[model]
     return cases
 
 
@@ -465,7 +494,7 @@ class Worker:
         self.ours.set_attention_backend(self.spec["ours_attention"])
         if self.spec["compile"]:
             self.ours.compile_blocks()
-        self.peer = None
+        self.peer = self.peer_model = None
         self.inputs = {b: C.make_inputs(self.cfg, self.shape, b, device=self.device, dtype=self.dtype) for b in (1, 2)}
         C.synchronize(self.device)
         self.say(f"{model_name}: built in {time.monotonic() - t0:.1f} s")
@@ -502,7 +531,7 @@ class Worker:
             self.emit(row)
             self.say(summarize(row))
         del self.ours, self.sd, self.inputs, self.refs
-        self.peer = None
+        self.peer = self.peer_model = None
         C.free()
 
     def row_base(self, case: dict) -> dict:
@@ -636,24 +665,33 @@ class Worker:
         row.update(peak_gib=self.peak_gib(), tokens=int(index.numel()))
         return row
 
-    def build_peer(self):
+    def build_peer(self, compiled: bool = False):
+        """diffusers with context parallelism; ``compiled`` compiles its blocks in place (from then on, for good)."""
         if self.peer is None:
             from diffusers import ContextParallelConfig
 
+            C.patch_diffusers_logger()
             model = C.build_diffusers(self.cfg, C.to_diffusers_layout(self.sd), self.device, self.dtype)
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=self.n))
-            self.peer = C.diffusers_callable(model)
+            self.peer_model, self.peer = model, C.diffusers_callable(model)
+        if compiled and not getattr(self.peer_model, "_bench_compiled", False):
+            C.compile_diffusers(self.peer_model)
+            self.peer_model._bench_compiled = True
         return self.peer
 
     def case_peer(self, case: dict) -> dict:
         x, t, ctx = self.inputs[case["batch"]]
         C.reset_peak(self.device)
-        peer = self.build_peer()
+        compiled = bool(case["extra"].get("compiled"))
+        peer = self.build_peer(compiled)
         with torch.no_grad(), C.sdpa_backend(self.spec["attention"]):
-            out = peer(x, t, ctx)
+            began = time.perf_counter()
+            out = peer(x, t, ctx)  # warm-up (compiled: compiles for this shape)
+            first_call_s = time.perf_counter() - began
             per_call, wall = self.timed_calls(lambda: peer(x, t, ctx), case["calls"] - 1)
         step = C.median(per_call)
         row = dict(self.row_base(case), step_s=step, per_call_s=per_call, wall_s=wall, peak_gib=self.peak_gib())
+        row.update(compiled=compiled, first_call_s=first_call_s)
         row["clip_s"] = CLIP_STEPS * step * (2 if case["batch"] == 1 else 1)
         row["clip_note"] = "2xb1" if case["batch"] == 1 else ""
         self.check_against_ref(row, case["batch"], out)
@@ -767,7 +805,7 @@ def report(rec, final: bool = True) -> None:
     singles = {(r["model"], r["batch"]): r["step_s"] for r in rows if r["kind"] == "single"}
     estimated = {(m, 2) for (m, b) in singles if b == 1 and (m, 2) not in singles}
     singles.update({key: 2 * singles[(key[0], 1)] for key in estimated})  # batch 2 ~ two batch-1 forwards
-    peers = {(r["model"], r["n"], r["link"], r["batch"]): r["step_s"] for r in rows if r["kind"] == "peer"}
+    peers = reference_peers(rows)
     bounds = {(r["model"], r["n"], r["link"], r["batch"]): r["step_s"] for r in rows if r["kind"] == "bound"}
     table = []
     kinds = {"single": 0, "bound": 1, "ours": 2, "peer": 3}
@@ -799,7 +837,7 @@ def report(rec, final: bool = True) -> None:
                 C.fmt(r["step_s"], ".3f"),
                 C.fmt(single / r["step_s"] if single else None, ".2f")
                 + ("~" if (r["model"], r["batch"]) in estimated and r["kind"] != "single" else ""),
-                C.fmt(r["step_s"] / peer if peer and r["kind"] == "ours" else None, ".3f"),
+                C.fmt(r["step_s"] / peer if peer and r["kind"] in ("ours", "peer") else None, ".3f"),
                 C.fmt(exposed, ".3f"),
                 peak + ("/" + C.fmt(r["plan_gib"], ".1f") if r.get("plan_gib") else ""),
                 C.fmt(r.get("clip_s"), ".0f"),
@@ -808,7 +846,8 @@ def report(rec, final: bool = True) -> None:
         )
     title = (
         "## Multi-GPU (1.3B 480p x81, 14B 720p x81, bf16). step = one forward at batch B; speedup vs our 1 GPU at "
-        "that batch (~: batch 2 taken as 2x batch 1); ours/peer = time ratio; exposed = step - no-exchange bound; "
+        "that batch (~: batch 2 taken as 2x batch 1); /peer = time / the compiled peer's at that batch (the eager "
+        "peer's where the compiled one did not run); exposed = step - no-exchange bound; "
         "peak/plan = max over ranks / memory plan; clip = 50 CFG steps (batch-1 rows x2; displaced: 4 sync steps)"
     )
     rec.say("")
@@ -842,9 +881,23 @@ def report(rec, final: bool = True) -> None:
             rec.say("not run (budget): " + "; ".join(rec.results["skipped"]))
 
 
+def reference_peers(rows: list[dict]) -> dict[tuple, float]:
+    """(model, N, link, batch) -> the peer's step: compiled where it ran, else eager."""
+    peers: dict[tuple, float] = {}
+    for r in sorted(
+        (r for r in rows if r["kind"] == "peer" and r.get("step_s")), key=lambda r: bool(r.get("compiled"))
+    ):
+        peers[(r["model"], r["n"], r["link"], r["batch"])] = r["step_s"]  # compiled rows sort last and win
+    return peers
+
+
 def targets(rows: list[dict]) -> list[str]:
     """The issue's targets, each with its measured value (only where both sides were measured)."""
     step = {(r["model"], r["n"], r["link"], r["case"]): r["step_s"] for r in rows if r["kind"] != "single"}
+    peers = reference_peers(rows)
+    for (model, n, link, batch), value in peers.items():  # the targets compare against the best peer
+        if batch == 1:
+            step[(model, n, link, "peer ulysses")] = value
     single = {r["model"]: r["step_s"] for r in rows if r["kind"] == "single" and r["batch"] == 1}
     lines = ["", "## Targets (issue 10; only those whose inputs were measured)"]
 
@@ -881,9 +934,10 @@ def targets(rows: list[dict]) -> list[str]:
             line(f"{tag}: displaced / its no-exchange bound", min(disp) / bound if disp and bound else None, 1.03, True)
             cfg_parallel = step.get((model, n, link, "displaced cfg-par b2"))
             per_cfg_step = ([2 * min(ours)] if ours else []) + ([cfg_parallel] if cfg_parallel else [])
+            peer_cfg_step = peers.get((model, n, link, 2), 2 * peer)  # its batch-2 call, else two batch-1 calls
             line(
-                f"{tag}: best ours per CFG step (cond + uncond, CFG parallel counted) / peer's two forwards",
-                min(per_cfg_step) / (2 * peer) if per_cfg_step else None,
+                f"{tag}: best ours per CFG step (cond + uncond, CFG parallel counted) / peer's CFG step",
+                min(per_cfg_step) / peer_cfg_step if per_cfg_step else None,
                 0.85,
                 True,
             )
@@ -921,6 +975,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fidelity-warmup", type=int, default=None, help="synchronous steps first (default 2)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--compile", action="store_true", help="ours with torch.compile'd blocks (the Loader's compile)")
+    p.add_argument(
+        "--peer-variants",
+        default="eager,compiled",
+        help="diffusers' configurations: eager (batch 1), compiled (compile_repeated_blocks(fullgraph=True), batch 1 "
+        "and 2: the reference of the ratios when it ran); 'eager' alone skips compiling the peer",
+    )
     p.add_argument("--ours-attention", default="sdpa", help="our attention backend (auto, sdpa, flash4, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print the plan (what fits the budget) and exit")

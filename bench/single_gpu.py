@@ -1,5 +1,7 @@
 """Speed on one GPU: our Wan DiT vs diffusers' ``WanTransformer3DModel`` with the same weights, one rank's
-share of a parallel step for N = 2, 4, 8, and fp8 weights. One command:
+share of a parallel step for N = 2, 4, 8, and fp8 weights. The peer runs eager and then compiled as diffusers
+documents it (``compile_repeated_blocks(fullgraph=True)``), batch 1 and 2 in the same run; every ratio is
+against the compiled peer. One command:
 
     python bench/single_gpu.py --out $OUT            # 1.3B 480p x81 (batch 1, 2) + 14B 720p x81 (batch 1)
     python bench/single_gpu.py --quick               # 1.3B only
@@ -56,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="our model's extra configurations timed after eager SDPA: compiled (torch.compile around attention), "
         "compiled-flash4 (plus FlashAttention-4 when installed); the fastest one is used for the per-rank shares",
     )
+    p.add_argument(
+        "--peer-variants",
+        default="eager,compiled",
+        help="diffusers' configurations: eager, compiled (compile_repeated_blocks(fullgraph=True), the reference "
+        "of the ratios); 'eager' alone skips compiling the peer (e.g. a quick --tiny run)",
+    )
     p.add_argument("--tol", type=float, default=3e-2, help="max relative error ours vs diffusers (bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds; later sections are skipped past it")
@@ -88,6 +96,7 @@ class Bench:
         self.rec.results.update(args=vars(args), forwards=[], shares=[], fp8=[], failures=[])
         self.started = time.monotonic()
         self.dtype = torch.bfloat16
+        self.peer_variants = {v for v in args.peer_variants.split(",") if v}
 
     def over_time(self, what: str) -> bool:
         spent = time.monotonic() - self.started
@@ -121,43 +130,81 @@ class Bench:
             f"diffusers {C.tensor_bytes(diffusers_model) / 2**30:.2f} GiB (shared storage)"
         )
         run_diffusers = C.diffusers_callable(diffusers_model)
-        singles, outputs = {}, {}
-        for batch in case["batches"]:
-            if self.over_time(f"{label} batch {batch}"):
-                break
-            x, t, ctx = C.make_inputs(cfg, shape, batch, device=device, dtype=self.dtype)
+        batches = [b for b in case["batches"] if not self.over_time(f"{label} batch {b}")]
+        inputs = {b: C.make_inputs(cfg, shape, b, device=device, dtype=self.dtype) for b in batches}
+        # The peer eager first (its output is every batch's reference), then compiled in place.
+        peer: dict[int, dict] = {}
+        for batch in batches:
+            x, t, ctx = inputs[batch]
             with torch.no_grad(), C.sdpa_backend(args.attention):
                 ref = run_diffusers(x, t, ctx)
-                out = ours(x, t, ctx)
-            err = C.rel_err(out, ref)
-            outputs[batch] = out
+            eager = self.timed(lambda f=run_diffusers, a=inputs[batch]: f(*a), case["warmup"] - 1, case["reps"])
+            peer[batch] = dict(ref=ref, eager=eager)
+            rec.say(f"   batch {batch}: diffusers eager {eager['median_s']:.4f} s")
+        if "compiled" in self.peer_variants and batches:
+            try:
+                C.compile_diffusers(diffusers_model)
+                for batch in batches:
+                    x, t, ctx = inputs[batch]
+                    began = time.perf_counter()
+                    with torch.no_grad(), C.sdpa_backend(args.attention):
+                        err = C.rel_err(run_diffusers(x, t, ctx), peer[batch]["ref"])
+                    first_call_s = time.perf_counter() - began
+                    compiled = self.timed(lambda f=run_diffusers, a=inputs[batch]: f(*a), case["warmup"], case["reps"])
+                    compiled.update(rel_err_vs_eager=err, first_call_s=first_call_s)
+                    peer[batch]["compiled"] = compiled
+                    rec.say(
+                        f"   batch {batch}: diffusers compiled {compiled['median_s']:.4f} s (rel err vs its eager "
+                        f"{err:.2e}; first call {first_call_s:.1f} s)"
+                    )
+            except Exception as error:  # a compile failure must not stop the bench: the eager peer still counts
+                rec.results["failures"].append(f"{label}: diffusers compile_repeated_blocks: {error}")
+                rec.say(f"   diffusers compiled: failed ({type(error).__name__}: {str(error)[:300]})")
+        singles, outputs, eager = {}, {}, {}
+        for batch in batches:  # ours eager at every batch before anything compiles it (in place)
+            x, t, ctx = inputs[batch]
+            with torch.no_grad(), C.sdpa_backend(args.attention):
+                outputs[batch] = ours(x, t, ctx)
+            eager[batch] = self.timed(lambda f=ours, a=(x, t, ctx): f(*a), case["warmup"] - 1, case["reps"])
+        for batch in batches:
+            x, t, ctx = inputs[batch]
+            ref = peer[batch]["ref"]
+            err = C.rel_err(outputs[batch], ref)
             ok = err < args.tol
             if not ok:
                 rec.results["failures"].append(f"{label} batch {batch}: rel err {err:.3e} >= {args.tol}")
-            theirs = self.timed(lambda f=run_diffusers, a=(x, t, ctx): f(*a), case["warmup"] - 1, case["reps"])
-            mine = self.timed(lambda f=ours, a=(x, t, ctx): f(*a), case["warmup"] - 1, case["reps"])
+            theirs, theirs_compiled = peer[batch]["eager"], peer[batch].get("compiled")
+            mine = eager[batch]
             variants = self.variants(ours, x, t, ctx, ref, case)
             mine["variants"] = variants
             best = min([mine["median_s"]] + [v["median_s"] for v in variants.values() if "median_s" in v])
             mine["eager_s"], mine["median_s"] = mine["median_s"], best
             singles[batch] = mine["median_s"]
+            reference = theirs_compiled or theirs  # ratios against the compiled peer when it compiled
             row = dict(
                 model=preset,
                 shape=shape,
                 batch=batch,
                 ours=mine,
                 diffusers=theirs,
-                ratio=mine["median_s"] / theirs["median_s"],
+                diffusers_compiled=theirs_compiled,
+                peer_s=reference["median_s"],
+                peer_compiled=theirs_compiled is not None,
+                ratio=mine["median_s"] / reference["median_s"],
+                ratio_vs_eager_peer=mine["median_s"] / theirs["median_s"],
                 rel_err=err,
                 agree=ok,
             )
             rec.results["forwards"].append(row)
+            peer_name = "diffusers compiled" if theirs_compiled else "diffusers eager"
             rec.say(
-                f"   batch {batch}: ours {mine['median_s']:.4f} s, diffusers {theirs['median_s']:.4f} s, "
+                f"   batch {batch}: ours {mine['median_s']:.4f} s, {peer_name} {reference['median_s']:.4f} s, "
                 f"ratio {row['ratio']:.3f}, rel err {err:.2e} {'OK' if ok else 'FAIL'}, "
                 f"peak {mine['peak_gib']:.1f}/{theirs['peak_gib']:.1f} GiB"
             )
             rec.save()
+        peer_s = {b: peer[b].get("compiled", peer[b]["eager"])["median_s"] for b in peer}
+        del peer, inputs
         C.free()
         del diffusers_model, run_diffusers
         C.free()
@@ -167,7 +214,7 @@ class Bench:
             x, t, ctx = C.make_inputs(cfg, shape, batch, device=device, dtype=self.dtype)
             self.shares(cfg, ours, label, preset, shape, batch, x, t, ctx, singles[batch], case)
         if not args.no_fp8 and 1 in outputs and not self.over_time(f"{label} fp8"):
-            self.fp8(cfg, sd, ours, label, preset, shape, outputs[1], singles[1], case)
+            self.fp8(cfg, sd, ours, label, preset, shape, outputs[1], singles[1], peer_s.get(1), case)
         del ours, sd, outputs
         C.free()
 
@@ -176,9 +223,11 @@ class Bench:
         results = {}
         for name in [v for v in self.args.ours_variants.split(",") if v and v != "eager"]:
             try:
-                if name == "compiled" and not getattr(ours, "_bench_compiled", False):
-                    ours.compile_blocks()
-                    ours._bench_compiled = True
+                if name == "compiled":
+                    if not getattr(ours, "_bench_compiled", False):
+                        ours.compile_blocks()
+                        ours._bench_compiled = True
+                    ours.set_attention_backend("sdpa")  # a previous batch may have left FlashAttention-4 set
                 elif name == "compiled-flash4":
                     if not getattr(ours, "_bench_compiled", False):
                         ours.compile_blocks()
@@ -308,7 +357,7 @@ class Bench:
         return res
 
     # ------------------------------------------------------------------------------------------------------
-    def fp8(self, cfg, sd, ours, label, preset, shape, ref_out, single_s, case) -> None:
+    def fp8(self, cfg, sd, ours, label, preset, shape, ref_out, single_s, peer_s, case) -> None:
         rec, device = self.rec, self.device
         bf16_bytes = C.tensor_bytes(ours)
         x, t, ctx = C.make_inputs(cfg, shape, 1, device=device, dtype=self.dtype)
@@ -333,6 +382,8 @@ class Bench:
             bf16_s=single_s,
             fp8=res,
             speed_ratio=res["median_s"] / single_s,
+            peer_s=peer_s,
+            ratio_vs_peer=res["median_s"] / peer_s if peer_s else None,
             rel_err_vs_bf16=err,
             fp8_matmul=fp8_matmul,
             compiled=getattr(ours, "_bench_compiled", False),
@@ -353,39 +404,38 @@ class Bench:
     def report(self) -> None:
         rec, res = self.rec, self.rec.results
         rec.say("")
-        rec.say(f"## Single GPU: ours vs diffusers (bf16, attention {self.args.attention}; {device_name(self.device)})")
-        rows = [
-            [
-                f"{r['model']} {r['shape']}",
-                r["batch"],
-                C.fmt(r["ours"].get("eager_s", r["ours"]["median_s"]), ".4f"),
-                *(
-                    C.fmt(r["ours"].get("variants", {}).get(name, {}).get("median_s", float("nan")), ".4f")
-                    for name in ("compiled", "compiled-flash4")
-                ),
-                C.fmt(r["diffusers"]["median_s"], ".4f"),
-                C.fmt(r["ratio"], ".3f"),
-                C.fmt(r["rel_err"], ".1e") + ("" if r["agree"] else " FAIL"),
-                f"{C.fmt(r['ours']['peak_gib'], '.1f')} / {C.fmt(r['diffusers']['peak_gib'], '.1f')}",
-            ]
-            for r in res["forwards"]
-        ]
         rec.say(
-            C.table(
-                [
-                    "model, shape",
-                    "batch",
-                    "ours eager s",
-                    "compiled s",
-                    "compiled+FA4 s",
-                    "diffusers s",
-                    "best/diff",
-                    "rel err",
-                    "peak GiB o/d",
-                ],
-                rows,
-            )
+            f"## Single GPU: ours vs diffusers (bf16, attention {self.args.attention}; {device_name(self.device)}); "
+            "(x) = time / the compiled peer (diffusers compile_repeated_blocks(fullgraph=True); eager peer where "
+            "it did not compile)"
         )
+
+        def against(seconds, r) -> str:
+            if seconds is None or math.isnan(seconds):
+                return "-"
+            return f"{seconds:.4f} ({seconds / r['peer_s']:.2f}x)"
+
+        rows = []
+        for r in res["forwards"]:
+            variants = r["ours"].get("variants", {})
+            compiled = r.get("diffusers_compiled") or {}
+            rows.append(
+                [
+                    f"{r['model']} {r['shape']}",
+                    r["batch"],
+                    C.fmt(r["diffusers"]["median_s"], ".4f"),
+                    C.fmt(compiled.get("median_s"), ".4f"),
+                    against(r["ours"].get("eager_s", r["ours"]["median_s"]), r),
+                    *(against(variants.get(name, {}).get("median_s"), r) for name in ("compiled", "compiled-flash4")),
+                    C.fmt(r["ratio"], ".3f") + ("" if r.get("peer_compiled") else " (eager peer)"),
+                    C.fmt(r["ratio_vs_eager_peer"], ".3f"),
+                    C.fmt(r["rel_err"], ".1e") + ("" if r["agree"] else " FAIL"),
+                    f"{C.fmt(r['ours']['peak_gib'], '.1f')} / {C.fmt(r['diffusers']['peak_gib'], '.1f')}",
+                ]
+            )
+        headers = ["model, shape", "batch", "peer eager s", "peer compiled s", "ours eager s", "ours compiled s"]
+        headers += ["ours compiled+FA4 s", "best/peer compiled", "best/peer eager", "rel err", "peak GiB o/d"]
+        rec.say(C.table(headers, rows))
         rec.say("")
         rec.say(
             f"## One rank's share (largest rank; {self.args.split_mode} split, {self.args.patch_size} px patches; "
@@ -411,7 +461,7 @@ class Bench:
         )
         if res["fp8"]:
             rec.say("")
-            rec.say("## fp8 weights (fp8_e4m3fn storage, bf16 compute), batch 1")
+            rec.say("## fp8 weights (fp8_e4m3fn storage, bf16 compute), batch 1; peer = the compiled peer")
             rows = [
                 [
                     f"{r['model']} {r['shape']}",
@@ -421,13 +471,13 @@ class Bench:
                     C.fmt(r["bf16_s"], ".4f"),
                     C.fmt(r["fp8"]["median_s"], ".4f"),
                     C.fmt(r["speed_ratio"], ".2f"),
+                    C.fmt(r.get("ratio_vs_peer"), ".2f"),
                     C.fmt(r["rel_err_vs_bf16"], ".1e"),
                 ]
                 for r in res["fp8"]
             ]
-            rec.say(
-                C.table(["model, shape", "bf16 GiB", "fp8 GiB", "mem", "bf16 s", "fp8 s", "time", "err vs bf16"], rows)
-            )
+            headers = ["model, shape", "bf16 GiB", "fp8 GiB", "mem", "bf16 s", "fp8 s", "time", "fp8/peer"]
+            rec.say(C.table(headers + ["err vs bf16"], rows))
         for failure in res["failures"]:
             rec.say(f"FAILURE: {failure}")
         rec.say(f"total {time.monotonic() - self.started:.0f} s")

@@ -83,3 +83,74 @@ def test_model_forward_runs_its_blocks_under_the_sdpa_order(monkeypatch):
     with torch.no_grad():
         random_model(config, seed=3)(*_inputs(config))
     assert entered == [torch.device("cpu")]
+
+
+def _spy_kernel(layout: str | None, seen: list):
+    """SDPA that records the memory layout q/k/v arrive in; ``input_layout`` as a kernel wrapper declares it."""
+
+    def kernel(q, k, v):
+        seen.append(
+            (
+                v.is_contiguous(),
+                all(t.transpose(1, 2).is_contiguous() for t in (q, k, v)),
+            )
+        )
+        return sdpa_attention(q, k, v)
+
+    kernel.input_layout = layout
+    return kernel
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kernels_get_their_input_layout_and_the_same_result(compiled):
+    """The fused qkv's v is a strided view. A kernel that copies it anyway (``tokens_first``, FlashAttention-4) gets it
+    dense, one that wants ``heads_first`` gets q/k/v in [B, H, L, D] memory, both made by the block (inside the
+    compiled code when compiled), with bit-identical results; other kernels keep the view."""
+    config = tiny_config()
+    model = random_model(config, seed=5)
+    model.fuse_projections()
+    inputs = _inputs(config)
+    if compiled:
+        model.compile_blocks(backend="aot_eager")
+    outputs, seen = {}, {}
+    with torch.no_grad():
+        for layout in (None, "tokens_first", "heads_first"):
+            seen[layout] = []
+            kernel = _spy_kernel(layout, seen[layout])
+            for block in model.blocks:
+                block.self_attn.attention_fn = kernel
+            outputs[layout] = model(*inputs)
+    layers = config.num_layers
+    assert seen[None] == [(False, False)] * layers  # v: a slice of qkv's rows
+    assert seen["tokens_first"] == [(True, False)] * layers
+    assert seen["heads_first"] == [(False, True)] * layers
+    assert torch.equal(outputs["tokens_first"], outputs[None])
+    assert torch.equal(outputs["heads_first"], outputs[None])
+
+
+def test_gelu_epilogue_is_cuda_only_and_leaves_cpu_results_untouched():
+    """``set_fusions(gelu_epilogue=True)`` asks for cuBLASLt's tanh-GELU epilogue; on the CPU PyTorch's fused op
+    would use the erf GELU (not Wan's tanh), so the CPU must keep the plain FFN: bit-identical output."""
+    config = tiny_config()
+    model = random_model(config, seed=6)
+    inputs = _inputs(config)
+    with torch.no_grad():
+        plain = model(*inputs)
+        model.set_fusions(gelu_epilogue=True)
+        assert all(block.gelu_epilogue for block in model.blocks)
+        fused = model(*inputs)
+        model.set_fusions()
+    assert torch.equal(fused, plain)
+    assert not any(block.gelu_epilogue for block in model.blocks)
+
+
+def test_addmm_gelu_on_cpu_is_not_wans_gelu():
+    """Why the epilogue is CUDA-only: the same op on the CPU computes the erf GELU, measurably not the tanh one."""
+    x, weight, bias = (
+        torch.randn(64, 16, dtype=torch.float64),
+        torch.randn(32, 16, dtype=torch.float64),
+        torch.randn(32, dtype=torch.float64),
+    )
+    tanh_gelu = torch.nn.functional.gelu(torch.addmm(bias, x, weight.t()), approximate="tanh")
+    fused = torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    assert relative_error(fused, tanh_gelu) > 1e-5

@@ -18,7 +18,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import WanDistriFusionError
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``."""
+"""``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``. A kernel that wants its inputs in one
+memory layout says so in an ``input_layout`` attribute (one of ``INPUT_LAYOUTS``): the model then produces q/k/v in
+it (``WanSelfAttention.project``)."""
+INPUT_LAYOUTS = ("tokens_first", "heads_first")
+"""``tokens_first``: dense ``[B, L, H, D]`` (FlashAttention, Sage); ``heads_first``: ``[B, H, L, D]`` in memory."""
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash4", "flash3", "sage")
 
@@ -72,6 +76,7 @@ def _flash4() -> AttentionFn:
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
+    flash4_attention.input_layout = "tokens_first"
     return flash4_attention
 
 
@@ -82,6 +87,7 @@ def _flash3() -> AttentionFn:
         out = flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous())
         return out[0] if isinstance(out, tuple) else out
 
+    flash3_attention.input_layout = "tokens_first"
     return flash3_attention
 
 
@@ -91,6 +97,7 @@ def _sage() -> AttentionFn:
     def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return sageattn(q.contiguous(), k.contiguous(), v.contiguous(), tensor_layout="NHD")
 
+    sage_attention.input_layout = "tokens_first"
     return sage_attention
 
 

@@ -168,8 +168,11 @@ class WanSelfAttention(nn.Module):
         self.qkv = concat_linears([self.q, self.k, self.v])
         del self.q, self.k, self.v
 
-    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k (normed, rotated) and v, ``[B, L, H, D]``."""
+    def project(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], layout: str | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (normed, rotated) and v, ``[B, L, H, D]``, in memory as ``layout`` asks (``attention.INPUT_LAYOUTS``;
+        None: as produced, v a strided view of the fused qkv output)."""
         heads = (self.num_heads, self.head_dim)
         if self.qkv is not None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -177,10 +180,21 @@ class WanSelfAttention(nn.Module):
             q, k, v = self.q(x), self.k(x), self.v(x)
         q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope)
         k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope)
-        return q, k, v.unflatten(-1, heads)
+        v = v.unflatten(-1, heads)
+        if layout == "tokens_first":
+            v = v.contiguous()
+        elif layout == "heads_first":  # [B, H, L, D] in memory, still indexed [B, L, H, D]
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        return q, k, v
+
+    def input_layout(self) -> str | None:
+        """The memory layout the attention kernel wants its inputs in (its ``input_layout``, e.g. FlashAttention-4's
+        dense ``tokens_first``). Made where q/k/v are produced, inside the compiled block (fused with the q/k norm
+        kernels), instead of a copy in eager; read outside the compiled code, so swapping kernels never recompiles."""
+        return getattr(self.attention_fn, "input_layout", None)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return self.o(self.attention_fn(*self.project(x, rope)).flatten(2))
+        return self.o(self.attention_fn(*self.project(x, rope, self.input_layout())).flatten(2))
 
 
 class WanCrossAttention(nn.Module):
@@ -258,6 +272,18 @@ class WanBlock(nn.Module):
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.gelu_epilogue = False
+        """Run the FFN's first GEMM with its bias and tanh-GELU in cuBLASLt's epilogue on CUDA (``WanModel.set_fusions``)."""
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """``ffn(x)``; with ``gelu_epilogue`` on a CUDA bf16/fp16 Linear, the hidden activations are written once
+        (GELU applied to the fp32 accumulator) instead of written, read, activated and written again."""
+        up, _, down = self.ffn
+        fusable = type(up) is nn.Linear and up.bias is not None and up.weight.dtype == x.dtype
+        if self.gelu_epilogue and x.is_cuda and fusable:
+            hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
+            return down(hidden.unflatten(0, x.shape[:-1]))
+        return self.ffn(x)
 
     def forward(
         self,
@@ -268,7 +294,8 @@ class WanBlock(nn.Module):
         image_context: Tensor | None = None,
         timestep_of_token: Tensor | None = None,
     ) -> Tensor:
-        q, k, v, modulation = self.before_attention(x, time_modulation, rope, timestep_of_token)
+        layout = self.self_attn.input_layout()
+        q, k, v, modulation = self.before_attention(x, time_modulation, rope, timestep_of_token, layout)
         attention = self.self_attn.attention_fn(q, k, v)
         del q, k, v  # else they (and the fused qkv output behind v) live through the FFN, the block's peak
         return self.after_attention(x, attention, modulation, context, image_context, timestep_of_token)
@@ -277,11 +304,16 @@ class WanBlock(nn.Module):
     # (possibly communicating) attention function. ``time_modulation`` is ``[B, T, 6, dim]`` for T
     # timesteps per item; ``timestep_of_token`` (None when T is 1) picks each computed token's one.
     def before_attention(
-        self, x: Tensor, time_modulation: Tensor, rope: tuple[Tensor, Tensor], timestep_of_token: Tensor | None = None
+        self,
+        x: Tensor,
+        time_modulation: Tensor,
+        rope: tuple[Tensor, Tensor],
+        timestep_of_token: Tensor | None = None,
+        layout: str | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         modulation = (self.modulation.float() + time_modulation).to(x.dtype)
         shift_msa, scale_msa = (per_token(modulation[:, :, i], timestep_of_token) for i in range(2))
-        q, k, v = self.self_attn.project(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), rope)
+        q, k, v = self.self_attn.project(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), rope, layout)
         return q, k, v, modulation
 
     def after_attention(
@@ -298,7 +330,7 @@ class WanBlock(nn.Module):
         )
         x = torch.addcmul(x, self.self_attn.o(attention.flatten(2)), gate_msa)
         x = x + self.cross_attn(self.norm3(x), context, image_context)
-        return torch.addcmul(x, self.ffn(torch.addcmul(shift_ffn, self.norm2(x), 1 + scale_ffn)), gate_ffn)
+        return torch.addcmul(x, self.feed_forward(torch.addcmul(shift_ffn, self.norm2(x), 1 + scale_ffn)), gate_ffn)
 
 
 class WanHead(nn.Module):
@@ -380,17 +412,24 @@ class WanModel(nn.Module):
                 block.self_attn.fuse_projections()
                 block.cross_attn.fuse_projections()
 
-    def compile_blocks(self, backend: str = "inductor") -> None:
+    def set_fusions(self, gelu_epilogue: bool = False) -> None:
+        """Opt-in kernel fusions that change rounding at bf16 round-off (off by default; ``bench/kernel_breakdown.py``
+        measures them): ``gelu_epilogue`` = the FFN's bias + tanh-GELU in the first GEMM's cuBLASLt epilogue."""
+        for block in self.blocks:
+            block.gelu_epilogue = gelu_epilogue
+
+    def compile_blocks(self, backend: str = "inductor", options: dict | None = None) -> None:
         """``torch.compile`` each block's code before and after self-attention (attention stays eager).
 
         All blocks share two compiled graphs, but every new latent size or rank slab adds entries to the
         same cache: the recompile limit is raised so a long-lived worker never silently falls back to eager.
+        ``options`` go to inductor (e.g. ``{"coordinate_descent_tuning": True}``).
         """
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
         for block in self.blocks:
-            block.before_attention = torch.compile(block.before_attention, backend=backend)
-            block.after_attention = torch.compile(block.after_attention, backend=backend)
+            block.before_attention = torch.compile(block.before_attention, backend=backend, options=options)
+            block.after_attention = torch.compile(block.after_attention, backend=backend, options=options)
 
     def blocks_on_device(self) -> contextlib.AbstractContextManager[Iterable[WanBlock]]:
         """The blocks in order, each with its weights on the compute device while it runs (``offload.py``)."""
