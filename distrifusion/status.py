@@ -425,7 +425,8 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
     lines = []
     lines.append(
         f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
-        f"attention {runtime.get('attention')}" + (f", weights {runtime['weights']}" if runtime.get("weights") else "")
+        f"attention {runtime.get('attention')}"
+        + (f", weights {runtime['weights']}" if runtime.get("weights") else "")
         + (", blocks streamed from host memory (offload)" if runtime.get("offload") else "")
     )
     if runtime.get("loras"):
