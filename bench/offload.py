@@ -100,7 +100,7 @@ def main() -> int:
     cap_note = "no cap (CPU)"
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), torch.cuda.current_device())
         cap_note = f"capped at {args.cap_gib:g} GiB of {total / GIB:.0f}"
     rate = copy_rate(streamer, device)
     with torch.inference_mode():

@@ -362,9 +362,17 @@ def _estimate(
         )
         host_bytes *= models
 
-    # Live tensors of one block per local token: residual, modulated input, q/k/v and fp32 RoPE
-    # temporaries around attention (~10 x dim), or input, hidden and GELU output around the FFN.
-    per_token = max(10 * dim, 3 * dim + 2 * config.ffn_dim)
+    # Live tensors of one block per local token at its peak: residual, modulated input, the fused qkv output, q/k in
+    # fp32 for RoPE, the attention kernel's layout copies; or input, hidden and GELU output around the FFN. fp8
+    # matmuls add the FFN hidden's quantized copy (made through fp32); per-frame timesteps (5B) the modulation picked
+    # per token. Calibrated on an H200 (max_memory_allocated minus the weights; bench/offload.py, bench/wan22_gpu.py):
+    # 12.3 x dim per token for 14B bf16 (plan 13), 17.6 for 14B fp8 (plan 18.4), 18.0 for the 5B (plan 18.3), the
+    # patch embedding's 1 x dim of the full grid included.
+    per_token = max(12 * dim, 4 * dim + 2 * config.ffn_dim)
+    if quantization == "fp8_e4m3fn":
+        per_token += 2 * config.ffn_dim
+    if config.per_frame_timesteps:
+        per_token += 4 * dim
     activation = batch_per_rank * (tokens_local * per_token + tokens_total * dim) * act  # + full-grid patch embedding
 
     stale_kv = attention = 0
