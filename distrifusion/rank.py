@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..wanvideo.loading import PRECISIONS, load_wan_model
-from ..wanvideo.lora import apply_loras
+from ..wanvideo.lora import LoraFile, apply_loras, plan_loras
 from ..wanvideo.sampling import GuidedFlow
 from .config import ParallelConfig
 from .job import GenerationJob
@@ -54,30 +54,45 @@ def last_stats(model) -> dict:
 
 
 def load_rank_models(spec: RuntimeSpec, device: torch.device) -> tuple[torch.nn.Module, ...]:
-    """Every model of ``spec`` (one, or Wan 2.2 A14B's two experts) on this rank's device, in ``job.expert`` order."""
-    return tuple(load_rank_model(spec, device, path) for path in spec.model_paths)
+    """Every model of ``spec`` (one, or Wan 2.2 A14B's two experts) on this rank's device, in ``job.expert`` order,
+    each with its own LoRA chain merged."""
+    return tuple(load_rank_model(spec, device, path, loras) for path, loras in zip(spec.model_paths, spec.expert_loras))
 
 
-def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = None) -> torch.nn.Module:
-    """Load ``spec``'s weights (or ``path``'s) on this rank's device, projections fused, with the group's attention
-    kernel and compile setting."""
-    model = load_wan_model(
-        path or spec.model_path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device
-    )
+def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str, loras: tuple[LoraFile, ...]) -> torch.nn.Module:
+    """Load ``path`` (one of ``spec``'s models) on this rank's device with ``loras`` merged, projections fused,
+    with the group's attention kernel and compile setting."""
+    model = load_wan_model(path, dtype=PRECISIONS[spec.precision], quantization=spec.quantization, device=device)
     model.eval()
     model.fuse_projections()
-    if spec.loras:
-        apply_loras(model, spec.model_path, spec.loras)
+    if loras:
+        apply_loras(model, path, loras)
     model.set_attention_backend(spec.parallel.attention_backend)
     if spec.parallel.compile_blocks:
         model.compile_blocks()
     return model
 
 
-def apply_rank_loras(model, spec: RuntimeSpec, loras) -> dict:
-    """Re-merge ``loras`` into this rank's loaded model from its unmodified weights (read again from the checkpoint)."""
+def apply_rank_loras(models, spec: RuntimeSpec, chains) -> dict:
+    """Make ``chains`` (one per model of ``spec``) the merged LoRA chains: each model whose chain differs from
+    ``spec``'s is re-merged from its unmodified weights (read again from its checkpoint), the others are left alone.
+    Returns the tensors changed, the seconds and which experts were re-merged."""
+    target = spec.with_expert_loras(chains)
+    changed = [
+        (expert, models[expert], path, after)
+        for expert, (path, before, after) in enumerate(zip(spec.model_paths, spec.expert_loras, target.expert_loras))
+        if before != after
+    ]
+    for _, model, _, after in changed:  # every chain checked before any weight changes
+        plan_loras(after, model.config)
+    summary = {"tensors": 0, "seconds": 0.0, "experts": []}
     with torch.no_grad():
-        return apply_loras(model, spec.model_path, loras)
+        for expert, model, path, after in changed:
+            merged = apply_loras(model, path, after)
+            summary["tensors"] += merged["tensors"]
+            summary["seconds"] += merged["seconds"]
+            summary["experts"].append(expert)
+    return summary
 
 
 def session_flow(

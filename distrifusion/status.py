@@ -228,6 +228,7 @@ def status_report(
             "precision": spec.precision if spec is not None else None,
             "quantization": spec.quantization if spec is not None else None,
             "loras": [[lora.name, lora.strength] for lora in spec.loras] if spec is not None else [],
+            "second_loras": [[lora.name, lora.strength] for lora in spec.second_loras] if spec is not None else [],
             "attention": parallel.attention_backend if parallel is not None else None,
             "pids": runtime_status.get("pids") or [],
             "memory_plan": runtime_status.get("memory_plan"),
@@ -406,8 +407,9 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
         f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
         f"attention {runtime.get('attention')}"
     )
-    if runtime.get("loras"):
-        lines.append("   LoRA: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime["loras"]))
+    for key, label in (("loras", "LoRA"), ("second_loras", "LoRA of the second model")):
+        if runtime.get(key):
+            lines.append(f"   {label}: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime[key]))
     ranks = report.get("ranks") or {}
     local = ranks.get("local") or []
     local_text = f"{local[0]}-{local[-1]}" if len(local) > 1 else (str(local[0]) if local else "none")
