@@ -71,7 +71,7 @@ try {
   await page.waitForTimeout(1000);
 
   const dialogs = () => page.evaluate(() => [...document.querySelectorAll(".p-dialog")]
-    .filter((d) => d.offsetParent !== null).map((d) => d.innerText.slice(0, 500)));
+    .filter((d) => d.offsetParent !== null).map((d) => d.innerText.slice(0, 2000)));
 
   for (const file of readdirSync(workflowDir).filter((f) => f.endsWith(".json")).sort()) {
     const workflow = JSON.parse(readFileSync(join(workflowDir, file), "utf8"));
@@ -90,11 +90,14 @@ try {
         prompt: (await window.app.graphToPrompt()).output,
       };
     }, [workflow, file.replace(/\.json$/, "")]));
+    // the missing-models check is asynchronous (it lists the model folders first): give its dialog time to open
+    const names = workflow.nodes.some((n) => n.properties?.models?.length);
+    if (names) await page.waitForSelector(".p-dialog", { state: "visible", timeout: 5000 }).catch(() => {});
     entry.dialogs = await dialogs();
+    await page.keyboard.press("Escape"); // the graph itself in the screenshot (the templates' thumbnails)
     await page.evaluate(() => window.app.extensionManager?.command?.execute?.("Comfy.Canvas.FitView"));
     await page.waitForTimeout(500);
     await page.screenshot({ path: join(screenshotDir, file.replace(/\.json$/, ".png")) });
-    await page.keyboard.press("Escape");
     if (standIns[file]) {
       Object.assign(entry, await runInPage(page, standIns[file]));
       // at 100%, the graph's top-left corner 16 px inside the canvas (which starts right of the side bar, below the menu)
