@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny_lora import random_lora, reference_merge, write_lora
 from tiny_wan import random_model, relative_error, tiny_config, tiny_job, write_checkpoint
 from wan_distrifusion.distrifusion.config import ParallelConfig
@@ -171,6 +172,7 @@ def test_each_expert_merges_its_own_chain_and_a_change_re_merges_only_that_exper
         "high without LoRA": relative_error(third, _merged_reference(folder, high, 0.0, jobs[0])),
     }
     print(f"world size {world_size}, per-expert chains vs directly merged checkpoints: {errors}")
+    assert torch.equal(second[0], first[0])  # the high expert was not touched by the low expert's change
     assert relative_error(second[1], first[1]) > 1e-2  # the low expert's strength really changed its result
     assert relative_error(first[1], first[0]) > 1e-2  # the two experts are different models
     assert max(errors.values()) < 1e-5
