@@ -253,6 +253,7 @@ def two_expert_prompt(
     cfg: float = 3.5,
     shift: float = SHIFT,
     loras: tuple[str, str] | None = None,
+    strengths: tuple[float, float] = (1.0, 1.0),
 ) -> dict:
     """The Wan 2.2 A14B templates' graph: two KSamplerAdvanced (high-noise expert steps 0..split returning with
     leftover noise, low-noise expert split..end without new noise), natively and with our Loader's two outputs.
@@ -270,7 +271,7 @@ def two_expert_prompt(
         if loras is not None:
             prompt[f"native_lora_{name}"] = {
                 "class_type": "LoraLoaderModelOnly",
-                "inputs": {"model": model, "lora_name": loras[index], "strength_model": 1.0},
+                "inputs": {"model": model, "lora_name": loras[index], "strength_model": strengths[index]},
             }
             model = [f"native_lora_{name}", 0]
         prompt[f"shift_{name}"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": model, "shift": shift}}
@@ -284,8 +285,8 @@ def two_expert_prompt(
     }
     prompt["loader"] = {"class_type": LOADER, "inputs": loader_inputs(model=high, second_model=low, **loader)}
     if loras is not None:
-        for socket, file in zip(("lora", "second_lora"), loras):
-            prompt[f"{socket}_node"] = {"class_type": LORA_NODE, "inputs": {"lora_name": file, "strength": 1.0}}
+        for socket, file, strength in zip(("lora", "second_lora"), loras, strengths):
+            prompt[f"{socket}_node"] = {"class_type": LORA_NODE, "inputs": {"lora_name": file, "strength": strength}}
             prompt["loader"]["inputs"][socket] = [f"{socket}_node", 0]
     ours = {**common, "shift": shift, "sync_frequency": 0}
     prompt["ours_1"] = {
@@ -376,6 +377,42 @@ def test_wan22_four_step_lora_template_equals_native(comfy, wan_models, wan_lora
     runtime = status["runtime"]
     assert [name for name, _ in runtime["loras"]] == [loras[0]], runtime
     assert [name for name, _ in runtime["second_loras"]] == [loras[1]], runtime
+
+
+def test_one_experts_lora_change_re_merges_that_expert_on_the_running_workers(comfy, wan_models, wan_loras):
+    """Between two prompts only the low-noise expert's LoRA strength changes: the same worker processes re-merge
+    that expert alone, and both stages still equal the native graph at the new strength."""
+    loader = {**MODES["2 ranks sync"], "patch_size": 16}
+    loras = FOUR_STEP_LORAS["t2v"]
+    errors, pids = [], []
+    for strengths in ((1.0, 1.0), (1.0, -0.6)):
+        prompt = two_expert_prompt(
+            A14B_T2V_HIGH,
+            A14B_T2V_LOW,
+            T2V_NODES,
+            T2V_LINKS,
+            2,
+            4,
+            loader,
+            cfg=1.0,
+            shift=5.0,
+            loras=loras,
+            strengths=strengths,
+        )
+        entry = comfy.run(prompt)
+        latents = {
+            name: load_latent(output_files(comfy, entry, f"save_{name}", "latents")[-1])
+            for name in ("native_1", "native_2", "ours_1", "ours_2")
+        }
+        errors += [
+            relative_error(latents["ours_1"], latents["native_1"]),
+            relative_error(latents["ours_2"], latents["native_2"]),
+        ]
+        pids.append(comfy.get("/distrifusion/status").json()["runtime"]["pids"])
+    print(f"low-noise LoRA strength 1.0 -> -0.6 between prompts, 2 ranks: {errors}")
+    assert len(pids[0]) == 2 and pids[1] == pids[0]  # no restart
+    assert max(errors) < TOL
+    assert "LoRA chains of expert(s) [1] re-merged on ranks [0, 1]" in comfy.log()
 
 
 def test_expert_in_the_wrong_slot_is_refused(comfy, wan_models):
