@@ -42,7 +42,8 @@ class OfficialDistriFusionLora:
     RETURN_TYPES = (LORA_CHAIN_TYPE,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = (
-        "The LoRA chain; connect it to the DistriFusion Model Loader's lora input (or another LoRA node).",
+        "The LoRA chain; connect it to the DistriFusion Model Loader's lora input (its second_lora input for Wan 2.2 "
+        "A14B's low-noise expert), or to another LoRA node.",
     )
     FUNCTION = "chain"
     CATEGORY = CATEGORY
