@@ -107,12 +107,15 @@ class InProcessRunner(Runtime):
         self._model = self._models[0]
         return self
 
-    def apply_loras(self, loras) -> None:
-        """Make ``loras`` the merged chain: re-merged from the unmodified weights when the model is loaded."""
-        spec = self.spec.with_changes(loras=tuple(loras))
+    def apply_loras(self, loras, second_loras=()) -> tuple[int, ...]:
+        """Make ``loras`` (and ``second_loras``, the second model's) the merged chains: each loaded model whose chain
+        changed is re-merged from its unmodified weights. The experts re-merged."""
+        target = self.spec.with_changes(loras=tuple(loras), second_loras=tuple(second_loras))
+        experts = ()
         if self._model is not None:
-            apply_rank_loras(self._model, spec, spec.loras)
-        self.spec = spec
+            experts = tuple(apply_rank_loras(self._models, self.spec, target.expert_loras)["experts"])
+        self.spec = target
+        return experts
 
     def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
         """Load the model when needed, check ``job`` and its memory, reset the progress."""

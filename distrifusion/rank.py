@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from ..wanvideo.fp8 import enable_fp8_matmul
 from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_model
-from ..wanvideo.lora import apply_loras
+from ..wanvideo.lora import LoraFile, apply_loras, plan_loras
 from ..wanvideo.offload import stream_blocks_from_host
 from ..wanvideo.sampling import GuidedFlow
 from ..wanvideo.step_cache import EasyCache
@@ -78,19 +78,25 @@ def resolve_weights(spec: RuntimeSpec, device: torch.device, free_bytes: int) ->
 def load_rank_models(
     spec: RuntimeSpec, device: torch.device, weights: str = "replicated"
 ) -> tuple[torch.nn.Module, ...]:
-    """Every model of ``spec`` (one, or Wan 2.2 A14B's two experts) on this rank's device, in ``job.expert`` order;
-    ``weights`` ``sharded``: each model's blocks sharded over the group (collective)."""
+    """Every model of ``spec`` (one, or Wan 2.2 A14B's two experts) on this rank's device, in ``job.expert`` order,
+    each with its own LoRA chain merged; ``weights`` ``sharded``: each model's blocks sharded over the group
+    (collective)."""
     mesh = weights_mesh(device) if weights == "sharded" else None
-    return tuple(load_rank_model(spec, device, path, mesh) for path in spec.model_paths)
+    return tuple(
+        load_rank_model(spec, device, path, loras, mesh) for path, loras in zip(spec.model_paths, spec.expert_loras)
+    )
 
 
-def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = None, mesh=None) -> torch.nn.Module:
-    """Load ``spec``'s weights (or ``path``'s) on this rank's device, projections fused, with the group's attention
-    kernel and compile setting. With a ``mesh`` the model is loaded on the CPU (memory-mapped), the LoRA chain
-    merged there, and only this rank's shard of each block moves to the device (``sharded_weights.py``). With
-    ``offload`` the blocks stay in host memory, streamed to the device per forward (``wanvideo/offload.py``)."""
+def load_rank_model(
+    spec: RuntimeSpec, device: torch.device, path: str, loras: tuple[LoraFile, ...], mesh=None
+) -> torch.nn.Module:
+    """Load ``path`` (one of ``spec``'s models) on this rank's device with ``loras`` merged, projections fused, with
+    the group's attention kernel and compile setting. With a ``mesh`` the model is loaded on the CPU (memory-mapped),
+    the LoRA chain merged there, and only this rank's shard of each block moves to the device
+    (``sharded_weights.py``). With ``offload`` the blocks stay in host memory, streamed to the device per forward
+    (``wanvideo/offload.py``)."""
     model = load_wan_model(
-        path or spec.model_path,
+        path,
         dtype=PRECISIONS[spec.precision],
         quantization=spec.quantization,
         device="cpu" if mesh is not None or spec.offload else device,
@@ -99,8 +105,8 @@ def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = 
     model.fuse_projections()
     if spec.offload:
         stream_blocks_from_host(model, device)
-    if spec.loras:
-        apply_loras(model, spec.model_path, spec.loras)
+    if loras:
+        apply_loras(model, path, loras)
     if mesh is not None:
         shard_blocks(model, device, mesh)
         enable_fp8_matmul(model)  # on the device now: fp8 tensor cores where it has them
@@ -110,11 +116,27 @@ def load_rank_model(spec: RuntimeSpec, device: torch.device, path: str | None = 
     return model
 
 
-def apply_rank_loras(model, spec: RuntimeSpec, loras) -> dict:
-    """Re-merge ``loras`` into this rank's loaded model from its unmodified weights (read again from the checkpoint);
-    sharded weights: each rank writes the rows of its shards (no communication)."""
+def apply_rank_loras(models, spec: RuntimeSpec, chains) -> dict:
+    """Make ``chains`` (one per model of ``spec``) the merged LoRA chains: each model whose chain differs from
+    ``spec``'s is re-merged from its unmodified weights (read again from its checkpoint), the others are left alone.
+    Sharded weights: each rank writes the rows of its shards (no communication). Returns the tensors changed, the
+    seconds and which experts were re-merged."""
+    target = spec.with_expert_loras(chains)
+    changed = [
+        (expert, models[expert], path, after)
+        for expert, (path, before, after) in enumerate(zip(spec.model_paths, spec.expert_loras, target.expert_loras))
+        if before != after
+    ]
+    for _, model, _, after in changed:  # every chain checked before any weight changes
+        plan_loras(after, model.config)
+    summary = {"tensors": 0, "seconds": 0.0, "experts": []}
     with torch.no_grad():
-        return apply_loras(model, spec.model_path, loras, assign=assign_rows)
+        for expert, model, path, after in changed:
+            merged = apply_loras(model, path, after, assign=assign_rows)
+            summary["tensors"] += merged["tensors"]
+            summary["seconds"] += merged["seconds"]
+            summary["experts"].append(expert)
+    return summary
 
 
 def session_flow(

@@ -227,14 +227,16 @@ class RankProcess:
             number += 1
 
     def apply_loras(self, number: int, command: ApplyLoras) -> bool:
-        """Re-merge the LoRA chain from the unmodified weights; False when it failed (the controller stops the group)."""
+        """Re-merge each model whose LoRA chain changed from its unmodified weights; False when it failed (the
+        controller stops the group)."""
         try:
-            summary = apply_rank_loras(self.model, self.spec, command.loras)
+            summary = apply_rank_loras(self.models, self.spec, command.chains)
         except BaseException as error:
             self.report_error(error, "lora")
             return False
-        self.spec = self.spec.with_changes(loras=command.loras)
-        self.send(wire.LorasApplied(number, self.rank, summary["tensors"], summary["seconds"]))
+        self.spec = self.spec.with_expert_loras(command.chains)
+        experts = tuple(summary["experts"])
+        self.send(wire.LorasApplied(number, self.rank, summary["tensors"], summary["seconds"], experts))
         return True
 
     def next_command(self, number: int) -> OpenSession | DecodeVAE | StopServing | ApplyLoras | None:

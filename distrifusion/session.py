@@ -147,8 +147,9 @@ class Runtime:
     def close(self) -> None:
         raise NotImplementedError
 
-    def apply_loras(self, loras) -> None:
-        """Make ``loras`` (``LoraFile``s) the chain merged into the weights, without restarting the ranks."""
+    def apply_loras(self, loras, second_loras=()) -> tuple[int, ...]:
+        """Make ``loras`` (``LoraFile``s; ``second_loras``: the second model's) the chains merged into the weights,
+        without restarting the ranks; re-merges only the models whose chain changed and returns their numbers."""
         raise NotImplementedError
 
     def forward_session(

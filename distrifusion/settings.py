@@ -57,7 +57,8 @@ class RuntimeSpec:
     threads_per_rank: int | None = None
     """CPU threads per rank (default on CPU: the cores shared out over the local ranks)."""
     loras: tuple[LoraFile, ...] = ()
-    """The LoRA chain every rank merges after loading; a change re-merges on the running ranks (no restart)."""
+    """The LoRA chain every rank merges into ``model_path``'s weights after loading; a change re-merges on the
+    running ranks (no restart)."""
     second_model_path: str | None = None
     """Wan 2.2 A14B: the low-noise expert, loaded beside ``model_path`` (the high-noise one) on the same ranks, so a
     job picks either (``GenerationJob.expert``) without a reload."""
@@ -67,6 +68,8 @@ class RuntimeSpec:
     offload: bool = False
     """Keep the transformer blocks in pinned host memory and stream them to the GPU ahead of use
     (``wanvideo/offload.py``): each rank holds only a ring of two blocks on its device."""
+    second_loras: tuple[LoraFile, ...] = ()
+    """The second model's own LoRA chain (Wan 2.2's 4-step LoRAs come as a high-noise and a low-noise file)."""
 
     def __post_init__(self) -> None:
         world = self.parallel.world_size
@@ -99,17 +102,19 @@ class RuntimeSpec:
                 "second)."
             )
         object.__setattr__(self, "model_path", str(path))
-        object.__setattr__(self, "loras", tuple(x if isinstance(x, LoraFile) else LoraFile(**x) for x in self.loras))
+        for name in ("loras", "second_loras"):
+            chain = tuple(x if isinstance(x, LoraFile) else LoraFile(**x) for x in getattr(self, name))
+            object.__setattr__(self, name, chain)
         if self.second_model_path is not None:
             second = Path(self.second_model_path).expanduser().resolve()
             if not second.exists():
                 raise WanDistriFusionError(f"second model: {second} does not exist; pick the low-noise expert file.")
             object.__setattr__(self, "second_model_path", str(second))
-            if self.loras:
-                raise WanDistriFusionError(
-                    "lora: a LoRA chain with a second model (Wan 2.2's two experts) is not supported yet (each expert "
-                    "needs its own chain); disconnect the LoRA or the second model."
-                )
+        elif self.second_loras:
+            raise WanDistriFusionError(
+                "second lora: a LoRA chain for the second model, but there is no second model; pick the low-noise "
+                "expert in second model (Wan 2.2 A14B) or connect the chain to the lora input."
+            )
         if not isinstance(self.offload, bool):
             raise WanDistriFusionError(f"offload: {self.offload!r} is not true or false; use true or false.")
         if self.offload and self.weights == "sharded":
@@ -129,6 +134,20 @@ class RuntimeSpec:
     def model_paths(self) -> tuple[str, ...]:
         """The checkpoints every rank holds, in ``GenerationJob.expert`` order."""
         return (self.model_path,) if self.second_model_path is None else (self.model_path, self.second_model_path)
+
+    @property
+    def expert_loras(self) -> tuple[tuple[LoraFile, ...], ...]:
+        """Each model's LoRA chain, in ``model_paths`` order."""
+        return (self.loras,) if self.second_model_path is None else (self.loras, self.second_loras)
+
+    def with_expert_loras(self, chains) -> RuntimeSpec:
+        """A copy whose models take ``chains`` (one chain per model, in ``model_paths`` order)."""
+        chains = tuple(tuple(chain) for chain in chains)
+        if len(chains) != len(self.model_paths):
+            raise WanDistriFusionError(
+                f"lora: {len(chains)} LoRA chains for {len(self.model_paths)} model(s); give one chain per model."
+            )
+        return self.with_changes(loras=chains[0], second_loras=chains[1] if len(chains) > 1 else ())
 
     @property
     def is_leader(self) -> bool:

@@ -239,6 +239,7 @@ def status_report(
             "quantization": spec.quantization if spec is not None else None,
             "offload": spec.offload if spec is not None else None,
             "loras": [[lora.name, lora.strength] for lora in spec.loras] if spec is not None else [],
+            "second_loras": [[lora.name, lora.strength] for lora in spec.second_loras] if spec is not None else [],
             "attention": parallel.attention_backend if parallel is not None else None,
             "weights": runtime_status.get("weights") or _weights_setting(spec),
             "pids": runtime_status.get("pids") or [],
@@ -429,8 +430,9 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
         + (f", weights {runtime['weights']}" if runtime.get("weights") else "")
         + (", blocks streamed from host memory (offload)" if runtime.get("offload") else "")
     )
-    if runtime.get("loras"):
-        lines.append("   LoRA: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime["loras"]))
+    for key, label in (("loras", "LoRA"), ("second_loras", "LoRA of the second model")):
+        if runtime.get(key):
+            lines.append(f"   {label}: " + ", ".join(f"{name} at {strength:g}" for name, strength in runtime[key]))
     ranks = report.get("ranks") or {}
     local = ranks.get("local") or []
     local_text = f"{local[0]}-{local[-1]}" if len(local) > 1 else (str(local[0]) if local else "none")

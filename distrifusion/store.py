@@ -75,9 +75,10 @@ class StopServing:
 
 @dataclass(frozen=True)
 class ApplyLoras:
-    """Command: merge this LoRA chain into the loaded weights, from the unmodified weights (``[]``: none)."""
+    """Command: make these the LoRA chains merged into the loaded weights, one per model (Wan 2.2 A14B: high-noise
+    expert, low-noise expert; ``()``: none); a model whose chain changed re-merges from its unmodified weights."""
 
-    loras: tuple[LoraFile, ...]
+    chains: tuple[tuple[LoraFile, ...], ...]
 
 
 def encode_command(command: OpenSession | DecodeVAE | StopServing | ApplyLoras) -> bytes:
@@ -85,7 +86,8 @@ def encode_command(command: OpenSession | DecodeVAE | StopServing | ApplyLoras) 
     if isinstance(command, StopServing):
         return encode_payload({"kind": "StopServing"})
     if isinstance(command, ApplyLoras):
-        return encode_payload({"kind": "ApplyLoras", "loras": [dataclasses.asdict(lora) for lora in command.loras]})
+        chains = [[dataclasses.asdict(lora) for lora in chain] for chain in command.chains]
+        return encode_payload({"kind": "ApplyLoras", "chains": chains})
     if isinstance(command, DecodeVAE):
         header = {"kind": "DecodeVAE", "session": command.session, "weights": command.weights}
         header.update(dtype=command.dtype, output=command.output)
@@ -107,7 +109,7 @@ def decode_command(data: bytes) -> OpenSession | DecodeVAE | StopServing | Apply
     if header["kind"] == "StopServing":
         return StopServing()
     if header["kind"] == "ApplyLoras":
-        return ApplyLoras(tuple(LoraFile(**lora) for lora in header["loras"]))
+        return ApplyLoras(tuple(tuple(LoraFile(**lora) for lora in chain) for chain in header["chains"]))
     if header["kind"] == "DecodeVAE":
         fields = ("session", "weights", "dtype", "output")
         return DecodeVAE(**{name: header[name] for name in fields}, latent=tensors["latent"])

@@ -90,12 +90,14 @@ class DecodeProgress:
 
 @dataclass(frozen=True)
 class LorasApplied:
-    """A rank merged the LoRA chain of command ``command`` into its weights."""
+    """A rank merged the LoRA chains of command ``command`` into its weights: ``experts`` are the models whose chain
+    changed (re-merged), the others were left alone."""
 
     command: int
     rank: int
     tensors: int
     seconds: float
+    experts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -146,30 +146,35 @@ class WorkerGroup(Runtime):
             self._raw_store = None  # the last reference: the store server stops, remote ranks exit
             self.remote = self.supervisor.remote = None
 
-    def apply_loras(self, loras: tuple[LoraFile, ...]) -> None:
-        """Make ``loras`` the chain merged on every rank: the running ranks re-merge from their unmodified weights
-        (same processes, no reload); a group not running takes it at its next start. Checked against the model
-        before any rank changes a weight."""
-        loras = tuple(loras)
+    def apply_loras(self, loras: tuple[LoraFile, ...], second_loras: tuple[LoraFile, ...] = ()) -> tuple[int, ...]:
+        """Make ``loras`` (and ``second_loras``, the second model's) the chains merged on every rank: the running
+        ranks re-merge each model whose chain changed from its unmodified weights (same processes, no reload); a
+        group not running takes them at its next start. Checked against the model before any rank changes a weight.
+        The experts re-merged (``GenerationJob.expert`` numbers)."""
+        target = self.spec.with_changes(loras=tuple(loras), second_loras=tuple(second_loras))
         with self.run_lock:
             if not self.alive:
-                self.spec = self.spec.with_changes(loras=loras)
-                return
-            plan_loras(loras, self.model_config)  # raises naming the file before anything is posted
+                self.spec = target
+                return ()
+            changed = [chain for chain, before in zip(target.expert_loras, self.spec.expert_loras) if chain != before]
+            if not changed:
+                return ()
+            for chain in changed:
+                plan_loras(chain, self.model_config)  # raises naming the file before anything is posted
             number = self._next_command
             self._next_command += 1
             try:
-                self.post_command(number, ApplyLoras(loras))
-                applied: set[int] = set()
+                self.post_command(number, ApplyLoras(target.expert_loras))
+                applied: dict[int, tuple[int, ...]] = {}
 
                 def take(rank: int, message: wire.Message) -> None:
                     if isinstance(message, wire.LorasApplied) and message.command == number:
-                        applied.add(rank)
+                        applied[rank] = tuple(message.experts)
 
                 local = set(self.spec.local_rank_ids)
                 self.supervisor.wait(
                     take,
-                    lambda: applied >= local,
+                    lambda: applied.keys() >= local,
                     doing="the ranks were merging LoRAs",
                     phase="while merging LoRAs",
                     timeout_s=self.spec.start_timeout_s,
@@ -180,8 +185,10 @@ class WorkerGroup(Runtime):
                 )
             finally:
                 self.end_command(number)
-            self.spec = self.spec.with_changes(loras=loras)
-            logger.info("LoRA chain applied on ranks %s", sorted(applied))
+            self.spec = target
+            experts = applied[min(applied)]
+            logger.info("LoRA chains of expert(s) %s re-merged on ranks %s", list(experts), sorted(applied))
+            return experts
 
     # -- what a session asks of the group -----------------------------------------------------
 

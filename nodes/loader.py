@@ -93,8 +93,13 @@ TOOLTIPS = {
 }
 
 LORA_TOOLTIP = (
-    "Optional LoRA chain (🎯 Official DistriFusion LoRA nodes): merged into the weights on every rank; a changed "
-    "chain or strength re-merges on the running workers without restarting them."
+    "Optional LoRA chain (🎯 Official DistriFusion LoRA nodes) for the model widget's file (Wan 2.2 A14B: the "
+    "high-noise expert): merged into the weights on every rank; a changed chain or strength re-merges on the running "
+    "workers without restarting them."
+)
+SECOND_LORA_TOOLTIP = (
+    "Optional LoRA chain for the second model (Wan 2.2 A14B's low-noise expert), e.g. the low-noise twin of a 4-step "
+    "LoRA; each expert keeps its own chain, and a change re-merges only that expert on the running workers."
 )
 
 
@@ -125,6 +130,7 @@ class OfficialDistriFusionModelLoader:
             },
             "optional": {
                 "lora": socket(LORA_CHAIN_TYPE, LORA_TOOLTIP),
+                "second_lora": socket(LORA_CHAIN_TYPE, SECOND_LORA_TOOLTIP),
                 "second_model": combo_widget(
                     [NO_SECOND_MODEL, *_comfy.diffusion_model_files()], NO_SECOND_MODEL, tip["second_model"]
                 ),
@@ -160,10 +166,10 @@ class OfficialDistriFusionModelLoader:
             stamps.append(f"{stat.st_size}-{stat.st_mtime_ns}")
         return "/".join(stamps)
 
-    def load(self, compile=False, lora=None, **widgets):
+    def load(self, compile=False, lora=None, second_lora=None, **widgets):
         """``widgets``: the inputs above by name (ComfyUI passes each as a keyword argument)."""
         warn_if_official_missing()
-        settings = with_loras(build_settings(**widgets, compile_blocks=compile), lora)
+        settings = with_loras(build_settings(**widgets, compile_blocks=compile), lora, second_lora)
         spec = settings.spec
         check_spec_before_start(spec)
         # the Sampler starts the workers, after its checks of the video size

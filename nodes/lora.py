@@ -42,7 +42,8 @@ class OfficialDistriFusionLora:
     RETURN_TYPES = (LORA_CHAIN_TYPE,)
     RETURN_NAMES = ("lora",)
     OUTPUT_TOOLTIPS = (
-        "The LoRA chain; connect it to the DistriFusion Model Loader's lora input (or another LoRA node).",
+        "The LoRA chain; connect it to the DistriFusion Model Loader's lora input (its second_lora input for Wan 2.2 "
+        "A14B's low-noise expert), or to another LoRA node.",
     )
     FUNCTION = "chain"
     CATEGORY = CATEGORY
@@ -67,13 +68,24 @@ def lora_path(name: str) -> str:
     return path
 
 
-def with_loras(settings: RuntimeSettings, chain: tuple[LoraFile, ...] | None) -> RuntimeSettings:
-    """``settings`` with the LoRA chain, checked against the checkpoint's shapes (headers only) before any worker
-    starts or changes a weight; raises naming the file and the mismatch."""
-    chain = tuple(chain or ())
-    if chain:
-        plan_loras(chain, inspect_wan_checkpoint(settings.spec.model_path).config)
-    return replace(settings, spec=settings.spec.with_changes(loras=chain))
+def with_loras(
+    settings: RuntimeSettings,
+    chain: tuple[LoraFile, ...] | None,
+    second_chain: tuple[LoraFile, ...] | None = None,
+) -> RuntimeSettings:
+    """``settings`` with the LoRA chain of its model and ``second_chain`` of its second model (Wan 2.2 A14B's
+    low-noise expert), each checked against its checkpoint's shapes (headers only) before any worker starts or
+    changes a weight; raises naming the file and the mismatch."""
+    chain, second_chain = tuple(chain or ()), tuple(second_chain or ())
+    if second_chain and settings.spec.second_model_path is None:
+        raise WanDistriFusionError(
+            "second lora: a LoRA chain is connected for the second model, but second model is none; pick the "
+            "low-noise expert there (Wan 2.2 A14B) or connect the chain to the lora input instead."
+        )
+    for links, path in ((chain, settings.spec.model_path), (second_chain, settings.spec.second_model_path)):
+        if links:
+            plan_loras(links, inspect_wan_checkpoint(path).config)
+    return replace(settings, spec=settings.spec.with_changes(loras=chain, second_loras=second_chain))
 
 
 def _lora_files(comfy) -> list[str]:

@@ -36,10 +36,10 @@ class RuntimeSettings:
     second_model_stamp: tuple[int, int] | None = None
 
     def same_group(self, other: RuntimeSettings) -> bool:
-        """Whether ``other`` runs on the same worker group: equal apart from the LoRA chain, which the running
+        """Whether ``other`` runs on the same worker group: equal apart from the LoRA chains, which the running
         ranks re-merge (``Runtime.apply_loras``) instead of restarting."""
-        return replace(self, spec=self.spec.with_changes(loras=())) == replace(
-            other, spec=other.spec.with_changes(loras=())
+        return replace(self, spec=self.spec.with_changes(loras=(), second_loras=())) == replace(
+            other, spec=other.spec.with_changes(loras=(), second_loras=())
         )
 
 
@@ -91,8 +91,8 @@ class RuntimeRegistry:
         """The running group for ``settings``: the current one when nothing changed, else a new one."""
         with self._lock:
             if self._runtime is not None and self._settings.same_group(settings) and _alive(self._runtime):
-                if self._settings.spec.loras != settings.spec.loras:
-                    self._runtime.apply_loras(settings.spec.loras)
+                if self._settings.spec.expert_loras != settings.spec.expert_loras:
+                    self._runtime.apply_loras(settings.spec.loras, settings.spec.second_loras)
                     self._settings = settings
                 return self._runtime
             if self._runtime is not None:

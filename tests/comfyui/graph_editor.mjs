@@ -71,7 +71,7 @@ try {
   await page.waitForTimeout(1000);
 
   const dialogs = () => page.evaluate(() => [...document.querySelectorAll(".p-dialog")]
-    .filter((d) => d.offsetParent !== null).map((d) => d.innerText.slice(0, 500)));
+    .filter((d) => d.offsetParent !== null).map((d) => d.innerText.slice(0, 2000)));
 
   for (const file of readdirSync(workflowDir).filter((f) => f.endsWith(".json")).sort()) {
     const workflow = JSON.parse(readFileSync(join(workflowDir, file), "utf8"));
@@ -90,11 +90,14 @@ try {
         prompt: (await window.app.graphToPrompt()).output,
       };
     }, [workflow, file.replace(/\.json$/, "")]));
+    // the missing-models check is asynchronous (it lists the model folders first): give its dialog time to open
+    const names = workflow.nodes.some((n) => n.properties?.models?.length);
+    if (names) await page.waitForSelector(".p-dialog", { state: "visible", timeout: 5000 }).catch(() => {});
     entry.dialogs = await dialogs();
+    await page.keyboard.press("Escape"); // the graph itself in the screenshot (the templates' thumbnails)
     await page.evaluate(() => window.app.extensionManager?.command?.execute?.("Comfy.Canvas.FitView"));
     await page.waitForTimeout(500);
     await page.screenshot({ path: join(screenshotDir, file.replace(/\.json$/, ".png")) });
-    await page.keyboard.press("Escape");
     if (standIns[file]) {
       Object.assign(entry, await runInPage(page, standIns[file]));
       // at 100%, the graph's top-left corner 16 px inside the canvas (which starts right of the side bar, below the menu)
@@ -168,12 +171,24 @@ try {
   await page.waitForTimeout(2000);
   await page.getByText("ComfyUI-WanVideo-DistriFusion", { exact: true }).first().click().catch(() => {});
   await page.waitForTimeout(3000);
-  report.template_browser = await page.evaluate(() => ({
-    // the frontend fetches a thumbnail and shows it from a blob: URL, so look at the dialog's images
-    images: [...document.querySelectorAll(".p-dialog img")]
-      .map((img) => ({ alt: img.alt, loaded: img.complete && img.naturalWidth > 0 })),
-    text: [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText).join("\n"),
-  }));
+  // the frontend fetches a thumbnail and shows it from a blob: URL, so look at the dialog's images; they load as they
+  // scroll into view (and may be dropped once out of it): scroll the dialog's lists a screen at a time, noting each
+  const images = () => page.evaluate(() => [...document.querySelectorAll(".p-dialog img")]
+    .map((img) => ({ alt: img.alt, loaded: img.complete && img.naturalWidth > 0 })));
+  const seen = new Map();
+  const note = (list) => list.forEach((i) => seen.set(i.alt, (seen.get(i.alt) || false) || i.loaded));
+  note(await images());
+  for (let i = 0; i < 10; i++) {
+    await page.evaluate(() => document.querySelectorAll(".p-dialog *").forEach((el) => {
+      if (el.scrollHeight > el.clientHeight + 4) el.scrollTop += el.clientHeight / 2;
+    }));
+    await page.waitForTimeout(700);
+    note(await images());
+  }
+  report.template_browser = {
+    images: [...seen].map(([alt, loaded]) => ({ alt, loaded })),
+    text: await page.evaluate(() => [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText).join("\n")),
+  };
   await page.screenshot({ path: join(screenshotDir, "template_browser.png") });
 } finally {
   await browser.close();

@@ -24,7 +24,20 @@ REPO_ROOT = HERE.parents[1]
 WORKFLOWS = REPO_ROOT / "example_workflows"
 SCREENSHOT = REPO_ROOT / "docs" / "workflow.png"
 OUR_EXTENSION = "/extensions/ComfyUI-WanVideo-DistriFusion/"
-COMFY_ORG_WAN = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+COMFY_ORG = "https://huggingface.co/Comfy-Org/"
+COMFY_ORG_WAN = (
+    f"{COMFY_ORG}Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/",
+    f"{COMFY_ORG}Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/",
+)
+"""Where ComfyUI's own Wan templates download their models from (the Comfy-Org repackaged files)."""
+MODEL_FILE_WIDGETS = {
+    "CLIPLoader": ("text_encoders", [0]),
+    "VAELoader": ("vae", [0]),
+    "CLIPVisionLoader": ("clip_vision", [0]),
+    "OfficialDistriFusionLora": ("loras", [0]),
+    LOADER: ("diffusion_models", [0, 16]),  # model, second model
+}
+"""Nodes that load a model file: the folder and which widgets name files (\"none\" for no second model)."""
 
 
 def browser_tools() -> tuple[str, str, str]:
@@ -51,14 +64,13 @@ def browser_tools() -> tuple[str, str, str]:
 def offline_free(errors: list[str]) -> list[str]:
     """The page's errors less those of the missing-models dialog asking huggingface.co for the file sizes, which
     this machine cannot reach."""
-    return [e for e in errors if COMFY_ORG_WAN not in e and not e.startswith("console: Error fetching file size")]
+    return [e for e in errors if COMFY_ORG not in e and not e.startswith("console: Error fetching file size")]
 
 
 def run_in_page_templates() -> list:
-    """The text-to-video templates, which the page runs with stand-ins and which carry their models' download
-    information for the missing-models dialog. (The Wan 2.2 / image-to-video templates name their files in a note
-    and are run through the HTTP API with stand-ins in test_wan_templates.py and test_nodes_api.py; here they are
-    loaded, converted and shown in the template browser.)"""
+    """The Wan 2.1 text-to-video templates, which the page runs with stand-ins. (The Wan 2.2 / image-to-video
+    templates are run through the HTTP API with stand-ins in test_wan_templates.py; here they are loaded, converted,
+    checked for their models' download information and shown in the template browser.)"""
     return sorted(WORKFLOWS.glob("Wan 2.1 T2V *.json"))
 
 
@@ -108,8 +120,8 @@ def test_bundled_workflows_load_without_missing_nodes_or_errors(editor):
         assert entry["missing"] == [], f"{name}: missing node types {entry['missing']}"
         assert entry["nodes_with_errors"] == [], name
         assert entry["node_count"] == entry["expected_node_count"], name
-        expected = ["Missing Models"] if (WORKFLOWS / name) in run_in_page_templates() else []
-        assert [d.split("\n", 1)[0] for d in entry["dialogs"]] == expected, f"{name}: {entry['dialogs']}"
+        # every template names its models (none is installed on the test server)
+        assert [d.split("\n", 1)[0] for d in entry["dialogs"]] == ["Missing Models"], f"{name}: {entry['dialogs']}"
         # LoadImage's example file (the user's own image) is not in the test server's input folder: its preview 404s
         errors = [e for e in offline_free(entry["errors"]) if "404" not in e or "/api/view?type=input&" not in e]
         assert errors == [], f"{name}: page errors {errors}"
@@ -118,16 +130,20 @@ def test_bundled_workflows_load_without_missing_nodes_or_errors(editor):
 
 def test_missing_models_dialog_lists_the_templates_models_with_downloads(editor):
     """Each template carries its models' download information as ComfyUI's own Wan templates do (per node
-    ``properties.models``: name, url, directory of the Comfy-Org repackaged files), so the frontend's missing
-    models dialog lists them (none is installed on the test server)."""
-    for path in run_in_page_templates():
+    ``properties.models``: name, url, directory of the Comfy-Org repackaged files; both experts on a two-expert
+    Loader, the 4-step LoRAs on our LoRA nodes), so the frontend's missing models dialog lists them (none is
+    installed on the test server)."""
+    for path in sorted(WORKFLOWS.glob("*.json")):
         name, entry = path.name, editor["workflows"][path.name]
-        workflow = json.loads((WORKFLOWS / name).read_text())
+        workflow = json.loads(path.read_text())
         models = [m for node in workflow["nodes"] for m in node.get("properties", {}).get("models", [])]
-        directories = sorted(m["directory"] for m in models)
-        assert directories == ["diffusion_models", "text_encoders", "vae"], name
         for node in workflow["nodes"]:
-            for model in node.get("properties", {}).get("models", []):
+            listed = node.get("properties", {}).get("models", [])
+            if node["type"] in MODEL_FILE_WIDGETS:
+                directory, widgets = MODEL_FILE_WIDGETS[node["type"]]
+                files = [node["widgets_values"][i] for i in widgets if node["widgets_values"][i] != "none"]
+                assert [(m["name"], m["directory"]) for m in listed] == [(f, directory) for f in files], (name, node)
+            for model in listed:
                 assert model["name"] in node["widgets_values"], (name, model)  # the frontend matches on this
                 assert model["url"].startswith(COMFY_ORG_WAN) and model["name"] in model["url"], model
         (dialog,) = entry["dialogs"]

@@ -125,7 +125,7 @@ def test_strength_change_re_merges_without_restarting_the_workers(comfy):
     print(f"2 ranks, strengths switched between prompts: {first:.2e}, {second:.2e}, no LoRA {third:.2e}")
     assert len(before["pids"]) == 2 and after["pids"] == before["pids"]
     assert max(first, second, third) < LORA_TOLERANCE
-    assert "LoRA chain applied on ranks [0, 1]" in comfy.log()
+    assert "LoRA chains of expert(s) [0] re-merged on ranks [0, 1]" in comfy.log()
 
 
 def test_lora_for_another_model_size_is_refused_naming_the_file(comfy):

@@ -20,6 +20,8 @@ from test_nodes_api import load_latent, output_files, relative_error
 from tiny_wan import random_model, tiny_config, write_checkpoint
 
 SAMPLER_ADVANCED = "OfficialDistriFusionSamplerAdvanced"
+LORA_NODE = "OfficialDistriFusionLora"
+VAE_DECODE = "OfficialDistriFusionVAEDecode"
 TOL = 1e-4
 COMFY_SHAPES = dict(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=4096, freq_dim=256, image_dim=1280)
 """Tiny, yet what ComfyUI's Wan detection builds: heads = dim / 128, text 4096, frequencies 256, CLIP 1280."""
@@ -60,6 +62,28 @@ def wan_models(comfy_base) -> None:
         if not (folder / name).exists():
             model = random_model(tiny_config(**{**COMFY_SHAPES, **overrides}), seed=30 + seed)
             write_checkpoint(folder / name, model, layout=layout, dtype=torch.float32, metadata=False)
+
+
+FOUR_STEP_LORAS = {
+    "t2v": ("wan2.2_t2v_4steps_lora_tiny_high_noise.safetensors", "wan2.2_t2v_4steps_lora_tiny_low_noise.safetensors"),
+    "i2v": ("wan2.2_i2v_4steps_lora_tiny_high_noise.safetensors", "wan2.2_i2v_4steps_lora_tiny_low_noise.safetensors"),
+}
+"""Tiny stand-ins of the lightx2v 4-step LoRAs, one per expert: up/down + alpha for every Linear, ``diff`` /
+``diff_b`` for norms and biases, ranks and alphas differing per layer (the A14B stand-ins' shapes; both tasks' tiny
+experts share them, as Wan 2.2 I2V has no CLIP layers)."""
+
+
+@pytest.fixture(scope="module")
+def wan_loras(comfy_base) -> None:
+    from tiny_lora import random_lora, write_lora
+
+    config = tiny_config(**{**COMFY_SHAPES, "in_dim": 16, "out_dim": 16})
+    files = [file for pair in FOUR_STEP_LORAS.values() for file in pair]
+    for seed, name in enumerate(files, start=40):
+        if not (comfy_base / "models" / "loras" / name).exists():
+            # native ComfyUI 0.3.64 leaves modulation deltas out (see README, LoRA): none here either
+            lora = random_lora(config, seed=seed, with_diffs=True, scale=0.05, modulation=False)
+            write_lora(comfy_base / "models" / "loras" / name, lora, "lightx2v")
 
 
 def i2v_nodes(clip_vision: bool) -> dict:
@@ -217,21 +241,40 @@ def test_wan22_ti2v_5b_template_equals_native(comfy, wan_models, mode):
     assert error < TOL
 
 
-def two_expert_prompt(high: str, low: str, nodes: dict, links: dict, split: int, steps: int, loader: dict) -> dict:
+def two_expert_prompt(
+    high: str,
+    low: str,
+    nodes: dict,
+    links: dict,
+    split: int,
+    steps: int,
+    loader: dict,
+    *,
+    cfg: float = 3.5,
+    shift: float = SHIFT,
+    loras: tuple[str, str] | None = None,
+    strengths: tuple[float, float] = (1.0, 1.0),
+) -> dict:
     """The Wan 2.2 A14B templates' graph: two KSamplerAdvanced (high-noise expert steps 0..split returning with
-    leftover noise, low-noise expert split..end without new noise), natively and with our Loader's two outputs."""
-    common = {"noise_seed": 13, "steps": steps, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple"}
+    leftover noise, low-noise expert split..end without new noise), natively and with our Loader's two outputs.
+    ``loras``: one LoRA file per expert (the 4-step form): native LoraLoaderModelOnly after each UNETLoader, ours one
+    LoRA node into the Loader's lora and one into its second_lora."""
+    common = {"noise_seed": 13, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple"}
     first = {"add_noise": "enable", "start_at_step": 0, "end_at_step": split, "return_with_leftover_noise": "enable"}
     second = {"add_noise": "disable", "start_at_step": split, "end_at_step": 10000}
     second["return_with_leftover_noise"] = "disable"
     conds = {"positive": links["positive"], "negative": links["negative"]}
     prompt = dict(nodes)
-    for name, file in (("high", high), ("low", low)):
+    for index, (name, file) in enumerate((("high", high), ("low", low))):
         prompt[f"unet_{name}"] = {"class_type": "UNETLoader", "inputs": {"unet_name": file, "weight_dtype": "default"}}
-        prompt[f"shift_{name}"] = {
-            "class_type": "ModelSamplingSD3",
-            "inputs": {"model": [f"unet_{name}", 0], "shift": SHIFT},
-        }
+        model = [f"unet_{name}", 0]
+        if loras is not None:
+            prompt[f"native_lora_{name}"] = {
+                "class_type": "LoraLoaderModelOnly",
+                "inputs": {"model": model, "lora_name": loras[index], "strength_model": strengths[index]},
+            }
+            model = [f"native_lora_{name}", 0]
+        prompt[f"shift_{name}"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": model, "shift": shift}}
     prompt["native_1"] = {
         "class_type": "KSamplerAdvanced",
         "inputs": {"model": ["shift_high", 0], **conds, "latent_image": links["latent"], **common, **first},
@@ -241,7 +284,11 @@ def two_expert_prompt(high: str, low: str, nodes: dict, links: dict, split: int,
         "inputs": {"model": ["shift_low", 0], **conds, "latent_image": ["native_1", 0], **common, **second},
     }
     prompt["loader"] = {"class_type": LOADER, "inputs": loader_inputs(model=high, second_model=low, **loader)}
-    ours = {**common, "shift": SHIFT, "sync_frequency": 0}
+    if loras is not None:
+        for socket, file, strength in zip(("lora", "second_lora"), loras, strengths):
+            prompt[f"{socket}_node"] = {"class_type": LORA_NODE, "inputs": {"lora_name": file, "strength": strength}}
+            prompt["loader"]["inputs"][socket] = [f"{socket}_node", 0]
+    ours = {**common, "shift": shift, "sync_frequency": 0}
     prompt["ours_1"] = {
         "class_type": SAMPLER_ADVANCED,
         "inputs": {"model": ["loader", 0], **conds, "latent_image": links["latent"], **ours, **first},
@@ -297,6 +344,77 @@ def test_wan22_a14b_two_experts_equal_two_ksampler_advanced(comfy, wan_models, t
     assert "low-noise expert" in status["step"]["model"] and low in status["step"]["model"], status["step"]
 
 
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+@pytest.mark.parametrize("mode", ["1 rank", "2 ranks sync"])
+def test_wan22_four_step_lora_template_equals_native(comfy, wan_models, wan_loras, task, mode):
+    """The 4-step form of video_wan2_2_14B_t2v.json / _i2v.json: each expert with its own LoRA (native: UNETLoader ->
+    LoraLoaderModelOnly -> ModelSamplingSD3 -> KSamplerAdvanced; ours: a LoRA node into the Loader's lora and one
+    into its second_lora), euler / simple, cfg 1, shift 5, 4 steps split 2 + 2."""
+    if task == "t2v":
+        high, low, nodes, links = A14B_T2V_HIGH, A14B_T2V_LOW, T2V_NODES, T2V_LINKS
+    else:
+        high, low, nodes, links = A14B_I2V_HIGH, A14B_I2V_LOW, i2v_nodes(clip_vision=False), I2V_LINKS
+    loader = {**MODES[mode], "patch_size": 16}
+    loras = FOUR_STEP_LORAS[task]
+    prompt = two_expert_prompt(high, low, nodes, links, 2, 4, loader, cfg=1.0, shift=5.0, loras=loras)
+    entry = comfy.run(prompt)
+    latents = {
+        name: load_latent(output_files(comfy, entry, f"save_{name}", "latents")[-1])
+        for name in ("native_1", "native_2", "ours_1", "ours_2")
+    }
+    leftover = relative_error(latents["ours_1"], latents["native_1"])
+    final = relative_error(latents["ours_2"], latents["native_2"])
+    print(f"Wan 2.2 A14B {task} 4 steps with two LoRAs, {mode}: stage 1 {leftover:.2e}, final {final:.2e}")
+    assert relative_error(latents["native_2"], latents["native_1"]) > 0.05  # the second stage did work
+    assert leftover < TOL and final < TOL
+    # the LoRAs changed the result: the same graph without them differs
+    plain = two_expert_prompt(high, low, nodes, links, 2, 4, loader, cfg=1.0, shift=5.0)
+    plain = {k: v for k, v in plain.items() if not k.startswith(("ours", "save_ours", "loader"))}
+    entry = comfy.run(plain)
+    without = load_latent(output_files(comfy, entry, "save_native_2", "latents")[-1])
+    assert relative_error(without, latents["native_2"]) > 1e-2
+    status = comfy.get("/distrifusion/status").json()
+    runtime = status["runtime"]
+    assert [name for name, _ in runtime["loras"]] == [loras[0]], runtime
+    assert [name for name, _ in runtime["second_loras"]] == [loras[1]], runtime
+
+
+def test_one_experts_lora_change_re_merges_that_expert_on_the_running_workers(comfy, wan_models, wan_loras):
+    """Between two prompts only the low-noise expert's LoRA strength changes: the same worker processes re-merge
+    that expert alone, and both stages still equal the native graph at the new strength."""
+    loader = {**MODES["2 ranks sync"], "patch_size": 16}
+    loras = FOUR_STEP_LORAS["t2v"]
+    errors, pids = [], []
+    for strengths in ((1.0, 1.0), (1.0, -0.6)):
+        prompt = two_expert_prompt(
+            A14B_T2V_HIGH,
+            A14B_T2V_LOW,
+            T2V_NODES,
+            T2V_LINKS,
+            2,
+            4,
+            loader,
+            cfg=1.0,
+            shift=5.0,
+            loras=loras,
+            strengths=strengths,
+        )
+        entry = comfy.run(prompt)
+        latents = {
+            name: load_latent(output_files(comfy, entry, f"save_{name}", "latents")[-1])
+            for name in ("native_1", "native_2", "ours_1", "ours_2")
+        }
+        errors += [
+            relative_error(latents["ours_1"], latents["native_1"]),
+            relative_error(latents["ours_2"], latents["native_2"]),
+        ]
+        pids.append(comfy.get("/distrifusion/status").json()["runtime"]["pids"])
+    print(f"low-noise LoRA strength 1.0 -> -0.6 between prompts, 2 ranks: {errors}")
+    assert len(pids[0]) == 2 and pids[1] == pids[0]  # no restart
+    assert max(errors) < TOL
+    assert "LoRA chains of expert(s) [1] re-merged on ranks [0, 1]" in comfy.log()
+
+
 def test_expert_in_the_wrong_slot_is_refused(comfy, wan_models):
     prompt = two_expert_prompt(A14B_T2V_LOW, A14B_T2V_HIGH, T2V_NODES, T2V_LINKS, 2, 4, {})
     prompt = {k: v for k, v in prompt.items() if not k.startswith(("native", "save_native", "unet", "shift"))}
@@ -324,7 +442,7 @@ def tiny_stand_in(file_name: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in API_DIR.glob("*.json") if not p.stem.startswith("Wan 2.1 T2V")))
-def test_bundled_wan_templates_run_with_tiny_stand_ins(comfy, wan_models, name):
+def test_bundled_wan_templates_run_with_tiny_stand_ins(comfy, wan_models, wan_loras, name):
     """Each bundled Wan 2.2 / image-to-video API twin as shipped, on 2 CPU ranks, with stand-ins only where the real
     files cannot be had here: umT5 and CLIP vision (test nodes), the Wan weights (tiny, same architecture), the
     images (random), the VAE (random Wan 2.1; the 5B's latent from the Wan22ImageToVideoLatent stand-in, saved
@@ -332,11 +450,12 @@ def test_bundled_wan_templates_run_with_tiny_stand_ins(comfy, wan_models, name):
     prompt = json.loads((API_DIR / f"{name}.json").read_text())
     kinds = [node["class_type"] for node in prompt.values()]
     assert "UNETLoader" not in kinds and "KSampler" not in kinds and "KSamplerAdvanced" not in kinds
+    assert "VAEDecode" not in kinds and kinds.count(VAE_DECODE) == 1  # decoded on the worker group
     assert kinds.count(LOADER) == kinds.count("OfficialDistriFusionStatus") == 1
     ti2v = "Wan22ImageToVideoLatent" in kinds
     for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
-        if kind in ("CLIPLoader", "CLIPVisionLoader") or (ti2v and kind in ("VAEDecode", "CreateVideo")):
+        if kind in ("CLIPLoader", "CLIPVisionLoader") or (ti2v and kind in (VAE_DECODE, "CreateVideo")):
             del prompt[node_id]
         elif kind == "CLIPTextEncode":
             prompt[node_id] = {
@@ -368,6 +487,9 @@ def test_bundled_wan_templates_run_with_tiny_stand_ins(comfy, wan_models, name):
             inputs.update(steps=2, **({"end_at_step": 1} if inputs["start_at_step"] == 0 else {"start_at_step": 1}))
         elif kind == "VAELoader":
             inputs["vae_name"] = RANDOM_VAE
+        elif kind == LORA_NODE:
+            pair = FOUR_STEP_LORAS["i2v" if "i2v" in inputs["lora_name"] else "t2v"]
+            inputs["lora_name"] = pair[0] if "high_noise" in inputs["lora_name"] else pair[1]
         elif kind == "SaveVideo" and ti2v:
             prompt[node_id] = {
                 "class_type": "SaveLatent",
@@ -383,6 +505,9 @@ def test_bundled_wan_templates_run_with_tiny_stand_ins(comfy, wan_models, name):
     assert ("Step 1/1" if SAMPLER_ADVANCED in kinds else "Step 2/2") in text, text  # the last stage's steps
     if SAMPLER_ADVANCED in kinds:
         assert "low-noise expert" in text, text
+    if "4-step" in name:  # one LoRA per expert, cfg 1 and shift 5 as ComfyUI's 4-step form
+        assert kinds.count(LORA_NODE) == 2, kinds
+        assert "LoRA: wan2.2_" in text and "LoRA of the second model: wan2.2_" in text, text
 
 
 @pytest.mark.parametrize("mode", ["1 rank", "2 ranks sync"])
