@@ -105,7 +105,9 @@ def sharded_matrix(rank: int, world_size: int, folder) -> dict:
             spec_b = _spec(folder, world_size, case, "replicated").with_changes(
                 loras=(LoraFile(str(folder / "lora_b.safetensors"), -0.6),)
             )
-            apply_rank_loras(loaded["sharded"][0], spec_b, spec_b.loras)
+            loaded_spec = _spec(folder, world_size, case, "sharded")
+            chains = (spec_b.loras, *loaded_spec.expert_loras[1:])  # the first expert's chain changes
+            assert apply_rank_loras(loaded["sharded"], loaded_spec, chains)["experts"] == [0]
             fresh = load_rank_models(spec_b, device, "replicated")[0]
             parallel = ParallelConfig(world_size=world_size, mode="sync", patch_size=16)
             switched = sample_on_rank(loaded["sharded"][0], parallel, rank, device, job)
