@@ -152,6 +152,14 @@ def _outside_blocks(config: WanConfig) -> int:
     return rest
 
 
+def block_bytes(config: WanConfig, precision: str, quantization: str) -> int:
+    """One transformer block's weights as loaded: what sharded weights split and gather per block, and what offload
+    keeps in host memory and streams per forward."""
+    act = PRECISION_BYTES[precision]
+    matrices, rest = block_parameter_counts(config)
+    return matrices * (1 if "fp8" in quantization else act) + rest * act
+
+
 def weight_bytes(
     config: WanConfig, precision: str, quantization: str, world_size: int = 1, weights: str = "replicated"
 ) -> tuple[int, int]:
@@ -160,10 +168,8 @@ def weight_bytes(
     Sharded: each rank stores 1/N of every block (rounded up per block) plus the embeddings and head; during a
     forward the running block and the prefetched next one are held whole.
     """
-    act = PRECISION_BYTES[precision]
-    matrices, rest = block_parameter_counts(config)
-    block = matrices * (1 if "fp8" in quantization else act) + rest * act
-    outside = _outside_blocks(config) * act
+    block = block_bytes(config, precision, quantization)
+    outside = _outside_blocks(config) * PRECISION_BYTES[precision]
     if weights != "sharded" or world_size < 2:
         return config.num_layers * block + outside, 0
     return config.num_layers * -(-block // world_size) + outside, GATHERED_BLOCKS * block
@@ -185,14 +191,6 @@ def choose_weights(
         return "replicated"
     resident, _ = weight_bytes(config, precision, quantization)
     return "sharded" if models * resident > WEIGHTS_SHARE * free_bytes else "replicated"
-
-
-def block_bytes(config: WanConfig, precision: str, quantization: str) -> int:
-    """One transformer block's weights as loaded (what offload keeps in host memory and streams per forward)."""
-    quantizable, other = parameter_counts(config)
-    _, other_outside = parameter_counts(dataclasses.replace(config, num_layers=0))
-    act = PRECISION_BYTES[precision]
-    return (quantizable * (1 if "fp8" in quantization else act) + (other - other_outside) * act) // config.num_layers
 
 
 def plan_memory(
@@ -354,13 +352,9 @@ def _estimate(
     host_bytes = 0
     if offload:  # every model's blocks in host memory, a ring of RING_BLOCKS of them on the device
         weights, gathered = "replicated", 0  # offload streams whole blocks; sharded weights are not combined with it
-        host_bytes = layers * block_bytes(config, precision, quantization)
-        resident = (
-            weight_bytes(config, precision, quantization)[0]
-            - host_bytes
-            + RING_BLOCKS * block_bytes(config, precision, quantization)
-        )
-        host_bytes *= models
+        block = block_bytes(config, precision, quantization)
+        host_bytes = models * layers * block
+        resident = _outside_blocks(config) * act + RING_BLOCKS * block
 
     # Live tensors of one block per local token at its peak: residual, modulated input, the fused qkv output, q/k in
     # fp32 for RoPE, the attention kernel's layout copies; or input, hidden and GELU output around the FFN. fp8
