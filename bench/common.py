@@ -494,6 +494,7 @@ class Recorder:
     """Collects results; writes ``results.json`` and mirrors every printed line to ``log.txt`` under ``--out``."""
 
     def __init__(self, out_dir: str | None, name: str):
+        self.started = time.monotonic()
         self.out = Path(out_dir) if out_dir else None
         self.name = name
         self.results: dict = {"meta": environment()}
@@ -508,6 +509,16 @@ class Recorder:
         print(text, flush=True)
         if self._log:
             self._log.write(text + "\n")
+
+    def over_time(self, what: str, limit_s: float) -> bool:
+        """Whether the run has spent its ``--time-limit`` (seconds since this recorder began); if so, ``what`` is
+        said and recorded as skipped."""
+        spent = time.monotonic() - self.started
+        if spent > limit_s:
+            self.say(f"SKIP {what}: {spent:.0f} s spent, over --time-limit {limit_s:.0f} s")
+            self.results.setdefault("failures", []).append(f"skipped {what} (time limit)")
+            return True
+        return False
 
     def save(self) -> None:
         if self.out:

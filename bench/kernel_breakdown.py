@@ -179,16 +179,10 @@ class Breakdown:
         self.dtype = torch.bfloat16
         self.rec = C.Recorder(args.out, "kernel_breakdown")
         self.rec.results.update(args=vars(args), cases=[], failures=[])
-        self.started = time.monotonic()
         self.peer_out: torch.Tensor | None = None
 
     def over_time(self, what: str) -> bool:
-        spent = time.monotonic() - self.started
-        if spent > self.args.time_limit:
-            self.rec.say(f"SKIP {what}: {spent:.0f} s spent, over --time-limit {self.args.time_limit:.0f} s")
-            self.rec.results["failures"].append(f"skipped {what} (time limit)")
-            return True
-        return False
+        return self.rec.over_time(what, self.args.time_limit)
 
     def measure(
         self, name: str, fn, result: dict, reference: torch.Tensor | None = None, peer: torch.Tensor | None = None
@@ -422,7 +416,7 @@ def main(argv=None) -> int:
             C.free()
     for failure in bench.rec.results["failures"]:
         bench.rec.say(f"FAILURE: {failure}")
-    bench.rec.say(f"total {time.monotonic() - bench.started:.0f} s")
+    bench.rec.say(f"total {time.monotonic() - bench.rec.started:.0f} s")
     bench.rec.save()
     return 1 if any(not f.startswith("skipped") for f in bench.rec.results["failures"]) else 0
 

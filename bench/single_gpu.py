@@ -94,17 +94,11 @@ class Bench:
         self.device = torch.device(args.device)
         self.rec = C.Recorder(args.out, "single_gpu")
         self.rec.results.update(args=vars(args), forwards=[], shares=[], fp8=[], failures=[])
-        self.started = time.monotonic()
         self.dtype = torch.bfloat16
         self.peer_variants = {v for v in args.peer_variants.split(",") if v}
 
     def over_time(self, what: str) -> bool:
-        spent = time.monotonic() - self.started
-        if spent > self.args.time_limit:
-            self.rec.say(f"SKIP {what}: {spent:.0f} s spent, over --time-limit {self.args.time_limit:.0f} s")
-            self.rec.results["failures"].append(f"skipped {what} (time limit)")
-            return True
-        return False
+        return self.rec.over_time(what, self.args.time_limit)
 
     def timed(self, fn, warmup: int, reps: int) -> dict:
         C.reset_peak(self.device)
@@ -480,7 +474,7 @@ class Bench:
             rec.say(C.table(headers + ["err vs bf16"], rows))
         for failure in res["failures"]:
             rec.say(f"FAILURE: {failure}")
-        rec.say(f"total {time.monotonic() - self.started:.0f} s")
+        rec.say(f"total {time.monotonic() - self.rec.started:.0f} s")
         rec.save()
 
 
