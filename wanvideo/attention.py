@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,9 @@ def sdpa_backend_order(device: torch.device) -> contextlib.AbstractContextManage
 
 
 def _flash4() -> AttentionFn:
+    # FlashAttention-4 JIT-compiles its kernel per shape at the first call of every process (~5 s at Wan's
+    # shapes inside ComfyUI); its own on-disk cache (keyed by its source and versions) is off unless asked for.
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     from flash_attn.cute import flash_attn_func
 
     def flash4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
