@@ -101,7 +101,7 @@ class ParallelConfig:
     def auto_choice(self, steps: int, sync_frequency: int = 0) -> ModeChoice:
         """What ``auto`` picks for a job of ``steps`` model calls by its steps alone (no memory information):
         ``sync`` when too few steps would use stale K/V to pay for the displaced mode's error, else ``displaced``.
-        The controller refines it with the memory plan (``memory_plan.choose_mode``)."""
+        The controller refines it with the memory plan (``memory_plan.plan_job``)."""
         if self.patch_parallel_degree == 1:
             return ModeChoice("sync", "no tokens are split over ranks: nothing to exchange")
         schedule = self.schedule(sync_frequency)

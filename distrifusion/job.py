@@ -66,7 +66,7 @@ class GenerationJob:
     calls on every rank; ``None`` = every call runs the model."""
     mode_choice: ModeChoice | None = None
     """The parallel mode the job runs in and why, chosen once by the runtime that takes the job (``auto`` resolved
-    with the memory plan, ``memory_plan.choose_mode``); ``None`` until then."""
+    with the memory plan, ``memory_plan.plan_job``); ``None`` until then."""
     extra: dict = field(default_factory=dict)
 
     def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
