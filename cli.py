@@ -309,15 +309,12 @@ def check_before_starting(args, job, parallel, config, device: str, precision: s
     validation.check_guidance(parallel, job)
     if device == "cpu":
         ranks = 1 if parallel.world_size == 1 else (args.local_ranks or parallel.world_size)
-        guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
-        shape = job.latent_shape(config.out_dim)
-        plan = memory_plan.plan_memory(
+        _, plan = memory_plan.plan_job(  # the CPU has no free-memory limit: the runtime's choice of mode too
             config,
-            parallel.for_job(job.steps, job.sync_frequency),
-            shape,
+            parallel,
+            job,
             precision,
             args.quantization,
-            guidance_batch=guidance,
             check=False,
             weights="sharded" if args.weights == "sharded" and parallel.world_size > 1 else "replicated",
             offload=args.offload,
@@ -424,8 +421,11 @@ def generate(args: argparse.Namespace) -> int:
     save_latent(latent, out, _metadata(args, job, spec))
     if pixels is not None:
         _write_video(pixels, out)
-    if parallel.for_job(job.steps, job.sync_frequency).mode == "displaced" and spec.world_size > 1:
-        calls = status.get("last_job_stats", {}).get("steps", job.steps)  # EasyCache: the computed steps
+    if parallel.mode == "auto" and spec.world_size > 1 and status.get("mode_choice"):
+        print(f"parallel mode auto: {status['mode_choice']['mode']} ({status['mode_choice']['reason']})")
+    stats = status.get("last_job_stats") or {}
+    if stats.get("mode") == "displaced":
+        calls = stats.get("steps", job.steps)  # EasyCache: the computed steps
         print(displaced_share(parallel.schedule(job.sync_frequency), calls))
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "

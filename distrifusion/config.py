@@ -3,13 +3,15 @@ its values work."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from ..wanvideo.attention import ATTENTION_BACKENDS
 from ..wanvideo.errors import WanDistriFusionError
 
 SPLIT_MODES = ("spatial", "temporal", "spatiotemporal")
-PARALLEL_MODES = ("displaced", "sync", "ulysses", "auto")
+RUN_MODES = ("displaced", "sync", "ulysses")
+"""The modes a job runs in; ``auto`` is resolved to one of them per job by the controller."""
+PARALLEL_MODES = (*RUN_MODES, "auto")
 AUTO_MIN_STALE_STEPS = 8
 """``auto`` runs a job displaced only when at least this many of its steps would use stale K/V; with fewer it runs
 ``sync`` (exact): at 4-8 steps the stale steps cost ~1e-2 of error and save ~2% of the run (README: Few steps)."""
@@ -96,27 +98,42 @@ class ParallelConfig:
     def from_dict(cls, data: dict) -> ParallelConfig:
         return cls(**data)
 
-    def for_job(self, steps: int, sync_frequency: int = 0) -> ParallelConfig:
-        """The config a job of ``steps`` model calls runs with: ``auto`` resolved (``auto_choice``), else itself."""
-        return replace(self, mode=self.auto_choice(steps, sync_frequency)[0]) if self.mode == "auto" else self
-
-    def auto_choice(self, steps: int, sync_frequency: int = 0) -> tuple[str, str]:
-        """(mode, why) that ``auto`` picks for a job: ``sync`` when too few steps would use stale K/V to pay for the
-        displaced mode's error, else ``displaced`` (the fastest over NVLink and PCIe-like links, README: Which mode)."""
+    def auto_choice(self, steps: int, sync_frequency: int = 0) -> ModeChoice:
+        """What ``auto`` picks for a job of ``steps`` model calls by its steps alone (no memory information):
+        ``sync`` when too few steps would use stale K/V to pay for the displaced mode's error, else ``displaced``.
+        The controller refines it with the memory plan (``memory_plan.plan_job``)."""
+        if self.patch_parallel_degree == 1:
+            return ModeChoice("sync", "no tokens are split over ranks: nothing to exchange")
         schedule = self.schedule(sync_frequency)
         stale = sum(not schedule.is_synchronous(step) for step in range(steps))
-        if self.patch_parallel_degree == 1:
-            return "sync", "no tokens are split over ranks: nothing to exchange"
         if stale < AUTO_MIN_STALE_STEPS:
-            return "sync", (
+            return ModeChoice(
+                "sync",
                 f"{stale} of {steps} steps would use stale K/V, fewer than {AUTO_MIN_STALE_STEPS}: exact costs ~2% "
-                "more time and no error"
+                "more time and no error",
             )
-        return "displaced", f"{stale} of {steps} steps use stale K/V: the exchange hides behind each step"
+        return ModeChoice(
+            "displaced",
+            f"{stale} of {steps} steps would use stale K/V, at least {AUTO_MIN_STALE_STEPS}: displaced hides the "
+            "exchange behind each step",
+        )
 
     def schedule(self, sync_frequency: int) -> DisplacedSchedule:
         """The displaced mode's schedule of a job: this config's warm-up and the job's (Sampler's) sync frequency."""
         return DisplacedSchedule(self.warmup_steps, sync_frequency)
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The parallel mode one job runs in and why: ``auto`` resolved once by the controller (``GenerationJob.mode_choice``
+    carries it to every rank, so none decides again)."""
+
+    mode: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.mode not in RUN_MODES:
+            _fail("parallel mode", f"a job runs {', '.join(RUN_MODES)}, not {self.mode!r}", "resolve auto first")
 
 
 @dataclass(frozen=True)

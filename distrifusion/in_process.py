@@ -4,6 +4,7 @@ no workers and no process group. ``workers.start_runtime`` returns it for one ra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -11,9 +12,10 @@ from collections.abc import Callable
 import torch
 
 from ..wanvideo.errors import WanDistriFusionError
+from .config import ModeChoice
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
 from .job import GenerationJob
-from .memory_plan import MemoryPlan, plan_memory
+from .memory_plan import MemoryPlan, plan_job
 from .rank import apply_rank_loras, load_rank_models, session_flow
 from .session import ForwardSession, JobCancelled, ProgressEvent, Runtime
 from .settings import RuntimeSpec
@@ -32,7 +34,7 @@ class LocalSession(ForwardSession):
 
     def __enter__(self) -> LocalSession:
         runner = self.runner
-        runner._prepare(self.job, self._cancelled)
+        self.job = runner._prepare(self.job, self._cancelled)
         self.flow = session_flow(
             runner._models[self.job.expert],
             runner.parallel,
@@ -91,6 +93,7 @@ class InProcessRunner(Runtime):
         self._progress = {"step": 0, "total": 0, "seconds_per_step": None, "memory": None}
         self._last_error: str | None = None
         self._last_plan: MemoryPlan | None = None
+        self._last_choice: ModeChoice | None = None
         self._jobs_run = 0
 
     @property
@@ -117,29 +120,29 @@ class InProcessRunner(Runtime):
         self.spec = target
         return experts
 
-    def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> None:
-        """Load the model when needed, check ``job`` and its memory, reset the progress."""
+    def _prepare(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> GenerationJob:
+        """Load the model when needed, check ``job`` and its memory, reset the progress; ``job`` with its parallel
+        mode chosen (one rank: nothing to exchange)."""
         self.start()
         config = self._model.config
         check_job(config, self.parallel, job)
-        free = self._free_before_load if self._device.type == "cuda" else None
-        guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
-        self._last_plan = plan_memory(
+        job, self._last_plan = plan_job(
             config,
-            self.parallel.for_job(job.steps, job.sync_frequency),
-            job.latent_shape(config.out_dim),
+            self.parallel,
+            job,
             self.spec.precision,
             self.spec.quantization,
-            free,
-            guidance_batch=guidance,
+            self._free_before_load if self._device.type == "cuda" else None,
             models=len(self._models),
             offload=self.spec.offload,
         )
+        self._last_choice = job.mode_choice
         if cancelled is not None and cancelled():
             raise JobCancelled("cancelled before the first step", 0, job.steps)
         self._progress = {"step": 0, "total": job.steps, "seconds_per_step": None, "memory": None}
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
+        return job
 
     def close(self) -> None:
         """Free the model; idempotent."""
@@ -185,4 +188,5 @@ class InProcessRunner(Runtime):
             "quantization": self.spec.quantization,
             "device": self.spec.device,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
+            "mode_choice": dataclasses.asdict(self._last_choice) if self._last_choice else None,
         }

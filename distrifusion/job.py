@@ -10,6 +10,7 @@ import torch
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.model import WAN22_LATENT_CHANNELS, WanConfig
 from ..wanvideo.step_cache import EasyCacheSettings
+from .config import ModeChoice, ParallelConfig
 
 VAE_STRIDE = 8
 """Pixels per latent row/column of the Wan 2.1 VAE (16 channels); the Wan 2.2 VAE (48 channels) has 16."""
@@ -63,6 +64,9 @@ class GenerationJob:
     step_cache: EasyCacheSettings | None = None
     """ComfyUI's EasyCache settings (``wanvideo.step_cache``): skip model calls whose output barely changes, the same
     calls on every rank; ``None`` = every call runs the model."""
+    mode_choice: ModeChoice | None = None
+    """The parallel mode the job runs in and why, chosen once by the runtime that takes the job (``auto`` resolved
+    with the memory plan, ``memory_plan.plan_job``); ``None`` until then."""
     extra: dict = field(default_factory=dict)
 
     def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
@@ -75,6 +79,16 @@ class GenerationJob:
         """The image inputs of ``prompt`` ("positive" / "negative") as the model takes them (``y``, ``clip_fea``)."""
         names = {"y": getattr(self, f"{prompt}_y"), "clip_fea": getattr(self, f"{prompt}_clip_fea")}
         return {name: value for name, value in names.items() if value is not None}
+
+    def parallel_config(self, parallel: ParallelConfig) -> ParallelConfig:
+        """``parallel`` in the mode this job runs in: the runtime's choice (``mode_choice``); before the runtime has
+        chosen, a set mode as set and ``auto`` by the steps alone (``ParallelConfig.auto_choice``, no memory
+        information: the runtime may still pick an exact mode where displaced does not fit)."""
+        if self.mode_choice is not None:
+            return replace(parallel, mode=self.mode_choice.mode)
+        if parallel.mode == "auto":
+            return replace(parallel, mode=parallel.auto_choice(self.steps, self.sync_frequency).mode)
+        return parallel
 
     def with_changes(self, **changes) -> GenerationJob:
         return replace(self, **changes)
@@ -110,6 +124,8 @@ class GenerationJob:
             )
         if self.sync_frequency < 0:
             raise WanDistriFusionError(f"sync frequency: {self.sync_frequency} must be 0 (never) or more.")
+        if self.mode_choice is not None and not isinstance(self.mode_choice, ModeChoice):
+            raise WanDistriFusionError(f"mode choice: expected a ModeChoice, got {type(self.mode_choice).__name__}.")
         for name, cond in self._conditionings():
             if cond.dim() != 3 or cond.shape[0] != 1:
                 raise WanDistriFusionError(f"{name}: conditioning must be [1, tokens, width], got {list(cond.shape)}.")

@@ -22,7 +22,8 @@ from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.loading import DTYPES, PRECISIONS
 from ..wanvideo.model import WanConfig
 from ..wanvideo.offload import RING_BLOCKS
-from .config import ParallelConfig
+from .config import ModeChoice, ParallelConfig
+from .job import GenerationJob
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,88 @@ def choose_weights(
         return "replicated"
     resident, _ = weight_bytes(config, precision, quantization)
     return "sharded" if models * resident > WEIGHTS_SHARE * free_bytes else "replicated"
+
+
+def plan_job(
+    config: WanConfig,
+    parallel: ParallelConfig,
+    job: GenerationJob,
+    precision: str = "bf16",
+    quantization: str = "disabled",
+    device_free_bytes: int | None = None,
+    *,
+    check: bool = True,
+    models: int = 1,
+    weights: str = "replicated",
+    offload: bool = False,
+) -> tuple[GenerationJob, MemoryPlan]:
+    """What the runtime that takes ``job`` does once, before any rank gets it: choose the parallel mode
+    (``job.mode_choice``: ``auto`` resolved with the memory plans, ``_choose_mode``) and plan the memory of that mode
+    (``plan_memory``, which with ``check`` refuses a plan that does not fit, naming what would). ``device_free_bytes``:
+    the smallest free memory of the group's GPUs (``None`` on the CPU: no limit)."""
+    shape = job.latent_shape(config.out_dim)
+    guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
+    args = (config, shape, precision, quantization, device_free_bytes, guidance, models)
+    job = job.with_changes(mode_choice=_choose_mode(parallel, job, *args, weights=weights, offload=offload))
+    plan = plan_memory(
+        config,
+        job.parallel_config(parallel),
+        shape,
+        precision,
+        quantization,
+        device_free_bytes,
+        guidance_batch=guidance,
+        check=check,
+        models=models,
+        weights=weights,
+        offload=offload,
+    )
+    return job, plan
+
+
+def _choose_mode(
+    parallel, job, config, shape, precision, quantization, free, guidance_batch, models, weights, offload
+) -> ModeChoice:
+    """The mode ``job`` runs in: a set mode as set; ``auto`` by the README's measurements (Which mode), which rank
+    the modes the same over NVLink and with P2P off: with too few stale steps the exact ``sync``
+    (``ParallelConfig.auto_choice``), else ``displaced`` if its plan fits ``free`` (the group's smallest free
+    memory), else ``sync`` if it fits, else ``ulysses`` where it fits and the heads split. With the free memory
+    unknown (CPU: no limit) or nothing fitting, the steps alone decide (``plan_memory`` then refuses with what
+    would fit)."""
+    if parallel.mode != "auto":
+        return ModeChoice(parallel.mode, "the Loader's parallel mode")
+    by_steps = parallel.auto_choice(job.steps, job.sync_frequency)
+    if free is None or parallel.world_size == 1 or parallel.patch_parallel_degree == 1:
+        return by_steps
+    candidates = ["displaced"] if by_steps.mode == "displaced" else []
+    candidates += ["sync", "ulysses"] if config.num_heads % parallel.patch_parallel_degree == 0 else ["sync"]
+    needed = {
+        mode: _estimate(
+            config,
+            dataclasses.replace(parallel, mode=mode),
+            shape,
+            precision,
+            quantization,
+            free,
+            guidance_batch,
+            models,
+            weights=weights,
+            offload=offload,
+        ).total_bytes
+        for mode in candidates
+    }
+    fitting = [mode for mode in candidates if needed[mode] <= free]
+    if not fitting:
+        return by_steps
+    picked = fitting[0]
+    if picked == candidates[0]:
+        memory = f"{picked} ({_gib(needed[picked])} per rank) fits the {_gib(free)} free"
+    else:
+        too_big = ", ".join(
+            f"{mode} needs {_gib(needed[mode])} per rank" for mode in candidates[: candidates.index(picked)]
+        )
+        memory = f"{too_big}, the GPUs have {_gib(free)} free: {picked} ({_gib(needed[picked])})"
+    return ModeChoice(picked, f"{by_steps.reason}; {memory}")
 
 
 def plan_memory(

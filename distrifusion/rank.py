@@ -41,11 +41,14 @@ def parallel_model(model, config: ParallelConfig, rank: int, device: str | torch
 
 def job_model(model, config: ParallelConfig, rank: int, device: str | torch.device, job: GenerationJob):
     """What this rank calls for ``job``'s model evaluations: the plain model (world size 1) or its ``ParallelWan``
-    with the step count reset (each call = one step). Collective on first use: every rank calls it."""
+    in the job's parallel mode (``job.mode_choice``: the controller's, the same on every rank) with the step count
+    reset (each call = one step). Collective on first use: every rank calls it."""
     job.check_text_dim(model.config.text_dim)
     if config.world_size == 1:
         return model
-    config = config.for_job(job.steps, job.sync_frequency)  # ``auto`` resolved the same way on every rank
+    config = job.parallel_config(config)
+    if job.mode_choice is not None:
+        log.info("job runs in the %s mode (%s)", config.mode, job.mode_choice.reason)
     runner = parallel_model(model, config, rank, device)
     runner.begin_job(config.schedule(job.sync_frequency))
     return runner

@@ -200,7 +200,7 @@ class GroupSession(ForwardSession):
         group = self.group
         group.run_lock.acquire()
         try:
-            self.number = group.open_command(self.job, self._cancelled)
+            self.number, self.job = group.open_command(self.job, self._cancelled)
             self.shape = tuple(self.job.latent_shape(group.model_config.out_dim))
             self.latents = SharedLatents.create(self.shape)
             command = OpenSession(

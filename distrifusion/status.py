@@ -252,9 +252,7 @@ def status_report(
             "devices": runtime_status.get("device_names") or [],
         },
         **_parallel_report(parallel, progress["latent_shape"]),
-        "auto_mode": list(parallel.auto_choice(step["total"]))
-        if parallel and parallel.mode == "auto" and step["total"]
-        else None,
+        "auto_mode": runtime_status.get("mode_choice") if parallel and parallel.mode == "auto" else None,
         "step": step,
         "memory_per_rank_mib": [None if m is None else round(float(m) / 2**20, 1) for m in memory or []],
         "last_error": progress["last_error"],
@@ -442,8 +440,8 @@ def _topology_lines(report: dict, runtime: dict) -> list[str]:
         f"{ranks.get('remote', 0)} on other hosts" + (f" ({', '.join(devices)})" if devices else "")
     )
     if report.get("auto_mode"):
-        mode, why = report["auto_mode"]
-        lines.append(f"   auto picked {mode} for the last job ({report['step']['total']} steps): {why}")
+        choice = report["auto_mode"]
+        lines.append(f"   auto picked {choice['mode']} for the last job: {choice['reason']}")
     lines.append(
         f"   mode {report['parallel_mode']}, CFG parallel {'on' if report.get('cfg_parallel') else 'off'}, "
         f"warm-up {report.get('warmup_steps')} steps, K/V {report.get('kv_dtype')}"

@@ -22,6 +22,7 @@ from safetensors.torch import save as save_tensors
 from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.lora import LoraFile
 from ..wanvideo.step_cache import EasyCacheSettings
+from .config import ModeChoice
 from .job import GenerationJob
 
 STORE_PREFIX = "wan_distrifusion/"
@@ -138,6 +139,8 @@ def encode_job(job: GenerationJob) -> tuple[dict, dict[str, torch.Tensor]]:
             tensors[field.name] = value
         elif isinstance(value, EasyCacheSettings):
             fields[field.name] = value.to_dict()
+        elif isinstance(value, ModeChoice):
+            fields[field.name] = dataclasses.asdict(value)
         else:
             fields[field.name] = _json_value(f"job.{field.name}", value)
     return {"fields": fields, "extra": extra}, tensors
@@ -147,6 +150,8 @@ def decode_job(header: dict, tensors: dict[str, torch.Tensor]) -> GenerationJob:
     kwargs = dict(header["fields"])
     if kwargs.get("step_cache") is not None:
         kwargs["step_cache"] = EasyCacheSettings(**kwargs["step_cache"])
+    if kwargs.get("mode_choice") is not None:
+        kwargs["mode_choice"] = ModeChoice(**kwargs["mode_choice"])
     extra = dict(header.get("extra", {}))
     for name, tensor in tensors.items():
         if name.startswith("extra."):

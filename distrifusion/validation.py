@@ -173,7 +173,7 @@ def check_job(config: WanConfig, parallel: ParallelConfig, job: GenerationJob) -
             f"latent: {list(shape)} is smaller than one {config.patch_size} patch; use at least 16 x 16 pixels."
         )
     if parallel.world_size > 1:
-        parallel = parallel.for_job(job.steps, job.sync_frequency)
+        parallel = job.parallel_config(parallel)
         overlap = parallel.overlap_tokens(token_px) if parallel.mode == "displaced" else 0
         partition_tokens(
             grid, parallel.split_mode, parallel.patch_size, parallel.patch_parallel_degree, overlap, token_px

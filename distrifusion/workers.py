@@ -10,6 +10,7 @@ whole group and fails the call with ``WorkerFailed``; the next session starts a 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import threading
 import time
@@ -22,9 +23,10 @@ from ..wanvideo.errors import WanDistriFusionError
 from ..wanvideo.lora import LoraFile, plan_loras
 from ..wanvideo.model import WanConfig
 from . import wire
+from .config import ModeChoice
 from .in_process import InProcessRunner
 from .job import GenerationJob
-from .memory_plan import MemoryPlan, plan_memory
+from .memory_plan import MemoryPlan, plan_job
 from .processes import RankProcesses, describe_exit
 from .session import GroupSession, JobCancelled, ProgressEvent, Runtime, WorkerFailed
 from .settings import RuntimeSpec
@@ -87,6 +89,7 @@ class WorkerGroup(Runtime):
         self._progress = {"step": 0, "total": 0, "seconds_per_step": None, "memory_per_rank": [], "session": None}
         self._jobs_run = 0
         self._last_plan: MemoryPlan | None = None
+        self._last_choice: ModeChoice | None = None
         self.posted_payloads: set[str] = set()
         """Payloads the ranks were sent through the store (the VAE's weights), forgotten when the group stops."""
 
@@ -192,12 +195,13 @@ class WorkerGroup(Runtime):
 
     # -- what a session asks of the group -----------------------------------------------------
 
-    def open_command(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> int:
-        """Start the group when needed, check ``job`` and reserve its command number (holding the run lock)."""
+    def open_command(self, job: GenerationJob, cancelled: Callable[[], bool] | None) -> tuple[int, GenerationJob]:
+        """Start the group when needed, check ``job``, choose its parallel mode and check its memory, and reserve its
+        command number (holding the run lock). The number, and the job as the ranks run it (``mode_choice`` set)."""
         if not self.alive:
             self.start()
         check_job(self.model_config, self.parallel, job)
-        self._check_memory(job)
+        job = self._plan_job(job)
         if cancelled is not None and cancelled():
             raise JobCancelled("cancelled before the first step", 0, job.steps)
         number = self._next_command
@@ -209,7 +213,7 @@ class WorkerGroup(Runtime):
             "memory_per_rank": [],
             "session": number,
         }
-        return number
+        return number, job
 
     def post_command(self, number: int, command: OpenSession) -> None:
         try:
@@ -310,6 +314,7 @@ class WorkerGroup(Runtime):
             "master_port": self._port or self.spec.master_port,
             "log_dir": str(self.processes.log_dir) if self.processes.log_dir else None,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
+            "mode_choice": dataclasses.asdict(self._last_choice) if self._last_choice else None,
         }
 
     # -- starting ------------------------------------------------------------------------------
@@ -398,27 +403,32 @@ class WorkerGroup(Runtime):
         choices = {report.weights for report in self.ready_reports().values()}
         return choices.pop() if len(choices) == 1 else None
 
-    def _check_memory(self, job: GenerationJob) -> None:
-        if self.model_config is None:
-            return
-        free = None
-        if self.spec.device == "cuda":
-            frees = [report.free_before_load for report in self.ready_reports().values() if report.free_before_load]
-            free = min(frees) if frees else None
-        guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
-        self._last_plan = plan_memory(
+    def smallest_free_memory(self) -> int | None:
+        """The smallest free memory of the group's GPUs before the ranks loaded (``None`` on the CPU: no limit)."""
+        if self.spec.device != "cuda":
+            return None
+        frees = [report.free_before_load for report in self.ready_reports().values() if report.free_before_load]
+        return min(frees) if frees else None
+
+    def _plan_job(self, job: GenerationJob) -> GenerationJob:
+        """``job`` with its parallel mode chosen (``auto`` resolved once, here, with the memory plan and the group's
+        smallest free memory) after that mode's memory plan is checked."""
+        job, self._last_plan = plan_job(
             self.model_config,
-            self.parallel.for_job(job.steps, job.sync_frequency),
-            job.latent_shape(self.model_config.out_dim),
+            self.parallel,
+            job,
             self.spec.precision,
             self.spec.quantization,
-            free,
-            guidance_batch=guidance,
+            self.smallest_free_memory(),
             models=len(self.spec.model_paths),
             weights=self.weights or "replicated",
             offload=self.spec.offload,
         )
+        self._last_choice = job.mode_choice
+        if self.parallel.mode == "auto":
+            logger.info("parallel mode auto: %s (%s)", job.mode_choice.mode, job.mode_choice.reason)
         logger.info("memory plan: %s", self._last_plan.summary())
+        return job
 
     def _phase(self) -> str:
         if not self._alive:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from ..distrifusion.memory_plan import plan_memory
+from ..distrifusion.memory_plan import plan_job
 from . import _comfy
 
 logger = logging.getLogger(__name__)
@@ -15,16 +15,16 @@ logger = logging.getLogger(__name__)
 
 def bytes_needed_on_comfy_device(settings, config, job, loaded: bool, comfy_device) -> int:
     """What the runtime for ``settings`` still needs on ComfyUI's device for ``job``: the memory plan of each local
-    rank there, less the weights when they are already loaded. 0 when no rank runs on that device."""
+    rank there, less the weights when they are already loaded. 0 when no rank runs on that device. ``auto`` is
+    planned by the steps alone (what the runtime picks with ample free memory): the runtime chooses after this
+    room is made, from the free memory it then finds."""
     spec = settings.spec
-    guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
-    plan = plan_memory(
+    _, plan = plan_job(
         config,
-        spec.parallel.for_job(job.steps, job.sync_frequency),
-        job.latent_shape(config.out_dim),
+        spec.parallel,
+        job,
         spec.precision,
         spec.quantization,
-        guidance_batch=guidance,
         check=False,
         models=len(spec.model_paths),
         offload=spec.offload,

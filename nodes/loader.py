@@ -55,9 +55,10 @@ TOOLTIPS = {
     "take the ranks after it.",
     "parallel_mode": "displaced = DistriFusion: other ranks' K/V from the previous step, exchanged while computing "
     "(fastest, slightly approximate). sync = exact, gathers all K/V every layer. ulysses = exact head-parallel "
-    "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B). auto = per job: sync when fewer than 8 steps "
-    "would use stale K/V (few-step / distilled runs: the stale steps' error would save ~2%), else displaced; the "
-    "Status node says what it picked and why.",
+    "all-to-all (heads must divide by the ranks: 12 for 1.3B, 40 for 14B). auto = per job: exact when fewer than 8 steps "
+    "would use stale K/V (few-step / distilled runs: the stale steps' error would save ~2%), else displaced if its stale "
+    "K/V fits the GPUs' free memory; the exact mode is sync, or ulysses where only it fits. The Status node says what "
+    "it picked and why.",
     "cfg_parallel": "Run the positive and the negative prompt on two halves of the ranks at once (exact; needs an even "
     "world size); each half splits the video over its ranks. Needs a Sampler cfg other than 1: at cfg 1 there is no "
     "negative prompt to run, and the Sampler refuses rather than leave half the ranks idle (turn this off there).",
