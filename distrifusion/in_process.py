@@ -14,7 +14,7 @@ from ..wanvideo.errors import WanDistriFusionError
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_memory
-from .rank import apply_rank_loras, load_rank_models, session_flow
+from .rank import apply_rank_loras, load_rank_models, rank_kernels, session_flow
 from .session import ForwardSession, JobCancelled, ProgressEvent, Runtime
 from .settings import RuntimeSpec
 from .validation import check_job
@@ -185,4 +185,5 @@ class InProcessRunner(Runtime):
             "quantization": self.spec.quantization,
             "device": self.spec.device,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
+            **(rank_kernels(self.parallel, device) if device is not None else {"attention": None, "compile": None}),
         }
