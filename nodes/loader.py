@@ -65,10 +65,10 @@ TOOLTIPS = {
     "DistriFusion. More = closer to the single-GPU result, slower.",
     "attention": "Self-attention kernel on every rank. auto = FlashAttention-4 on Hopper/Blackwell GPUs when it is "
     "installed (pip install -r requirements_flash4.txt; the fastest kernel there), else sdpa; the Status node shows "
-    "which one runs. sdpa = PyTorch scaled_dot_product_attention (picks cuDNN / Flash / memory-efficient "
-    "kernels itself; works everywhere, CPU included). flash4 = FlashAttention-4 (pip install -r requirements_flash4.txt; "
-    "Hopper or Blackwell). flash3 = FlashAttention-3 (built from its hopper/ folder; Hopper). sage = SageAttention (pip install "
-    "sageattention; 8-bit Q/K, slightly approximate). The last three need CUDA GPUs.",
+    "which one runs. sdpa = PyTorch scaled_dot_product_attention (picks cuDNN / Flash / memory-efficient kernels "
+    "itself; works everywhere, CPU included). flash4 = FlashAttention-4 (pip install -r requirements_flash4.txt; "
+    "Hopper or Blackwell). flash3 = FlashAttention-3 (built from its hopper/ folder; Hopper). sage = SageAttention "
+    "(pip install sageattention; 8-bit Q/K, slightly approximate). The last three need CUDA GPUs.",
     "kv_dtype": "dtype of the stale K/V buffers the displaced mode keeps and exchanges. auto = compute dtype; "
     "fp8_e4m3fn halves their memory and traffic (14B 720p on 80 GB cards needs it).",
     "comm_backend": "Who exchanges the K/V: official = MIT-HAN-Lab distrifuser's PatchParallelismCommManager (needs "
@@ -88,12 +88,12 @@ TOOLTIPS = {
     "(14B bf16: ~1.7 GB instead of ~27 GB), so the 14B model runs on 24 GB cards. Needs the blocks' size in free RAM "
     "per GPU (14B: 26 GB bf16, 13 GB fp8). Off: every GPU holds the whole model (fastest when it fits).",
     "compile": "torch.compile the transformer blocks around attention on every rank that can: CUDA GPUs with Triton "
-    "(Linux CUDA builds of torch ship it). On the CPU or without Triton the ranks run eager, and the Status node says "
-    "so (compile off (why)). On by default: measured in ComfyUI on one H200 with FlashAttention-4, later prompts take "
-    "0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own Wan nodes. The first prompt of each new model and video "
-    "size compiles first (about 24 s for 1.3B 480p on an H200); later prompts reuse it, and so do later ComfyUI "
-    "sessions through inductor's on-disk cache (much shorter compile). Turn it off for a first prompt that is never "
-    "slower than native, or when compiling fails.",
+    "(Linux CUDA builds of torch ship it) and a C compiler. On the CPU, or without them, the ranks run eager and the "
+    "Status node says so (compile off (why)). On by default: measured in ComfyUI on one H200 with FlashAttention-4, "
+    "later prompts take 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own Wan nodes. The first prompt of each "
+    "new model and video size compiles first (about 24 s for 1.3B 480p on an H200); later prompts reuse it, and so "
+    "do later ComfyUI sessions through inductor's on-disk cache (much shorter compile). Turn it off for a first "
+    "prompt that is never slower than native, or when compiling fails.",
 }
 
 LORA_TOOLTIP = (

@@ -4,6 +4,7 @@ eager), and reported with the attention kernel ``auto`` picked."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -30,10 +31,13 @@ def checkpoint(tmp_path):
     return write_checkpoint(tmp_path / "tiny.safetensors", random_model(tiny_config(), seed=1))
 
 
-def fake_cuda(monkeypatch, capability=(9, 0), triton=True):
-    """This machine seen as a CUDA GPU of ``capability``, with or without Triton (the device is never used)."""
+def fake_cuda(monkeypatch, capability=(9, 0), triton=True, compiler=True):
+    """This machine seen as a CUDA GPU of ``capability``, with or without Triton and a C compiler (the device is
+    never used)."""
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if compiler else None)
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
@@ -46,7 +50,12 @@ def test_compile_runs_on_cuda_gpus_with_triton_only(monkeypatch):
     assert wan_model.compile_available(CUDA) == (True, "CUDA GPU with Triton")
     fake_cuda(monkeypatch, triton=False)
     available, reason = wan_model.compile_available(CUDA)
-    assert not available and "no Triton on cuda:0" in reason
+    assert not available and "no Triton for cuda:0" in reason
+    fake_cuda(monkeypatch, compiler=False)
+    available, reason = wan_model.compile_available(CUDA)
+    assert not available and "no C compiler" in reason
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert wan_model.compile_available(CUDA)[0]
     fake_cuda(monkeypatch, capability=(6, 1))
     available, reason = wan_model.compile_available(CUDA)
     assert not available and "compute capability 6.1" in reason

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -373,15 +375,17 @@ class WanImageEmbedding(nn.Module):
 def compile_available(device: torch.device | str) -> tuple[bool, str]:
     """Whether ``WanModel.compile_blocks`` (inductor) can compile for ``device``, and if not, why (for the status).
 
-    CUDA GPUs of compute capability 7.0 and newer with Triton installed. Not the CPU: inductor there needs a C++
-    toolchain, compiles for minutes and gains little, so a request to compile runs eager on the CPU (call
-    ``compile_blocks`` directly to compile there anyway, as the tests do).
+    CUDA GPUs of compute capability 7.0 and newer, with Triton installed and a C compiler for the launchers Triton
+    builds (``CC``, gcc or clang). Not the CPU: inductor there compiles C++ for minutes and gains little, so a request
+    to compile runs eager on the CPU (call ``compile_blocks`` directly to compile there anyway, as the tests do).
     """
     device = torch.device(device)
     if device.type != "cuda":
         return False, f"runs eager on {device.type}: compile needs a CUDA GPU with Triton"
     if importlib.util.find_spec("triton") is None:
-        return False, f"no Triton on {device} (pip install triton)"
+        return False, f"no Triton for {device}: pip install triton (triton-windows on Windows)"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return False, "no C compiler for Triton's launchers: install gcc or clang, or set CC"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 7:
         return False, f"{device} is compute capability {major}.{minor}; Triton needs 7.0 or newer"
