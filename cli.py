@@ -87,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--attention-backend", default="auto", help="auto (FlashAttention-4 when installed), sdpa, flash4, flash3, sage"
     )
-    gen.add_argument("--compile", action="store_true", help="torch.compile the blocks around attention")
+    gen.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the blocks around attention where a CUDA GPU has Triton (default; eager elsewhere, the "
+        "ready line says which); --no-compile runs eager everywhere",
+    )
     gen.add_argument("--kv-dtype", default="auto", help="stale K/V buffers: auto, bf16, fp16, fp32, fp8_e4m3fn")
     gen.add_argument("--comm-backend", default="auto", help="auto, builtin or official")
     gen.add_argument(
@@ -410,7 +416,12 @@ def generate(args: argparse.Namespace) -> int:
         runtime = _module("distrifusion.workers").start_runtime(spec)
         try:
             started = time.perf_counter()
-            print(f"ready in {started - began:.1f} s", flush=True)
+            kernels = runtime.status()
+            print(
+                f"ready in {started - began:.1f} s (attention {kernels.get('attention')}, compile "
+                f"{kernels.get('compile')})",
+                flush=True,
+            )
             latent = _sample_with_bar(runtime, job)
             sampled = time.perf_counter()
             status = runtime.status()

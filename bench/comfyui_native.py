@@ -1,23 +1,30 @@
 """Native ComfyUI against our nodes in ONE real ComfyUI server, as a user runs them (issue: the pack inside ComfyUI).
 
-    python3 bench/comfyui_native.py --comfyui /root/ComfyUI --models 1.3B,14B --variants default,fa4-compile \
-        --order native,ours --out results
+    python3 bench/comfyui_native.py --comfyui /root/ComfyUI --models 1.3B,14B --variants default,eager,fa4-compile \
+        --order native,ours --servers 2 --out results
 
 Per model: one random checkpoint (real shapes, bf16, original key names) in ``models/diffusion_models``; one
 ComfyUI server; the native graph (UNETLoader -> ModelSamplingSD3 -> KSampler, euler/simple) and ours (our
 Loader with GPUs = ``--gpus`` -> our Sampler) on the same seeded conditioning, seed, size, steps and cfg.
 Each graph runs cold (load + sample) and warm (sample only, another seed); times come from ComfyUI's own
-prompt history. A bench-only node pack (written into the base folder, never shipped) times every model
-forward of both (synchronised), records the global torch settings the first forward of each prompt sees,
-and with ``--profile`` writes the kernel table of one warm forward of each graph. A thread samples the
-GPU's clocks, power and throttle reasons (``nvidia-smi``) per prompt. ``--cpu --models tiny`` checks
-the script here without a GPU.
+prompt history. Variants of our Loader: ``default`` = its widget defaults as the server reports them
+(``/object_info``: compile on, attention auto), ``eager`` = the defaults before issue 15 (compile off, attention
+auto), ``fa4-compile``, ``sdpa-compile``; what each ran with (``auto`` and the compile request resolved) is read
+from ``/distrifusion/status`` after its prompts and logged. Each model and variant compiles into its own empty
+inductor cache (``TORCHINDUCTOR_CACHE_DIR`` under ``--inductor-cache``), so its first server's cold prompt is a
+first compile ever; ``--servers 2`` runs it again in a second, fresh server, whose cold prompt reads the cache the
+first one wrote (a user's later ComfyUI session). A bench-only node pack (written into the base folder, never
+shipped) times every model forward of both (synchronised), records the global torch settings the first forward
+of each prompt sees, and with ``--profile`` writes the kernel table of one warm forward of each graph. A thread
+samples the GPU's clocks, power and throttle reasons (``nvidia-smi``) per prompt. ``--cpu --models tiny``
+checks the script here without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -40,9 +47,12 @@ TINY_NATIVE = dict(dim=256, ffn_dim=384, num_heads=2, num_layers=2, text_dim=409
 """ComfyUI reads the head count as dim / 128, so the CPU check's model has 2 heads of 128."""
 VARIANTS = {
     "default": {},
+    "eager": {"compile": False, "attention": "auto"},
     "fa4-compile": {"attention": "flash4", "compile": True},
-    "compile": {"compile": True},
+    "sdpa-compile": {"attention": "sdpa", "compile": True},
 }
+"""Our Loader's inputs over its widget defaults; ``eager`` = the defaults before compile became one."""
+LOADER = "OfficialDistriFusionModelLoader"
 
 HOOKS = r'''
 """Bench-only: times every Wan forward (native and the pack's) and profiles one; never shipped."""
@@ -206,7 +216,14 @@ def write_checkpoint(path: Path, preset: str, device: str) -> None:
     save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(path))
 
 
-def graphs(checkpoint: str, size, steps: int, cfg: float, shift: float, gpus: int, loader_extra: dict):
+def loader_defaults(server) -> dict:
+    """Our Loader's required widgets with their defaults, as this server's ``/object_info`` reports them."""
+    required = server.get(f"/object_info/{LOADER}").json()[LOADER]["input"]["required"]
+    return {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
+
+
+def graphs(checkpoint: str, size, steps: int, cfg: float, shift: float, gpus: int, loader: dict):
+    """Native and our graph; ``loader`` = our Loader's inputs apart from the model and GPUs."""
     width, height, length = size
 
     def conditioning(tag):
@@ -243,28 +260,9 @@ def graphs(checkpoint: str, size, steps: int, cfg: float, shift: float, gpus: in
         }
 
     def ours(seed, tag):
-        loader = {
-            "model": checkpoint,
-            "precision": "bf16",
-            "quantization": "disabled",
-            "gpus": gpus,
-            "patch_size": 64,
-            "patch_overlap": 0,
-            "split_mode": "spatial",
-            "world_size": 0,
-            "rank": 0,
-            "parallel_mode": "sync",
-            "cfg_parallel": False,
-            "warmup_steps": 4,
-            "attention": "auto",
-            "kv_dtype": "auto",
-            "comm_backend": "auto",
-            "compile": False,
-            **loader_extra,
-        }
         return {
             **conditioning(tag),
-            "load": {"class_type": "OfficialDistriFusionModelLoader", "inputs": loader},
+            "load": {"class_type": LOADER, "inputs": {**loader, "model": checkpoint, "gpus": gpus}},
             "samp": {
                 "class_type": "OfficialDistriFusionSampler",
                 "inputs": {
@@ -297,7 +295,8 @@ def prompt_seconds(entry: dict) -> float:
     return (end - messages.get("execution_start", {}).get("timestamp", 0)) / 1e3
 
 
-def run_model(args, rec: Recorder, preset: str, variant: str) -> dict:
+def run_model(args, rec: Recorder, preset: str, variant: str, label: str) -> dict:
+    """One server: native and ours (``variant``) cold and warm; ``label`` names its prompts and files."""
     from safetensors.torch import load_file
 
     base = Path(args.base or tempfile.mkdtemp(prefix="wdf-native-")) / preset
@@ -317,24 +316,31 @@ def run_model(args, rec: Recorder, preset: str, variant: str) -> dict:
         rec.say(
             f"[{preset}] random checkpoint written in {time.monotonic() - began:.0f} s ({path.stat().st_size / 2**30:.1f} GiB)"
         )
-    log = base / f"forwards_{variant}.jsonl"
+    log = base / f"forwards_{label}.jsonl"
     log.unlink(missing_ok=True)
-    profile_dir = Path(args.out or base) / f"profiles_{preset}_{variant}"
+    profile_dir = Path(args.out or base) / f"profiles_{preset}_{label}"
     if args.profile:
         profile_dir.mkdir(parents=True, exist_ok=True)
     os.environ["WDF_BENCH_FORWARD_LOG"] = str(log)
     if args.profile:
         os.environ["WDF_BENCH_PROFILE_DIR"] = str(profile_dir)
-    make = graphs(checkpoint, SIZES[preset], args.steps, args.cfg, args.shift, args.gpus, VARIANTS[variant])
     results: dict = {"prompts": {}}
+    # start_server passes this process's environment on to ComfyUI (and so to the workers)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = results["inductor_cache"] = str(
+        Path(args.inductor_cache) / f"{preset}-{variant}"
+    )
     began = time.monotonic()
     server = start_server(args.python, args.comfyui, base, cpu=args.cpu, timeout=300)
-    rec.say(f"[{preset} {variant}] ComfyUI up in {time.monotonic() - began:.0f} s")
+    rec.say(f"[{preset} {label}] ComfyUI up in {time.monotonic() - began:.0f} s")
     try:
+        # parallel_mode sync: at GPUs = 1 the same as auto; with --gpus N the exact mode, comparable with native
+        loader = {**loader_defaults(server), "parallel_mode": "sync", **VARIANTS[variant]}
+        results["loader"] = {name: loader[name] for name in ("attention", "compile")}
+        make = graphs(checkpoint, SIZES[preset], args.steps, args.cfg, args.shift, args.gpus, loader)
         with GpuSampler(not args.cpu) as gpu:
             for name in args.order.split(","):
                 for seed, phase in ((0, "cold"), (1, "warm")):
-                    tag = f"{name}-{variant}-{phase}"
+                    tag = f"{name}-{label}-{phase}"
                     t0 = time.time()
                     prompt_id = server.queue(make[name](seed, tag))
                     entry = server.wait(prompt_id, timeout=args.limit)
@@ -346,13 +352,20 @@ def run_model(args, rec: Recorder, preset: str, variant: str) -> dict:
                     )
                     if not ok:
                         rec.say(json.dumps(entry["status"])[:2000])
+                if name == "ours":
+                    runtime = server.get("/distrifusion/status").json()["runtime"]
+                    results["ours_ran"] = {key: runtime.get(key) for key in ("attention_kernel", "compile")}
+                    rec.say(
+                        f"[{preset}] ours-{label}: Loader attention {loader['attention']}, compile {loader['compile']}"
+                        f" -> ran attention {runtime.get('attention_kernel')}, compile {runtime.get('compile')}"
+                    )
                 if name == "native" and args.free_between:
                     server.post("/free", {"unload_models": True, "free_memory": True})
     finally:
         server_log = server.log()
         stop_server(server)
         if args.out:
-            (Path(args.out) / f"comfyui_native_{preset}_{variant}_server.log").write_text(server_log[-200_000:])
+            (Path(args.out) / f"comfyui_native_{preset}_{label}_server.log").write_text(server_log[-200_000:])
     forwards = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for tag, info in results["prompts"].items():
         calls = [f for f in forwards if f["tag"] == tag]
@@ -361,8 +374,8 @@ def run_model(args, rec: Recorder, preset: str, variant: str) -> dict:
         info["settings"] = next((f.get("settings") for f in calls if f.get("settings")), None)
     for phase in ("cold", "warm"):
         try:
-            native = load_file(str(sorted((base / "output").glob(f"native-{variant}-{phase}*.latent"))[-1]))
-            ours = load_file(str(sorted((base / "output").glob(f"ours-{variant}-{phase}*.latent"))[-1]))
+            native = load_file(str(sorted((base / "output").glob(f"native-{label}-{phase}*.latent"))[-1]))
+            ours = load_file(str(sorted((base / "output").glob(f"ours-{label}-{phase}*.latent"))[-1]))
             n, o = native["latent_tensor"].float(), ours["latent_tensor"].float()
             results[f"rel_diff_{phase}"] = ((o - n).norm() / n.norm()).item()
         except (IndexError, KeyError):
@@ -370,10 +383,10 @@ def run_model(args, rec: Recorder, preset: str, variant: str) -> dict:
     return results
 
 
-def prompt_value(prompts: dict, variant: str, tag: str, key: str = "seconds"):
-    """``prompts["ours-<variant>-warm"][key]`` for tag ``ours-warm``."""
+def prompt_value(prompts: dict, label: str, tag: str, key: str = "seconds"):
+    """``prompts["ours-<label>-warm"][key]`` for tag ``ours-warm``."""
     name, phase = tag.split("-")
-    return prompts.get(f"{name}-{variant}-{phase}", {}).get(key)
+    return prompts.get(f"{name}-{label}-{phase}", {}).get(key)
 
 
 def main() -> int:
@@ -384,6 +397,17 @@ def main() -> int:
     parser.add_argument("--variants", default="default", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--order", default="native,ours", help="graphs in the order they run in one server")
     parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        help="fresh servers per variant, one after the other: from the second on, compiling reads inductor's "
+        "on-disk cache the first one wrote",
+    )
+    parser.add_argument(
+        "--inductor-cache",
+        help="folder for inductor's on-disk caches, one subfolder per model and variant (default: a new temporary one)",
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--shift", type=float, default=5.0)
@@ -395,42 +419,49 @@ def main() -> int:
     parser.add_argument("--out")
     args = parser.parse_args()
     args.base = args.base or tempfile.mkdtemp(prefix="wdf-native-")
+    args.inductor_cache = args.inductor_cache or tempfile.mkdtemp(prefix="wdf-inductor-")
     rec = Recorder(args.out, "comfyui_native")
     rec.say(f"bench/comfyui_native.py {' '.join(sys.argv[1:])}")
     rows = []
-    for preset in args.models.split(","):
-        for variant in args.variants.split(","):
-            result = run_model(args, rec, preset, variant)
-            rec.results[f"{preset}/{variant}"] = result
-            rec.save()
-            get = functools.partial(prompt_value, result["prompts"], variant)
-
-            ratio = {
-                phase: (get(f"ours-{phase}") / get(f"native-{phase}"))
-                if get(f"ours-{phase}") and get(f"native-{phase}")
-                else None
-                for phase in ("cold", "warm")
-            }
-            rows.append(
-                [
-                    preset,
-                    variant,
-                    get("native-cold"),
-                    get("native-warm"),
-                    get("ours-cold"),
-                    get("ours-warm"),
-                    ratio["cold"],
-                    ratio["warm"],
-                    get("native-warm", "forward_median_s"),
-                    get("ours-warm", "forward_median_s"),
-                    result.get("rel_diff_warm"),
-                ]
-            )
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            parser.error(f"--variants: {variant!r} is unknown; choose from {', '.join(VARIANTS)}")
+    runs = itertools.product(args.models.split(","), args.variants.split(","), range(1, args.servers + 1))
+    for preset, variant, server in runs:
+        label = variant if server == 1 else f"{variant}-server{server}"
+        result = run_model(args, rec, preset, variant, label)
+        rec.results[f"{preset}/{label}"] = result
+        rec.save()
+        get = functools.partial(prompt_value, result["prompts"], label)
+        ran = result.get("ours_ran") or {}
+        ratio = {
+            phase: (get(f"ours-{phase}") / get(f"native-{phase}"))
+            if get(f"ours-{phase}") and get(f"native-{phase}")
+            else None
+            for phase in ("cold", "warm")
+        }
+        rows.append(
+            [
+                preset,
+                label,
+                f"{ran.get('attention_kernel')}, compile {ran.get('compile')}",
+                get("native-cold"),
+                get("native-warm"),
+                get("ours-cold"),
+                get("ours-warm"),
+                ratio["cold"],
+                ratio["warm"],
+                get("native-warm", "forward_median_s"),
+                get("ours-warm", "forward_median_s"),
+                result.get("rel_diff_warm"),
+            ]
+        )
     rec.say(
         table(
             [
                 "model",
                 "ours",
+                "ours ran",
                 "native cold s",
                 "native warm s",
                 "ours cold s",

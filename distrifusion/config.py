@@ -39,7 +39,10 @@ class ParallelConfig:
     attention_backend: str = "auto"
     """Kernel for attention (``wanvideo.attention.ATTENTION_BACKENDS``); auto = FlashAttention-4 when installed."""
     compile_blocks: bool = False
-    """``torch.compile`` the blocks around attention (first step slower, later steps faster)."""
+    """``torch.compile`` the blocks around attention where the rank's device can (a CUDA GPU with Triton; eager
+    elsewhere, see ``rank.compile_choice``): the first call of a new shape slower, later ones faster. The Loader and
+    the CLI ask for it by default; ``False`` here, so benches and tests that build a config run eager unless they
+    say otherwise."""
 
     def __post_init__(self) -> None:
         """Raise ``WanDistriFusionError`` naming the first setting that cannot work."""

@@ -16,7 +16,7 @@ from .config import ModeChoice
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
 from .job import GenerationJob
 from .memory_plan import MemoryPlan, plan_job
-from .rank import apply_rank_loras, load_rank_models, session_flow
+from .rank import apply_rank_loras, load_rank_models, rank_kernels, session_flow
 from .session import ForwardSession, JobCancelled, ProgressEvent, Runtime
 from .settings import RuntimeSpec
 from .validation import check_job
@@ -189,4 +189,5 @@ class InProcessRunner(Runtime):
             "device": self.spec.device,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
             "mode_choice": dataclasses.asdict(self._last_choice) if self._last_choice else None,
+            **(rank_kernels(self.parallel, device) if device is not None else {"attention": None, "compile": None}),
         }

@@ -7,9 +7,11 @@ import logging
 import torch
 import torch.distributed as dist
 
+from ..wanvideo.attention import attention_kernel_name
 from ..wanvideo.fp8 import enable_fp8_matmul
 from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_model
 from ..wanvideo.lora import LoraFile, apply_loras, plan_loras
+from ..wanvideo.model import compile_available
 from ..wanvideo.offload import stream_blocks_from_host
 from ..wanvideo.sampling import GuidedFlow
 from ..wanvideo.step_cache import EasyCache
@@ -114,9 +116,31 @@ def load_rank_model(
         shard_blocks(model, device, mesh)
         enable_fp8_matmul(model)  # on the device now: fp8 tensor cores where it has them
     model.set_attention_backend(spec.parallel.attention_backend)
-    if spec.parallel.compile_blocks:
+    compile_now, state = compile_choice(spec.parallel, device)
+    if compile_now:
         model.compile_blocks()
+    elif spec.parallel.compile_blocks:
+        log.info("compile %s", state)
     return model
+
+
+def compile_choice(parallel: ParallelConfig, device: torch.device) -> tuple[bool, str]:
+    """Whether this rank compiles its blocks, and the state as the status shows it (``on``, ``off``, or ``off (why
+    not here)``): the ``compile`` setting asks for it, ``wanvideo.model.compile_available`` says where it runs (CUDA
+    GPUs with Triton); elsewhere the rank runs eager rather than fail."""
+    if not parallel.compile_blocks:
+        return False, "off"
+    available, reason = compile_available(device)
+    return (True, "on") if available else (False, f"off ({reason})")
+
+
+def rank_kernels(parallel: ParallelConfig, device: torch.device) -> dict[str, str]:
+    """What this rank runs with, ``auto`` and the compile request resolved: ``{"attention": kernel, "compile": state}``
+    (the ``Ready`` report and the in-process status carry it to the Status node and the CLI)."""
+    return {
+        "attention": attention_kernel_name(parallel.attention_backend, device),
+        "compile": compile_choice(parallel, device)[1],
+    }
 
 
 def apply_rank_loras(models, spec: RuntimeSpec, chains) -> dict:

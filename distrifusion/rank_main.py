@@ -35,7 +35,7 @@ import torch.distributed as dist
 from ..wanvideo.errors import WanDistriFusionError
 from . import wire
 from .devices import device_memory, device_name, memory_in_use, memory_peak, resolve_device
-from .rank import apply_rank_loras, last_stats, load_rank_models, resolve_weights, session_flow
+from .rank import apply_rank_loras, last_stats, load_rank_models, rank_kernels, resolve_weights, session_flow
 from .settings import RuntimeSpec
 from .shared_latents import SharedLatents
 from .store import (
@@ -153,16 +153,19 @@ class RankProcess:
             comm_backend=self.backend,
             load_seconds=time.perf_counter() - began,
             weights=weights,
+            **rank_kernels(self.spec.parallel, self.device),
         )
         self.store.set(f"ready/{self.rank}", wire.encode(ready))
         self.send(ready)
         logger.info(
-            "rank %d ready on %s (%s) in %.1f s, %s weights",
+            "rank %d ready on %s (%s) in %.1f s, %s weights, attention %s, compile %s",
             self.rank,
             self.device,
             ready.device_name,
             ready.load_seconds,
             weights,
+            ready.attention,
+            ready.compile,
         )
 
     def _join(self) -> RuntimeSpec:

@@ -241,6 +241,8 @@ def status_report(
             "loras": [[lora.name, lora.strength] for lora in spec.loras] if spec is not None else [],
             "second_loras": [[lora.name, lora.strength] for lora in spec.second_loras] if spec is not None else [],
             "attention": parallel.attention_backend if parallel is not None else None,
+            "attention_kernel": runtime_status.get("attention"),
+            "compile": runtime_status.get("compile") or _compile_setting(parallel),
             "weights": runtime_status.get("weights") or _weights_setting(spec),
             "pids": runtime_status.get("pids") or [],
             "memory_plan": runtime_status.get("memory_plan"),
@@ -260,6 +262,13 @@ def status_report(
         "cancelled_at": progress["cancelled_at"],
         "runtime_status": _jsonable(runtime_status),
     }
+
+
+def _compile_setting(parallel: ParallelConfig | None) -> str | None:
+    """The ``compile`` setting before the ranks have resolved it on their devices."""
+    if parallel is None:
+        return None
+    return "on where a CUDA GPU has Triton (resolved when the model loads)" if parallel.compile_blocks else "off"
 
 
 def _weights_setting(spec: RuntimeSpec | None) -> str | None:
@@ -419,12 +428,18 @@ def _clock(timestamp: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "?"
 
 
+def _attention_text(runtime: dict) -> str:
+    """The attention setting, with the kernel the ranks picked when it differs (``auto → flash4``)."""
+    setting, kernel = runtime.get("attention"), runtime.get("attention_kernel")
+    return f"{setting} → {kernel}" if kernel and kernel != setting else str(setting)
+
+
 def _topology_lines(report: dict, runtime: dict) -> list[str]:
     """The Loader's settings part of the report: precision, ranks, mode, patches, partition, memory plan."""
     lines = []
     lines.append(
         f"   precision {runtime.get('precision')}, quantization {runtime.get('quantization')}, "
-        f"attention {runtime.get('attention')}"
+        f"attention {_attention_text(runtime)}, compile {runtime.get('compile')}"
         + (f", weights {runtime['weights']}" if runtime.get("weights") else "")
         + (", blocks streamed from host memory (offload)" if runtime.get("offload") else "")
     )

@@ -51,6 +51,10 @@ class Ready:
     load_seconds: float
     weights: str = "replicated"
     """``replicated`` or ``sharded`` (``auto`` as this group resolved it)."""
+    attention: str = ""
+    """The attention kernel this rank runs (``auto`` resolved, e.g. ``flash4`` or ``sdpa``)."""
+    compile: str = ""
+    """``on``, ``off`` or ``off (why not on this rank)``: the ``compile`` request resolved on this device."""
 
 
 @dataclass(frozen=True)

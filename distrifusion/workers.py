@@ -304,6 +304,7 @@ class WorkerGroup(Runtime):
             "last_error": self.supervisor.last_error,
             "comm_backend": backends.pop() if len(backends) == 1 else ("/".join(sorted(backends)) or "none"),
             "weights": self.weights,
+            **self.kernels,
             "comm_manager": self._last_stats.get("comm_backend", self.parallel.comm_backend),
             "last_job_stats": self._last_stats,
             "parallel": self.parallel.to_dict(),
@@ -402,6 +403,16 @@ class WorkerGroup(Runtime):
         """``replicated`` or ``sharded``: what the ranks loaded (``auto`` resolved); ``None`` before they are ready."""
         choices = {report.weights for report in self.ready_reports().values()}
         return choices.pop() if len(choices) == 1 else None
+
+    @property
+    def kernels(self) -> dict[str, str | None]:
+        """``{"attention": ..., "compile": ...}`` as the ranks resolved them (``rank.rank_kernels``; ranks that differ
+        are joined with ``/``); ``None`` before they are ready."""
+        reports = self.ready_reports().values()
+        return {
+            key: " / ".join(sorted({getattr(report, key) for report in reports if getattr(report, key)})) or None
+            for key in ("attention", "compile")
+        }
 
     def smallest_free_memory(self) -> int | None:
         """The smallest free memory of the group's GPUs before the ranks loaded (``None`` on the CPU: no limit)."""

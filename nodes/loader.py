@@ -65,10 +65,11 @@ TOOLTIPS = {
     "warmup_steps": "Displaced mode: the first steps run fully synchronous (exact) before stale K/V is used, as in "
     "DistriFusion. More = closer to the single-GPU result, slower.",
     "attention": "Self-attention kernel on every rank. auto = FlashAttention-4 on Hopper/Blackwell GPUs when it is "
-    "installed, else sdpa. sdpa = PyTorch scaled_dot_product_attention (picks cuDNN / Flash / memory-efficient "
-    "kernels itself; works everywhere, CPU included). flash4 = FlashAttention-4 (pip install flash-attn-4; Hopper or "
-    "Blackwell). flash3 = FlashAttention-3 (built from its hopper/ folder; Hopper). sage = SageAttention (pip install "
-    "sageattention; 8-bit Q/K, slightly approximate). The last three need CUDA GPUs.",
+    "installed (pip install -r requirements_flash4.txt; the fastest kernel there), else sdpa; the Status node shows "
+    "which one runs. sdpa = PyTorch scaled_dot_product_attention (picks cuDNN / Flash / memory-efficient kernels "
+    "itself; works everywhere, CPU included). flash4 = FlashAttention-4 (pip install -r requirements_flash4.txt; "
+    "Hopper or Blackwell). flash3 = FlashAttention-3 (built from its hopper/ folder; Hopper). sage = SageAttention "
+    "(pip install sageattention; 8-bit Q/K, slightly approximate). The last three need CUDA GPUs.",
     "kv_dtype": "dtype of the stale K/V buffers the displaced mode keeps and exchanges. auto = compute dtype; "
     "fp8_e4m3fn halves their memory and traffic (14B 720p on 80 GB cards needs it).",
     "comm_backend": "Who exchanges the K/V: official = MIT-HAN-Lab distrifuser's PatchParallelismCommManager (needs "
@@ -87,10 +88,13 @@ TOOLTIPS = {
     "the next one in flight while the current one computes: each GPU then holds two blocks instead of the whole model "
     "(14B bf16: ~1.7 GB instead of ~27 GB), so the 14B model runs on 24 GB cards. Needs the blocks' size in free RAM "
     "per GPU (14B: 26 GB bf16, 13 GB fp8). Off: every GPU holds the whole model (fastest when it fits).",
-    "compile": "torch.compile the transformer blocks around attention on every rank: the first run (and each new "
-    "video size) spends a while compiling, later steps are faster. Needs a working Triton/C++ toolchain. Measured in "
-    "ComfyUI on one H200 with FlashAttention-4: later prompts 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own "
-    "Wan nodes, the first prompt about 25 s longer. Off by default so the first prompt is never slower than native.",
+    "compile": "torch.compile the transformer blocks around attention on every rank that can: CUDA GPUs with Triton "
+    "(Linux CUDA builds of torch ship it) and a C compiler. On the CPU, or without them, the ranks run eager and the "
+    "Status node says so (compile off (why)). On by default: measured in ComfyUI on one H200 with FlashAttention-4, "
+    "later prompts take 0.79x (1.3B) and 0.82x (14B) the time of ComfyUI's own Wan nodes. The first prompt of each "
+    "new model and video size compiles first (about 24 s for 1.3B 480p on an H200); later prompts reuse it, and so "
+    "do later ComfyUI sessions through inductor's on-disk cache (much shorter compile). Turn it off for a first "
+    "prompt that is never slower than native, or when compiling fails.",
 }
 
 LORA_TOOLTIP = (
@@ -127,7 +131,7 @@ class OfficialDistriFusionModelLoader:
                 "attention": combo_widget(ATTENTION_BACKENDS, "auto", tip["attention"]),
                 "kv_dtype": combo_widget(KV_DTYPES, "auto", tip["kv_dtype"]),
                 "comm_backend": combo_widget(COMM_BACKENDS, "auto", tip["comm_backend"]),
-                "compile": bool_widget(False, tip["compile"]),
+                "compile": bool_widget(True, tip["compile"]),
             },
             "optional": {
                 "lora": socket(LORA_CHAIN_TYPE, LORA_TOOLTIP),
@@ -167,7 +171,7 @@ class OfficialDistriFusionModelLoader:
             stamps.append(f"{stat.st_size}-{stat.st_mtime_ns}")
         return "/".join(stamps)
 
-    def load(self, compile=False, lora=None, second_lora=None, **widgets):
+    def load(self, compile=True, lora=None, second_lora=None, **widgets):
         """``widgets``: the inputs above by name (ComfyUI passes each as a keyword argument)."""
         warn_if_official_missing()
         settings = with_loras(build_settings(**widgets, compile_blocks=compile), lora, second_lora)
@@ -194,7 +198,7 @@ def build_settings(
     attention: str,
     kv_dtype: str,
     comm_backend: str,
-    compile_blocks: bool = False,
+    compile_blocks: bool = True,
     second_model: str = "none",
     weights: str = "auto",
     offload: bool = False,

@@ -89,6 +89,7 @@ def test_generate_at_world_size_two_equals_the_in_process_api(files, tmp_path):
     assert relative_error(latent, in_process(checkpoint, context)) < 1e-5
     assert "3/3" in result.stderr  # tqdm's per-step bar
     assert "wrote latent [1, 4, 2, 6, 8]" in result.stdout and "total" in result.stdout and "comm gloo" in result.stdout
+    assert "(attention sdpa, compile off (runs eager on cpu" in result.stdout  # compile on by default, eager here
     with safe_open(str(out), "pt") as handle:
         assert '"seed": 5' in handle.metadata()["settings"]
 
@@ -196,6 +197,17 @@ def test_without_model_builds_a_tiny_random_wan_and_says_so(tmp_path):
     )
     assert "no --context given: seeded random text context" in result.stdout
     assert list(load_file(str(out))["latent"].shape) == [1, 16, 1, 4, 4]
+
+
+def test_compile_is_asked_for_by_default_and_no_compile_turns_it_off():
+    spec = importlib.util.spec_from_file_location("wdf_cli", CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    parse = cli.build_parser().parse_args
+    command = ["generate", "--out", "x.safetensors"]
+    assert parse(command).compile is True
+    assert parse([*command, "--compile"]).compile is True
+    assert parse([*command, "--no-compile"]).compile is False
 
 
 def test_the_demo_uses_stale_kv_after_its_warm_up_and_says_how_often(tmp_path):

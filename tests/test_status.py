@@ -55,3 +55,28 @@ def test_official_warning_only_when_the_official_backend_is_asked_for(tmp_path):
     asked = format_report({**report, "official": missing, "comm_backend_setting": "official"})
     assert "⚠️ Official DistriFusion not available: No module named 'distrifuser'" in asked
     assert "Install with: pip install -r requirements_official_distrifusion.txt" in asked
+
+
+class ReadyRuntime:
+    """A started runtime: its status names the attention kernel and the compile state the ranks resolved."""
+
+    def __init__(self, spec, **kernels):
+        self.spec = spec
+        self.kernels = kernels
+
+    def status(self):
+        return dict(self.kernels)
+
+
+def test_compile_and_attention_as_set_then_as_the_ranks_resolved_them(tmp_path):
+    spec = _spec(tmp_path, compile_blocks=True)
+    before = status_report(activity=RunActivity(), spec=spec)
+    assert before["runtime"]["compile"].startswith("on where a CUDA GPU has Triton")
+    assert "attention auto, compile on where" in format_report(before)
+
+    ran = ReadyRuntime(spec, attention="sdpa", compile="off (runs eager on cpu: compile needs a CUDA GPU with Triton)")
+    text = format_report(status_report(ran, RunActivity(), spec))
+    assert "attention auto → sdpa, compile off (runs eager on cpu" in text
+
+    eager = status_report(activity=RunActivity(), spec=_spec(tmp_path, compile_blocks=False))
+    assert eager["runtime"]["compile"] == "off"

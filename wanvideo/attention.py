@@ -107,7 +107,7 @@ def _sage() -> AttentionFn:
 
 _OPTIONAL = {"flash4": _flash4, "flash3": _flash3, "sage": _sage}
 _INSTALL_HINT = {
-    "flash4": "pip install flash-attn-4 (Hopper or Blackwell GPUs)",
+    "flash4": "pip install -r requirements_flash4.txt, i.e. flash-attn-4 (Hopper or Blackwell GPUs)",
     "flash3": "build FlashAttention-3 from its hopper/ folder (Hopper GPUs)",
     "sage": "pip install sageattention",
 }
@@ -137,3 +137,8 @@ def resolve_attention(backend: str, device: torch.device | str = "cpu") -> Atten
         raise WanDistriFusionError(
             f"attention backend: {backend} is not installed ({error}); {_INSTALL_HINT[backend]}, or choose auto/sdpa."
         ) from error
+
+
+def attention_kernel_name(backend: str, device: torch.device | str = "cpu") -> str:
+    """The kernel ``backend`` runs on ``device`` (``auto`` resolved: ``flash4`` or ``sdpa``), as the status shows it."""
+    return resolve_attention(backend, device).__name__.removesuffix("_attention")

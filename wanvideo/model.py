@@ -9,7 +9,10 @@ the token grid goes through the blocks, with rotary positions and per-token time
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -369,6 +372,26 @@ class WanImageEmbedding(nn.Module):
         return self.proj(clip_features)
 
 
+def compile_available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether ``WanModel.compile_blocks`` (inductor) can compile for ``device``, and if not, why (for the status).
+
+    CUDA GPUs of compute capability 7.0 and newer, with Triton installed and a C compiler for the launchers Triton
+    builds (``CC``, gcc or clang). Not the CPU: inductor there compiles C++ for minutes and gains little, so a request
+    to compile runs eager on the CPU (call ``compile_blocks`` directly to compile there anyway, as the tests do).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"runs eager on {device.type}: compile needs a CUDA GPU with Triton"
+    if importlib.util.find_spec("triton") is None:
+        return False, f"no Triton for {device}: pip install triton (triton-windows on Windows)"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return False, "no C compiler for Triton's launchers: install gcc or clang, or set CC"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return False, f"{device} is compute capability {major}.{minor}; Triton needs 7.0 or newer"
+    return True, "CUDA GPU with Triton"
+
+
 class WanModel(nn.Module):
     """Wan DiT: ``model(x [B,C,F,H,W], t [B] | [B,T], context [B,L,text_dim]) -> flow prediction like x``.
 
@@ -423,7 +446,9 @@ class WanModel(nn.Module):
 
         All blocks share two compiled graphs, but every new latent size or rank slab adds entries to the
         same cache: the recompile limit is raised so a long-lived worker never silently falls back to eager.
-        ``options`` go to inductor (e.g. ``{"coordinate_descent_tuning": True}``).
+        ``options`` go to inductor (e.g. ``{"coordinate_descent_tuning": True}``). Compiles on any device; whether
+        a rank should is ``compile_available``. Inductor's on-disk caches stay on (``TORCHINDUCTOR_CACHE_DIR``,
+        default ``<tmp>/torchinductor_<user>``), so a later process compiling the same shapes mostly reads them.
         """
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)

@@ -328,7 +328,7 @@ def loader_inputs(**overrides) -> dict:
         "attention": "auto",
         "kv_dtype": "auto",
         "comm_backend": "auto",
-        "compile": False,
+        "compile": True,  # the Loader's default: on the CPU the ranks run eager
         "second_model": "none",
     }
     inputs.update(overrides)

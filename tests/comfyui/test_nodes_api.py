@@ -58,7 +58,7 @@ LOADER_WIDGETS = {
     "attention": ("auto", ["auto", "sdpa", "flash4", "flash3", "sage"]),
     "kv_dtype": ("auto", ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"]),
     "comm_backend": ("auto", ["auto", "builtin", "official"]),
-    "compile": (False, None),
+    "compile": (True, None),
 }
 SAMPLER_WIDGETS = {
     "steps": (30, 1, 10000, 1),
@@ -368,6 +368,8 @@ def test_status_node_and_route(comfy):
     ):
         assert expected in text, text
     assert "Official DistriFusion available" in text or "official package optional, see README" in text
+    # the Loader's default compile is on; on the CPU the ranks run eager, and the Status node says so
+    assert "attention auto → sdpa, compile off (runs eager on cpu" in text, text
 
     report = comfy.get("/distrifusion/status").json()
     for key in (

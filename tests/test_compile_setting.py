@@ -1,0 +1,103 @@
+"""The ``compile`` setting: a request, resolved on each rank's device (CUDA GPUs with Triton compile, the CPU runs
+eager), and reported with the attention kernel ``auto`` picked."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+from tiny_wan import random_model, tiny_config, write_checkpoint
+from wan_distrifusion.distrifusion import rank
+from wan_distrifusion.distrifusion.config import ParallelConfig
+from wan_distrifusion.distrifusion.in_process import InProcessRunner
+from wan_distrifusion.distrifusion.settings import RuntimeSpec
+from wan_distrifusion.wanvideo import model as wan_model
+from wan_distrifusion.wanvideo.attention import attention_kernel_name
+
+CUDA = torch.device("cuda", 0)
+
+
+def compiled(model) -> bool:
+    """Whether ``compile_blocks`` wrapped the blocks (``torch.compile`` keeps the original callable beside it)."""
+    flags = {hasattr(block.before_attention, "_torchdynamo_orig_callable") for block in model.blocks}
+    assert len(flags) == 1, "some blocks compiled, others not"
+    return flags.pop()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return write_checkpoint(tmp_path / "tiny.safetensors", random_model(tiny_config(), seed=1))
+
+
+def fake_cuda(monkeypatch, capability=(9, 0), triton=True, compiler=True):
+    """This machine seen as a CUDA GPU of ``capability``, with or without Triton and a C compiler (the device is
+    never used)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if compiler else None)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if triton else None) if name == "triton" else find_spec(name, *a),
+    )
+
+
+def test_compile_runs_on_cuda_gpus_with_triton_only(monkeypatch):
+    fake_cuda(monkeypatch)
+    assert wan_model.compile_available(CUDA) == (True, "CUDA GPU with Triton")
+    fake_cuda(monkeypatch, triton=False)
+    available, reason = wan_model.compile_available(CUDA)
+    assert not available and "no Triton for cuda:0" in reason
+    fake_cuda(monkeypatch, compiler=False)
+    available, reason = wan_model.compile_available(CUDA)
+    assert not available and "no C compiler" in reason
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert wan_model.compile_available(CUDA)[0]
+    fake_cuda(monkeypatch, capability=(6, 1))
+    available, reason = wan_model.compile_available(CUDA)
+    assert not available and "compute capability 6.1" in reason
+    available, reason = wan_model.compile_available("cpu")
+    assert not available and reason.startswith("runs eager on cpu")
+
+
+def test_the_request_is_resolved_per_device_and_reported(monkeypatch):
+    asked, not_asked = ParallelConfig(compile_blocks=True), ParallelConfig(compile_blocks=False)
+    assert rank.compile_choice(not_asked, torch.device("cpu")) == (False, "off")
+    now, state = rank.compile_choice(asked, torch.device("cpu"))
+    assert not now and state.startswith("off (runs eager on cpu")
+    fake_cuda(monkeypatch)
+    assert rank.compile_choice(asked, CUDA) == (True, "on")
+    assert rank.compile_choice(not_asked, CUDA) == (False, "off")
+
+
+def test_a_cpu_rank_asked_to_compile_loads_eager_unless_compiling_is_forced(checkpoint, monkeypatch):
+    """The Loader's default (compile on) must leave CPU ranks eager; a test that wants the spec path to compile on
+    the CPU says so by making ``compile_available`` true there."""
+    spec = RuntimeSpec(str(checkpoint), ParallelConfig(compile_blocks=True), device="cpu")
+    cpu = torch.device("cpu")
+    assert not compiled(rank.load_rank_model(spec, cpu, spec.model_path, ()))
+    assert rank.rank_kernels(spec.parallel, cpu)["compile"].startswith("off (runs eager on cpu")
+    monkeypatch.setattr(rank, "compile_available", lambda device: (True, "forced"))
+    assert compiled(rank.load_rank_model(spec, cpu, spec.model_path, ()))
+    assert rank.rank_kernels(spec.parallel, cpu) == {"attention": "sdpa", "compile": "on"}
+    no_compile = spec.with_changes(parallel=ParallelConfig(compile_blocks=False))
+    assert not compiled(rank.load_rank_model(no_compile, cpu, spec.model_path, ()))
+
+
+def test_auto_attention_names_the_kernel_it_runs():
+    assert attention_kernel_name("auto", "cpu") == "sdpa"
+    assert attention_kernel_name("sdpa", "cpu") == "sdpa"
+
+
+def test_the_in_process_status_reports_what_the_rank_runs(checkpoint):
+    runner = InProcessRunner(RuntimeSpec(str(checkpoint), ParallelConfig(compile_blocks=True), device="cpu"))
+    assert runner.status()["compile"] is None  # not loaded yet
+    runner.start()
+    try:
+        status = runner.status()
+        assert status["attention"] == "sdpa" and status["compile"].startswith("off (runs eager on cpu")
+    finally:
+        runner.close()
