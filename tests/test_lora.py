@@ -91,7 +91,9 @@ def test_chain_strength_change_and_removal_start_from_the_unmodified_weights(tmp
     )
     assert relative_error(_output(model), _output(expected)) < 1e-6
     apply_loras(model, path, [])
-    plain = model_from_state_dict(state, num_heads=CONFIG.num_heads)
+    plain = _loaded(path)  # loaded alike: CPU GEMMs may round differently on differently aligned (mapped) weights
+    plain_weights = plain.state_dict()
+    assert all(torch.equal(tensor, plain_weights[name]) for name, tensor in model.state_dict().items())
     assert torch.equal(_output(model), _output(plain))
 
 
