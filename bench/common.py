@@ -131,8 +131,8 @@ def random_state_dict(cfg, *, seed: int, device, dtype=torch.bfloat16) -> dict[s
 
 def to_diffusers_layout(original_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original keys -> diffusers keys through the loader's own mapping (same tensors, no copies)."""
-    loading = pkg("wanvideo.loading")
-    return {loading.to_diffusers_key(name): tensor for name, tensor in original_sd.items()}
+    layout = pkg("wanvideo.checkpoint_layout")
+    return {layout.to_diffusers_key(name): tensor for name, tensor in original_sd.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------

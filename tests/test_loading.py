@@ -11,14 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
 from wan_distrifusion.wanvideo import WanDistriFusionError
-from wan_distrifusion.wanvideo.loading import (
-    COMFYUI_PREFIX,
-    Fp8Linear,
-    inspect_wan_checkpoint,
-    load_wan_model,
-    model_from_state_dict,
-    to_diffusers_key,
-)
+from wan_distrifusion.wanvideo.checkpoint_layout import COMFYUI_PREFIX, to_diffusers_key
+from wan_distrifusion.wanvideo.fp8 import Fp8Linear
+from wan_distrifusion.wanvideo.loading import inspect_wan_checkpoint, load_wan_model, model_from_state_dict
 
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 

@@ -12,7 +12,8 @@ import functools
 import pytest
 import torch
 from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
-from wan_distrifusion.wanvideo.loading import load_wan_model, to_diffusers_key
+from wan_distrifusion.wanvideo.checkpoint_layout import to_diffusers_key
+from wan_distrifusion.wanvideo.loading import load_wan_model
 
 _SKIP = "diffusers has no WanTransformer3DModel here (the official distrifuser profile pins diffusers 0.24); runs in the compatible profile"
 transformer_wan = pytest.importorskip(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
-from wan_distrifusion.wanvideo.loading import to_diffusers_key
+from wan_distrifusion.wanvideo.checkpoint_layout import to_diffusers_key
 from wan_distrifusion.wanvideo.model import WanConfig, WanModel
 
 FORMATS = ("comfyui", "kohya", "peft", "diffusers", "lightx2v")

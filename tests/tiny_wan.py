@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.wanvideo import sampling
-from wan_distrifusion.wanvideo.loading import COMFYUI_PREFIX, to_diffusers_key
+from wan_distrifusion.wanvideo.checkpoint_layout import COMFYUI_PREFIX, to_diffusers_key
 from wan_distrifusion.wanvideo.model import WanConfig, WanModel
 
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_dim=4, out_dim=4, text_dim=32, freq_dim=32)

@@ -25,9 +25,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .errors import WanDistriFusionError
+from .checkpoint import Checkpoint
+from .checkpoint_layout import to_diffusers_key
+from .errors import WanDistriFusionError, first_few
 from .fp8 import Fp8Linear, quantize_fp8
-from .loading import _Checkpoint, to_diffusers_key
 from .model import WanConfig, WanModel
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def plan_lora(file: LoraFile, config: WanConfig) -> LoraPlan:
         alphas = {key: handle.get_tensor(original).item() for key, original in keys.items() if key.endswith(".alpha")}
     if unsupported := [keys[key] for key in keys if _UNSUPPORTED.search(key)]:
         raise WanDistriFusionError(
-            f"lora: {file.name} is a LyCORIS/DoRA file ({_first(unsupported)}); only plain LoRA (up/down, A/B) and "
+            f"lora: {file.name} is a LyCORIS/DoRA file ({first_few(unsupported, 3)}); only plain LoRA (up/down, A/B) and "
             "diff files merge here. Use a plain LoRA of the same model."
         )
     updates, used = [], set()
@@ -232,7 +233,7 @@ def apply_loras(
     previous: set[str] = getattr(model, "_lora_targets", set())
     with ChainDeltas(plans, device) as deltas, ExitStack() as stack:
         changed = set(deltas.sources)
-        checkpoint = _Checkpoint.open(Path(checkpoint_path), stack)
+        checkpoint = Checkpoint.open(Path(checkpoint_path), stack)
         for name in sorted(changed | previous):
             delta = deltas.delta(name) if name in changed else None
             _write_tensor(model, checkpoint, name, delta, device, assign or _assign_rows)
@@ -276,7 +277,7 @@ def _assign_rows(target: Tensor, rows: slice, value: Tensor) -> None:
 
 @torch.no_grad()
 def _write_tensor(
-    model: WanModel, checkpoint: _Checkpoint, name: str, delta: Tensor | None, device, assign: AssignRows
+    model: WanModel, checkpoint: Checkpoint, name: str, delta: Tensor | None, device, assign: AssignRows
 ) -> None:
     """Set original tensor ``name`` to its loaded value plus ``delta`` (None: the loaded value itself)."""
     module, param, rows = parameter_slot(model, name)
@@ -344,8 +345,3 @@ def _check_layers(file: LoraFile, unmatched: Iterable[str], config: WanConfig) -
             "blocks (0.."
             f"{config.num_layers - 1}). It was made for another Wan size; pick a LoRA for this model."
         )
-
-
-def _first(items: Sequence[str], count: int = 3) -> str:
-    shown = ", ".join(items[:count])
-    return shown + (f", ... ({len(items) - count} more)" if len(items) > count else "")

@@ -31,7 +31,7 @@ EXPERTS = ("", "high_noise", "low_noise")
 
 @dataclass(frozen=True)
 class WanConfig:
-    """Shape of a Wan DiT; ``loading.py`` derives it from the checkpoint's tensors."""
+    """Shape of a Wan DiT; ``checkpoint_config.py`` derives it from the checkpoint's tensors."""
 
     dim: int = 1536
     ffn_dim: int = 8960
