@@ -11,6 +11,7 @@ Key layouts: the original Wan names (``blocks.N.self_attn.q.weight``), the same 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -167,9 +168,24 @@ def model_from_state_dict(
 
 
 def inspect_wan_checkpoint(path: str | Path) -> WanCheckpointInfo:
-    """Layout and config of a Wan checkpoint from its headers, with the same checks and errors as loading."""
+    """Layout and config of a Wan checkpoint from its headers, with the same checks and errors as loading.
+
+    Read once per version of the file(s): checking every tensor against a Wan model of the config takes 0.1-0.2 s
+    for 1.3B/14B, and the Sampler asks for each prompt. A replaced file (another size or mtime), or a config.json
+    beside it that appeared or changed (it can name the heads), is read again."""
+    path = Path(path)
+    files = _checkpoint_files(path)
+    config_json = files[0].parent / "config.json"
+    sources = [*files, config_json] if config_json.is_file() else files
+    stamps = tuple((str(file), stat.st_size, stat.st_mtime_ns) for file in sources for stat in (file.stat(),))
+    return _inspect_files(path, stamps)
+
+
+@functools.lru_cache(maxsize=16)
+def _inspect_files(path: Path, stamps: tuple[tuple[str, int, int], ...]) -> WanCheckpointInfo:
+    """``inspect_wan_checkpoint`` for the files as ``stamps`` (name, size, mtime_ns) found them (the cache key)."""
     with ExitStack() as stack:
-        checkpoint = _Checkpoint.open(Path(path), stack)
+        checkpoint = _Checkpoint.open(path, stack)
         config = checkpoint.config()
         dtypes = sorted({checkpoint.handle(key).get_slice(key).get_dtype() for key in checkpoint.file_keys})
         return WanCheckpointInfo(config, checkpoint.layout, checkpoint.files, len(checkpoint.file_keys), tuple(dtypes))
