@@ -361,7 +361,7 @@ def sample_video(
     def on_model_call(event) -> None:
         last["memory"] = event.memory_per_rank
 
-    previewer = None
+    previewer = None  # made once the session says where the latents live
 
     def on_step(step: int, denoised, x, total: int) -> None:
         now = time.perf_counter()
