@@ -42,6 +42,7 @@ def run_job(
             sampler=job.sampler,
             scheduler=job.scheduler,
             denoise=job.denoise,
+            device=model.device,
         )
         summary = model.step_cache_summary()
     if summary is not None:

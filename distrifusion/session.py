@@ -56,7 +56,9 @@ class ProgressEvent:
 
 class ForwardSession:
     """Model evaluations driven by the controller: ``session(x, t)`` is the CFG-guided flow prediction of the
-    runtime's model at latent ``x`` ``[1, C, F, H, W]`` (float32) and timestep ``t`` (0..1000), as float32 CPU.
+    runtime's model at latent ``x`` ``[1, C, F, H, W]`` (float32) and timestep ``t`` (0..1000), as float32 on
+    ``x``'s device. ``device`` is where the ranks take ``x`` (CPU for a worker group, the model's device in-process):
+    a sampler that keeps its latents there copies nothing per call.
 
     One call = one step of the runtime (the displaced mode's warm-up and stale-K/V counting, progress events,
     the step timeout). The cond/uncond batch, the 512-token context padding and ``uncond + cfg * (cond -
@@ -86,6 +88,8 @@ class ForwardSession:
         self.return_uncond = bool(return_uncond) and job.negative is not None
         self.last_uncond: torch.Tensor | None = None
         """With ``return_uncond``: the unguided (negative-prompt) flow of the last call."""
+        self.device = torch.device("cpu")
+        """Where a call's ``x`` goes without a copy (the flow comes back on ``x``'s device either way)."""
         self._progress = progress
         self._cancelled = cancelled
         self._open = False
@@ -99,7 +103,8 @@ class ForwardSession:
     def _evaluate(
         self, x: torch.Tensor, t: float
     ) -> tuple[torch.Tensor, torch.Tensor | None, float, tuple[int, ...], bool]:
-        """(flow, uncond flow or None, seconds, memory per rank, whether the ranks skipped the model) of one call."""
+        """(flow, uncond flow or None, seconds, memory per rank, whether the ranks skipped the model) of one call;
+        ``x`` is on ``device``, and so are the flows."""
         raise NotImplementedError
 
     def _record(self, event: ProgressEvent) -> None:
@@ -117,17 +122,18 @@ class ForwardSession:
             raise JobCancelled(
                 f"cancelled after step {self.calls} of {self.total}", self.calls, max(self.total, self.calls)
             )
-        x = x.detach().to("cpu", torch.float32).contiguous()
-        flow, uncond, seconds, memory, skipped = self._evaluate(x, float(t))
+        flow, uncond, seconds, memory, skipped = self._evaluate(
+            x.detach().to(self.device, torch.float32).contiguous(), float(t)
+        )
         if skipped:
             self.skipped_calls.append(self.calls)
         self.calls += 1
-        self.last_uncond = uncond
+        self.last_uncond = None if uncond is None else uncond.to(x.device)
         event = ProgressEvent(self.calls, max(self.total, self.calls), seconds, tuple(memory))
         self._record(event)
         if self._progress is not None:
             self._progress(event)
-        return flow
+        return flow.to(x.device)
 
     def step_cache_summary(self) -> str | None:
         """ComfyUI's EasyCache closing line for this session (``None`` without EasyCache)."""

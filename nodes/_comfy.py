@@ -94,11 +94,12 @@ def prepare_noise(latent: torch.Tensor, seed: int) -> torch.Tensor:
     return comfy.sample.prepare_noise(latent, seed)
 
 
-def previewer(latent_format):
-    """ComfyUI's latent previewer for the server's ``--preview-method`` (``None`` when previews are off)."""
+def previewer(latent_format, device: torch.device | str = "cpu"):
+    """ComfyUI's latent previewer for the server's ``--preview-method`` (``None`` when previews are off), decoding
+    latents on ``device`` (where the sampler keeps them)."""
     try:
         import latent_preview
 
-        return latent_preview.get_previewer("cpu", latent_format)
+        return latent_preview.get_previewer(device, latent_format)
     except Exception:  # previews are a nicety: never fail a run for them
         return None

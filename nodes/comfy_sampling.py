@@ -167,13 +167,19 @@ def sample(
     seed: int,
     callback: SamplerCallback | None = None,
     denoise_mask: Tensor | None = None,
+    device: str | torch.device = "cpu",
 ) -> Tensor:
     """Denoise from ``noise`` (``latent_image`` in model space, zeros when empty) over ``sigmas`` with ComfyUI's
-    ``sampler`` (or one of ``WAN_SOLVERS``), every model call going to ``forward``; the latent in model space."""
+    ``sampler`` (or one of ``WAN_SOLVERS``), every model call going to ``forward``; the latent in model space, on
+    ``device``. ``device`` is where the sampler's own math runs, as native KSampler moves its noise, latent, sigmas
+    and mask to the model's device: the forward session's ``device`` (the GPU in-process), so no call copies."""
     import comfy.samplers
     import comfy.utils
 
-    sigmas = sigmas.to("cpu", torch.float32)
+    sigmas = sigmas.to(device, torch.float32)
+    noise, latent_image = noise.to(device), latent_image.to(device)
+    denoise_mask = None if denoise_mask is None else denoise_mask.to(device)
+    model_sampling = model_sampling.to(device)
     if len(sigmas) < 2:
         return latent_image
     if sampler in WAN_SOLVERS:
@@ -182,7 +188,7 @@ def sample(
 
         def velocity(x: Tensor, sigma: float) -> Tensor:
             v = forward(x, sigma * NUM_TRAIN_TIMESTEPS)
-            last_call.update(x=x, sigma=torch.tensor(sigma, dtype=torch.float32), v=v)
+            last_call.update(x=x, sigma=torch.tensor(sigma, dtype=torch.float32, device=x.device), v=v)
             return v
 
         def on_step(step: int, total: int, x: Tensor) -> None:

@@ -356,11 +356,12 @@ def sample_video(
     runtime = model.runtime()
     activity = RUNTIMES.activity
     bar = _comfy.progress_bar(steps, node_id=unique_id)
-    previewer = _comfy.previewer(latent_format)
     last = {"memory": None, "time": time.perf_counter()}
 
     def on_model_call(event) -> None:
         last["memory"] = event.memory_per_rank
+
+    previewer = None  # made once the session says where the latents live
 
     def on_step(step: int, denoised, x, total: int) -> None:
         now = time.perf_counter()
@@ -381,6 +382,7 @@ def sample_video(
             cancelled=mm.processing_interrupted,
             return_uncond=comfy_sampling.needs_uncond(sampler),
         ) as forward:
+            previewer = _comfy.previewer(latent_format, forward.device)
             samples = comfy_sampling.sample(
                 forward,
                 model_sampling=model_sampling,
@@ -392,6 +394,7 @@ def sample_video(
                 seed=seed,
                 callback=on_step,
                 denoise_mask=denoise_mask,
+                device=forward.device,
             )
         if forward.step_cache_summary() is not None:
             logger.info(forward.step_cache_summary())
@@ -492,5 +495,6 @@ def latent_to_model_space(latent: dict, latent_format, config: WanConfig) -> tup
 
 
 def latent_from_model_space(samples: torch.Tensor, latent_format) -> torch.Tensor:
-    """The model's normalised latent -> ComfyUI's Wan LATENT convention (what VAE Decode expects)."""
-    return latent_format.process_out(samples.to("cpu", torch.float32))
+    """The model's normalised latent (on any device) -> ComfyUI's Wan LATENT convention (what VAE Decode expects), on
+    the CPU: ``process_out`` where the latent is, then the copy, as KSampler does."""
+    return latent_format.process_out(samples.to(torch.float32)).to("cpu")

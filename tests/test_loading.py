@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_wan import random_model, relative_error, tiny_config, write_checkpoint
-from wan_distrifusion.wanvideo import WanDistriFusionError
+from wan_distrifusion.wanvideo import WanDistriFusionError, loading
 from wan_distrifusion.wanvideo.checkpoint_layout import COMFYUI_PREFIX, to_diffusers_key
 from wan_distrifusion.wanvideo.fp8 import Fp8Linear
 from wan_distrifusion.wanvideo.loading import inspect_wan_checkpoint, load_wan_model, model_from_state_dict
@@ -61,6 +61,28 @@ def test_every_layout_loads_the_same_weights(tmp_path, model, layout):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     info = inspect_wan_checkpoint(path)
     assert (info.layout, info.config, info.num_tensors) == (layout, model.config, len(model.state_dict()))
+
+
+def test_inspection_reads_a_file_once_per_version(tmp_path, model, monkeypatch):
+    opened = []
+    original_open = loading._Checkpoint.open
+    monkeypatch.setattr(
+        loading._Checkpoint, "open", lambda path, stack: opened.append(path) or original_open(path, stack)
+    )
+    path = write_checkpoint(tmp_path / "wan.safetensors", model, metadata=False)
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps({"_class_name": "WanModel", "dim": 64, "num_heads": 4}))
+    assert inspect_wan_checkpoint(path).config == model.config
+    assert inspect_wan_checkpoint(str(path)).config == model.config
+    assert len(opened) == 1
+    config_json.write_text(json.dumps({"_class_name": "WanModel", "dim": 64, "num_heads": 2}))
+    os.utime(config_json, ns=(1, 1))  # a new version, whatever the clock's resolution
+    assert inspect_wan_checkpoint(path).config.num_heads == 2
+    other = tiny_config(num_layers=3)
+    write_checkpoint(path, random_model(other))
+    os.utime(path, ns=(1, 1))
+    assert inspect_wan_checkpoint(path).config == other
+    assert len(opened) == 3
 
 
 def test_i2v_config_is_detected(tmp_path):

@@ -19,6 +19,7 @@ from wan_distrifusion.distrifusion import bootstrap
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.job import GenerationJob
 from wan_distrifusion.distrifusion.run import run_job
+from wan_distrifusion.distrifusion.session import ForwardSession
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.distrifusion.store import OpenSession, decode_command, encode_command
 from wan_distrifusion.distrifusion.workers import (
@@ -230,6 +231,29 @@ def test_forward_session_checks_its_input_and_ends(group, runner):
                 model(torch.zeros(1, 4, 2, 6, 7), 500.0)
         with pytest.raises(WanDistriFusionError, match="ended"):
             model(torch.zeros(1, 4, 2, 6, 8), 500.0)
+
+
+def test_forward_session_hands_x_to_the_ranks_on_its_device():
+    """A sampler keeping its latents on the session's ``device`` (the GPU in-process) copies nothing per call; x
+    from elsewhere is moved there. Here the session's device is ``meta``, the caller's the CPU."""
+    seen = []
+
+    class MetaSession(ForwardSession):
+        def _evaluate(self, x, t):
+            seen.append(x.device)
+            return torch.full(self.shape, t), torch.zeros(self.shape), 0.0, (0,), False
+
+    job = tiny_job()
+    session = MetaSession(job, job.latent_shape(4), None, None, return_uncond=True)
+    session.device, session._open = torch.device("meta"), True
+    flow = session(torch.zeros(job.latent_shape(4)), 500.0)
+    assert seen == [torch.device("meta")]
+    assert flow.device.type == "cpu" and torch.all(flow == 500.0)
+
+
+def test_in_process_session_runs_on_the_models_device(runner):
+    with runner.forward_session(tiny_job()) as model:
+        assert model.device == runner._device
 
 
 def test_forward_session_returns_the_unguided_flow_on_request(group, runner):
