@@ -65,9 +65,9 @@ def test_every_layout_loads_the_same_weights(tmp_path, model, layout):
 
 def test_inspection_reads_a_file_once_per_version(tmp_path, model, monkeypatch):
     opened = []
-    original_open = loading._Checkpoint.open
+    original_open = loading.Checkpoint.open
     monkeypatch.setattr(
-        loading._Checkpoint, "open", lambda path, stack: opened.append(path) or original_open(path, stack)
+        loading.Checkpoint, "open", lambda path, stack: opened.append(path) or original_open(path, stack)
     )
     path = write_checkpoint(tmp_path / "wan.safetensors", model, metadata=False)
     config_json = tmp_path / "config.json"
