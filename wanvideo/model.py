@@ -497,7 +497,10 @@ class WanModel(nn.Module):
             )
         compute_dtype = self.compute_dtype
         grid = self.token_grid(x)
-        tokens = self.patch_embedding(x.to(compute_dtype)).flatten(2).transpose(1, 2)
+        # Row-major tokens: the transposed conv output would otherwise stay the residual stream's layout through
+        # every block (elementwise ops keep their first input's strides), and each norm would read a token's
+        # features strided by the sequence length.
+        tokens = self.patch_embedding(x.to(compute_dtype)).flatten(2).transpose(1, 2).contiguous()
         cos, sin = rope_frequencies(self.config.head_dim, grid, x.device)
         if token_index is not None:
             tokens, cos, sin = tokens[:, token_index], cos[token_index], sin[token_index]
