@@ -440,6 +440,12 @@ def main() -> int:
             else None
             for phase in ("cold", "warm")
         }
+        outside = {  # a warm prompt's seconds outside the model calls (sampler, copies, checks, bookkeeping)
+            graph: round(get(f"{graph}-warm") - sum(get(f"{graph}-warm", "forward_s")), 3)
+            if get(f"{graph}-warm") and get(f"{graph}-warm", "forward_s")
+            else None
+            for graph in ("native", "ours")
+        }
         rows.append(
             [
                 preset,
@@ -453,6 +459,8 @@ def main() -> int:
                 ratio["warm"],
                 get("native-warm", "forward_median_s"),
                 get("ours-warm", "forward_median_s"),
+                outside["native"],
+                outside["ours"],
                 result.get("rel_diff_warm"),
             ]
         )
@@ -470,6 +478,8 @@ def main() -> int:
                 "warm ours/native",
                 "native fwd s",
                 "ours fwd s",
+                "native outside s",
+                "ours outside s",
                 "rel diff",
             ],
             rows,
