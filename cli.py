@@ -9,6 +9,7 @@ writes the final latent (key ``latent``, Wan model space) to a safetensors file.
 ranks of a group whose rank 0 runs on another host (its ``generate`` or ComfyUI): those ranks join
 through torch.distributed's ``MASTER_ADDR``/``MASTER_PORT`` rendezvous and take their jobs from it.
 Works from any working directory; the repo is imported under a fixed alias, never by folder name.
+What ``generate`` reads and checks up front is in ``cli_inputs.py``, what it shows and writes in ``cli_outputs.py``.
 """
 
 from __future__ import annotations
