@@ -9,6 +9,7 @@ writes the final latent (key ``latent``, Wan model space) to a safetensors file.
 ranks of a group whose rank 0 runs on another host (its ``generate`` or ComfyUI): those ranks join
 through torch.distributed's ``MASTER_ADDR``/``MASTER_PORT`` rendezvous and take their jobs from it.
 Works from any working directory; the repo is imported under a fixed alias, never by folder name.
+What ``generate`` reads and checks up front is in ``cli_inputs.py``, what it shows and writes in ``cli_outputs.py``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-TINY_NOTICE = (
-    "no --model given: built a tiny random Wan (2 layers, dim 64) — output is noise, this only shows the pipeline"
-)
 REAL_DEFAULTS = {"width": 832, "height": 480, "length": 81, "steps": 30, "warmup_steps": 4}
 TINY_DEFAULTS = {"width": 128, "height": 128, "length": 9, "steps": 8, "warmup_steps": 2}
 """The tiny demo runs more steps than warm-up, so its displaced mode does use the stale K/V."""
@@ -154,180 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer, 64-wide Wan (16 latent channels, umT5-wide text) as safetensors; noise in, noise out."""
-    import torch
-    from safetensors.torch import save_file
-
-    model_module = _module("wanvideo.model")
-    config = model_module.WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2)
-    torch.manual_seed(seed)
-    model = model_module.WanModel(config)
-    path = folder / "tiny_random_wan.safetensors"
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata={"wan_config": json.dumps({"num_heads": config.num_heads, "dim": config.dim})})
-    return path
-
-
-def random_context(text_dim: int, seed: int, tokens: int = 16):
-    """Seeded stand-in for encoded prompts: (positive, negative), each ``[1, tokens, text_dim]``."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(1, tokens, text_dim, generator=generator), torch.randn(1, tokens, text_dim, generator=generator)
-
-
-def _load_context(path: str):
-    from safetensors.torch import load_file
-
-    errors = _module("wanvideo.errors")
-    try:
-        tensors = load_file(path)
-    except Exception as error:
-        raise errors.WanDistriFusionError(
-            f"context: cannot read {path} ({error}); give a .safetensors with 'positive'."
-        ) from error
-    positive = tensors.get("positive", tensors.get("context"))
-    if positive is None:
-        raise errors.WanDistriFusionError(
-            f"context: {path} has no 'positive' tensor (keys: {', '.join(tensors) or 'none'})."
-        )
-
-    def batched(tensor):
-        return None if tensor is None else (tensor if tensor.dim() == 3 else tensor.unsqueeze(0)).float()
-
-    return batched(positive), batched(tensors.get("negative"))
-
-
-def _load_latent(path: str):
-    from safetensors.torch import load_file
-
-    errors = _module("wanvideo.errors")
-    try:
-        tensors = load_file(path)
-    except Exception as error:
-        raise errors.WanDistriFusionError(f"latent: cannot read {path} ({error}).") from error
-    if "latent" not in tensors:
-        raise errors.WanDistriFusionError(f"latent: {path} has no 'latent' tensor.")
-    return tensors["latent"].float()
-
-
-def _take_latent_size(job, given: dict):
-    """The job with ``job.latent``'s size; a ``--width/--height/--length`` that differs is refused."""
-    errors = _module("wanvideo.errors")
-    if job.latent.dim() != 5:
-        return job  # the runtime's check names the shape it expects
-    _, _, frames, rows, cols = job.latent.shape
-    real = {"width": cols * 8, "height": rows * 8, "length": (frames - 1) * 4 + 1}
-    conflicts = [f"--{name} {given[name]}" for name in real if given[name] is not None and given[name] != real[name]]
-    if conflicts:
-        raise errors.WanDistriFusionError(
-            f"latent: {list(job.latent.shape)} is {real['width']}x{real['height']} px, {real['length']} frames, "
-            f"but {', '.join(conflicts)} was given; drop --width/--height/--length (the latent sets the size) or "
-            f"set them to {real['width']}, {real['height']} and {real['length']}."
-        )
-    return job.with_changes(**real)
-
-
-def check_out(path: str) -> Path:
-    """``--out`` is a file path in a folder this process can write (made when the job is done if missing)."""
-    errors = _module("wanvideo.errors")
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise errors.WanDistriFusionError(
-            f"out: {out} is a folder; give a file path such as {out / 'clip.safetensors'}."
-        )
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        problem = "not a folder" if existing == out.parent else f"so {out.parent} cannot be a folder"
-        raise errors.WanDistriFusionError(f"out: {existing} is a file, {problem}; choose another path for --out.")
-    try:
-        probe, name = tempfile.mkstemp(dir=existing, prefix=".wan-distrifusion-probe-")
-        os.close(probe)
-        os.unlink(name)
-    except OSError as error:
-        raise errors.WanDistriFusionError(
-            f"out: cannot write in {existing} ({error.strerror or error}); choose a folder you can write to for --out."
-        ) from error
-    return out
-
-
-def save_latent(latent, out: Path, metadata: dict) -> None:
-    """Write beside ``out`` and rename, so ``out`` is never half written; when that fails, keep the latent in
-    the temp folder and say where it is."""
-    from safetensors.torch import save_file
-
-    errors = _module("wanvideo.errors")
-    tensors = {"latent": latent.contiguous()}
-    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(partial), metadata=metadata)
-        os.replace(partial, out)
-        return
-    except Exception as error:  # OSError, safetensors' SafetensorError: keep the finished job
-        problem = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    partial.unlink(missing_ok=True)
-    try:
-        handle, kept = tempfile.mkstemp(prefix=f"{out.stem}-", suffix=".safetensors")
-        os.close(handle)
-        save_file(tensors, kept, metadata=metadata)
-    except Exception as error:
-        raise errors.WanDistriFusionError(
-            f"out: could not write {out} ({problem}), nor a copy in {tempfile.gettempdir()} ({error}); the latent "
-            "is lost: free some disk space or choose another --out and run again."
-        ) from error
-    raise errors.WanDistriFusionError(
-        f"out: could not write {out} ({problem}); the finished latent was saved to {kept} instead: move it where "
-        "you want it."
-    )
-
-
-def parse_loras(values: list[str]) -> tuple:
-    """``--lora FILE[:STRENGTH]`` values as ``LoraFile``s (a trailing ``:number`` is the strength, default 1.0)."""
-    lora = _module("wanvideo.lora")
-    errors = _module("wanvideo.errors")
-    chain = []
-    for value in values:
-        path, _, tail = value.rpartition(":")
-        try:
-            strength = float(tail) if path else 1.0
-        except ValueError:
-            path, strength = value, 1.0  # a colon inside the path
-        if not path:
-            path = value
-        try:
-            chain.append(lora.LoraFile(path, strength))
-        except errors.WanDistriFusionError as error:
-            reason = str(error).split(": ", 1)[-1]  # without the widget's name
-            raise errors.WanDistriFusionError(f"lora: --lora {value}: {reason} (--lora FILE[:STRENGTH])") from error
-    return tuple(chain)
-
-
-def check_before_starting(args, job, parallel, config, device: str, precision: str) -> None:
-    """What ``generate`` checks once the model's shape is known, before a rank starts: the job against the model
-    and the topology, CFG parallel's use, and on the CPU this host's RAM for its ranks."""
-    validation = _module("distrifusion.validation")
-    memory_plan = _module("distrifusion.memory_plan")
-    validation.check_job(config, parallel, job)
-    validation.check_guidance(parallel, job)
-    if device == "cpu":
-        ranks = 1 if parallel.world_size == 1 else (args.local_ranks or parallel.world_size)
-        _, plan = memory_plan.plan_job(  # the CPU has no free-memory limit: the runtime's choice of mode too
-            config,
-            parallel,
-            job,
-            precision,
-            args.quantization,
-            check=False,
-            weights="sharded" if args.weights == "sharded" and parallel.world_size > 1 else "replicated",
-            offload=args.offload,
-        )
-        memory_plan.check_host_memory(plan, ranks)
-
-
 JOB_FLAGS = (
     "width",
     "height",
@@ -363,6 +187,8 @@ def generate(args: argparse.Namespace) -> int:
 
     validation = _module("distrifusion.validation")
     processes = _module("distrifusion.processes")
+    inputs = _module("cli_inputs")
+    outputs = _module("cli_outputs")
 
     began = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -384,17 +210,17 @@ def generate(args: argparse.Namespace) -> int:
     validation.check_solver(job)  # settings first (the job checked itself): a bad flag fails before anything starts
     _module("distrifusion.settings").check_weights(args.weights, args.world_size)
     if args.latent:
-        job = _take_latent_size(job.with_changes(latent=_load_latent(args.latent)), given_size)
-    out = check_out(args.out)
-    vae = _load_vae(args.decode) if args.decode else None
-    loras = parse_loras(args.lora)
+        job = inputs.take_latent_size(job.with_changes(latent=inputs.load_latent(args.latent)), given_size)
+    out = inputs.check_out(args.out)
+    vae = inputs.load_vae(args.decode) if args.decode else None
+    loras = inputs.parse_loras(args.lora)
     processes.remove_orphaned_log_dirs()  # e.g. the scratch folder of a killed `cli.py generate`
 
     with tempfile.TemporaryDirectory(prefix=f"{processes.LOG_DIR_PREFIX}cli-{os.getpid()}-") as scratch:
-        model_path, config, job = _model_and_context(args, job, Path(scratch))
-        check_before_starting(args, job, parallel, config, device, precision)
+        model_path, config, job = inputs.model_and_context(args, job, Path(scratch))
+        inputs.check_before_starting(args, job, parallel, config, device, precision)
         if vae is not None:
-            _check_vae_fits(vae, config, job, args.world_size)
+            inputs.check_vae_fits(vae, config, job, args.world_size)
         _module("wanvideo.lora").plan_loras(loras, config)  # a LoRA for another model fails here, naming it
         where = f"{args.world_size} ranks ({parallel.mode}, {parallel.split_mode} split)" if args.world_size > 1 else ""
         print(f"starting {where or 'in-process'} on {device}, {precision} ...", flush=True)
@@ -422,137 +248,28 @@ def generate(args: argparse.Namespace) -> int:
                 f"{kernels.get('compile')})",
                 flush=True,
             )
-            latent = _sample_with_bar(runtime, job)
+            latent = outputs.sample_with_bar(runtime, job)
             sampled = time.perf_counter()
             status = runtime.status()
-            pixels = _decode_with_bar(runtime, vae, latent, precision) if vae is not None else None
+            pixels = outputs.decode_with_bar(runtime, vae, latent, precision) if vae is not None else None
         finally:
             runtime.close()
 
-    save_latent(latent, out, _metadata(args, job, spec))
+    outputs.save_latent(latent, out, _metadata(args, job, spec))
     if pixels is not None:
-        _write_video(pixels, out)
+        outputs.write_video(pixels, out)
     if parallel.mode == "auto" and spec.world_size > 1 and status.get("mode_choice"):
         print(f"parallel mode auto: {status['mode_choice']['mode']} ({status['mode_choice']['reason']})")
     stats = status.get("last_job_stats") or {}
     if stats.get("mode") == "displaced":
         calls = stats.get("steps", job.steps)  # EasyCache: the computed steps
-        print(displaced_share(parallel.schedule(job.sync_frequency), calls))
+        print(outputs.displaced_share(parallel.schedule(job.sync_frequency), calls))
     print(
         f"wrote latent {list(latent.shape)} to {out}; total {time.perf_counter() - began:.1f} s "
         f"(start {started - began:.1f} s, sampling {sampled - started:.1f} s, "
         f"{(sampled - started) / max(job.steps, 1):.2f} s/step, comm {status.get('comm_backend')})"
     )
     return 0
-
-
-def displaced_share(schedule, calls: int) -> str:
-    """How many of the model calls used the previous step's K/V (DistriFusion) rather than a fresh exchange."""
-    stale = sum(not schedule.is_synchronous(call) for call in range(calls))
-    return (
-        f"DistriFusion (displaced): {stale} of {calls} computed steps used the previous step's K/V, "
-        f"{calls - stale} exchanged fresh K/V ({schedule.warmup_steps} warm-up steps, "
-        f"sync frequency {schedule.sync_frequency})"
-    )
-
-
-def _model_and_context(args: argparse.Namespace, job, scratch: Path):
-    """The checkpoint (``--model``, or a tiny random one in ``scratch``), its config, and ``job`` with the text
-    context (``--context``, or a seeded random one) checked against it."""
-    if args.model:
-        model_path = Path(args.model).expanduser()
-    else:
-        print(TINY_NOTICE, flush=True)
-        model_path = build_tiny_checkpoint(scratch, seed=0)
-    config = _module("wanvideo.loading").inspect_wan_checkpoint(model_path).config
-    if args.context:
-        positive, negative = _load_context(args.context)
-    else:
-        positive, negative = random_context(config.text_dim, args.seed)
-        print(
-            f"no --context given: seeded random text context ({positive.shape[1]} tokens x {config.text_dim}, "
-            f"seed {args.seed})"
-        )
-    job = job.with_changes(positive=positive, negative=negative)
-    job.check_text_dim(config.text_dim)
-    return model_path, config, job
-
-
-def _sample_with_bar(runtime, job):
-    """``job``'s final latent, with a tqdm bar of the steps (s/step, memory per rank)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=job.steps, unit="step", desc="sampling", dynamic_ncols=True)
-
-    def progress(event) -> None:
-        bar.total = event.total
-        memory = "/".join(f"{m / 2**30:.1f}" for m in event.memory_per_rank)
-        bar.set_postfix_str(f"{event.seconds_per_step:.2f} s/step, mem {memory} GiB", refresh=False)
-        bar.update(event.step - bar.n)
-
-    reports: list[str] = []
-    try:
-        return _module("distrifusion.run").run_job(runtime, job, progress=progress, report=reports.append)
-    finally:
-        bar.close()
-        for line in reports:  # the EasyCache summary, below the finished bar
-            print(line)
-
-
-def _load_vae(path: str) -> dict:
-    """``--decode``'s VAE weights, checked (a Wan 2.1 or 2.2 VAE) before anything starts."""
-    from safetensors.torch import load_file
-
-    errors = _module("wanvideo.errors")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise errors.WanDistriFusionError(f"decode: {file} is not a file; give the path of wan_2.1_vae.safetensors.")
-    try:
-        state_dict = load_file(str(file))
-    except Exception as error:
-        raise errors.WanDistriFusionError(f"decode: cannot read {file} as safetensors ({error}).") from error
-    try:
-        _module("wanvideo.vae").vae_config_from_state_dict(state_dict)
-    except errors.WanDistriFusionError as error:
-        raise errors.WanDistriFusionError(f"decode: {file}: {error}") from error
-    return state_dict
-
-
-def _check_vae_fits(vae: dict, config, job, world_size: int) -> None:
-    """The VAE's latent channels are the model's, and its rows split over the ranks (before anything starts)."""
-    errors = _module("wanvideo.errors")
-    z_dim = _module("wanvideo.vae").vae_config_from_state_dict(vae).z_dim
-    if z_dim != config.out_dim:
-        raise errors.WanDistriFusionError(
-            f"decode: the VAE takes {z_dim}-channel latents but the model makes {config.out_dim}: use "
-            f"{'wan2.2_vae.safetensors' if config.out_dim == 48 else 'wan_2.1_vae.safetensors'} with this model."
-        )
-    _module("distrifusion.vae_split").split_rows(job.latent_shape(config.out_dim)[-2], world_size)
-
-
-def _decode_with_bar(runtime, vae: dict, latent, precision: str):
-    """The sampled latent decoded on the runtime's ranks, with a tqdm bar of the latent frames."""
-    import torch
-    from tqdm import tqdm
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    z = _module("wanvideo.vae").latent_for_vae(latent.to(torch.float32))
-    bar = tqdm(total=z.shape[2], unit="frame", desc="decoding", dynamic_ncols=True)
-    try:
-        return _module("distrifusion.vae_session").decode_on_runtime(
-            runtime, vae, z, dtype=dtype, progress=lambda done, total: bar.update(done - bar.n)
-        )
-    finally:
-        bar.close()
-
-
-def _write_video(pixels, out: Path) -> None:
-    files = _module("wanvideo.video_files")
-    frames = files.to_uint8_frames(pixels)
-    folder = out.with_name(f"{out.stem}_frames")
-    pngs = files.write_pngs(frames, folder)
-    mp4 = files.write_mp4(frames, out.with_suffix(".mp4"))
-    print(f"wrote {len(pngs)} frames to {folder}" + (f" and {mp4}" if mp4 else " (no ffmpeg on PATH: no mp4)"))
 
 
 def _metadata(args: argparse.Namespace, job, spec) -> dict:
