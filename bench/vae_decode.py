@@ -118,7 +118,7 @@ def meta_peaks(size: str) -> tuple[float, float]:
     device (as diffusers returns them), weights not counted; the ``meta`` device does no arithmetic."""
     from diffusers import AutoencoderKLWan
 
-    vae, memory_plan = pkg_vae(), C.pkg("distrifusion.memory_plan")
+    vae, vae_memory_plan = pkg_vae(), C.pkg("distrifusion.vae_memory_plan")
     with torch.device("meta"):
         peer = AutoencoderKLWan(base_dim=96, z_dim=16).to(torch.bfloat16).eval()
         peer.encoder = None
@@ -127,7 +127,7 @@ def meta_peaks(size: str) -> tuple[float, float]:
     peaks = []
     with torch.no_grad():
         for decode in (ours.decode, lambda z: peer.decode(z).sample):
-            with memory_plan.live_bytes() as live:
+            with vae_memory_plan.live_bytes() as live:
                 out = decode(z)
             del out
             peaks.append(live.peak / 2**30)
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     dim = 8 if args.tiny else 96
     sizes = ["tiny"] if args.tiny else args.sizes
-    memory_plan = C.pkg("distrifusion.memory_plan")
+    vae_memory_plan = C.pkg("distrifusion.vae_memory_plan")
     ours, peer = build_models(dim, device, dtype)
     results, rows = {"environment": C.environment(cuda=device.type == "cuda"), "sizes": {}}, []
     for size in sizes:
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
                 share_s, share_gib, out = measure(lambda slab=slab: ours.decode(slab), device, 1)
                 del out
                 C.free()
-                plan = memory_plan.plan_vae_decode(
+                plan = vae_memory_plan.plan_vae_decode(
                     (1, c, f, h, w), n, "fp32" if dtype == torch.float32 else "bf16", dim
                 )
                 entry["shares"][n] = {"seconds": share_s, "peak_gib": share_gib, "plan_gib": plan.total_bytes / 2**30}

@@ -5,12 +5,12 @@ Displaced patch parallelism keeps every layer's stale K/V of the *whole* token g
 layers), which more GPUs do not shrink. So before a job runs we add up weights, activations, stale
 K/V and attention buffers per rank, compare with the device's free memory, and refuse with the
 numbers and the settings that would fit instead of failing with an out-of-memory mid-run.
+The weights' bytes are counted in ``weight_memory``; the split VAE decode has its own plan (``vae_memory_plan``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..wanvideo.errors import WanDistriFusionError
-from ..wanvideo.loading import DTYPES, PRECISIONS
+from ..wanvideo.loading import DTYPES
 from ..wanvideo.model import WanConfig
 from ..wanvideo.offload import RING_BLOCKS
 from .config import ModeChoice, ParallelConfig
 from .job import GenerationJob
+from .weight_memory import PRECISION_BYTES, block_bytes, outside_block_parameters, weight_bytes
 
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-PRECISION_BYTES = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}
 RESERVE_BYTES = GIB // 2
 """Allocator fragmentation, cuBLAS workspaces and communicator buffers."""
 
@@ -78,120 +78,27 @@ class MemoryPlan:
 
     def breakdown(self) -> str:
         """``weights .. + activations .. + stale K/V .. + attention buffers .. + reserve ..`` and the setup."""
-        weights = f"weights {_gib(self.weights_bytes)}"
+        weights = f"weights {format_bytes(self.weights_bytes)}"
         if self.weights == "sharded":
-            weights = f"sharded weights {_gib(self.weights_bytes)} + gathered blocks {_gib(self.gather_bytes)}"
+            weights = f"sharded weights {format_bytes(self.weights_bytes)} + gathered blocks {format_bytes(self.gather_bytes)}"
         if self.offload:
-            weights += f" (offload: {RING_BLOCKS}-block ring + the rest; blocks in pinned host memory: {_gib(self.host_bytes)})"
+            weights += f" (offload: {RING_BLOCKS}-block ring + the rest; blocks in pinned host memory: {format_bytes(self.host_bytes)})"
         return (
-            f"{weights} + activations {_gib(self.activation_bytes)} + "
-            f"stale K/V {_gib(self.stale_kv_bytes)} + attention buffers {_gib(self.attention_bytes)} + "
-            f"reserve {_gib(self.reserve_bytes)}; {self.mode}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
+            f"{weights} + activations {format_bytes(self.activation_bytes)} + "
+            f"stale K/V {format_bytes(self.stale_kv_bytes)} + attention buffers {format_bytes(self.attention_bytes)} + "
+            f"reserve {format_bytes(self.reserve_bytes)}; {self.mode}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
             f"{', CFG parallel' if self.cfg_parallel else ''}, {self.tokens_local:,} of {self.tokens_total:,} tokens "
             f"per rank, batch {self.batch_per_rank}, K/V {self.kv_dtype}"
         )
 
     def summary(self) -> str:
         """One line: the total per rank, the free memory it was compared with, and the parts."""
-        free = "free memory not checked" if self.device_free_bytes is None else f"{_gib(self.device_free_bytes)} free"
-        return f"{_gib(self.total_bytes)} per rank, {free} ({self.breakdown()})"
-
-
-@functools.lru_cache(maxsize=32)
-def parameter_counts(config: WanConfig) -> tuple[int, int]:
-    """(block matrix parameters, which fp8 quantization stores in one byte; all other parameters).
-
-    Counted from the shapes of ``WanModel`` (``tests/test_memory_plan.py`` checks it against the module).
-    """
-    block_matrices, block_rest = block_parameter_counts(config)
-    return config.num_layers * block_matrices, config.num_layers * block_rest + _outside_blocks(config)
-
-
-@functools.lru_cache(maxsize=32)
-def block_parameter_counts(config: WanConfig) -> tuple[int, int]:
-    """One block's (matrix parameters, other parameters): what sharded weights split and gather per block."""
-    d, f = config.dim, config.ffn_dim
-    image = config.model_type == "i2v"
-    block_matrices = 8 * d * d + 2 * d * f + (2 * d * d if image else 0)
-    block_rest = (
-        4 * d
-        + 2 * d  # self-attention biases, q/k norms
-        + 4 * d
-        + 2 * d  # cross-attention biases, q/k norms
-        + (2 * d + d if image else 0)  # image k/v biases, k norm
-        + 2 * d  # norm3 (affine)
-        + f
-        + d  # FFN biases
-        + 6 * d  # modulation
-    )
-    return block_matrices, block_rest
-
-
-def _outside_blocks(config: WanConfig) -> int:
-    """Parameters of the embeddings and the head (replicated even with sharded weights)."""
-    d, patch = config.dim, math.prod(config.patch_size)
-    rest = (
-        config.in_dim * patch * d
-        + d  # patch_embedding
-        + config.text_dim * d
-        + d
-        + d * d
-        + d  # text_embedding
-        + config.freq_dim * d
-        + d
-        + d * d
-        + d  # time_embedding
-        + d * 6 * d
-        + 6 * d  # time_projection
-        + d * config.out_dim * patch
-        + config.out_dim * patch
-        + 2 * d  # head
-    )
-    if config.model_type == "i2v":
-        i = config.image_dim
-        rest += 2 * i + i * i + i + i * d + d + 2 * d  # img_emb
-    return rest
-
-
-def block_bytes(config: WanConfig, precision: str, quantization: str) -> int:
-    """One transformer block's weights as loaded: what sharded weights split and gather per block, and what offload
-    keeps in host memory and streams per forward."""
-    act = PRECISION_BYTES[precision]
-    matrices, rest = block_parameter_counts(config)
-    return matrices * (1 if "fp8" in quantization else act) + rest * act
-
-
-def weight_bytes(
-    config: WanConfig, precision: str, quantization: str, world_size: int = 1, weights: str = "replicated"
-) -> tuple[int, int]:
-    """(bytes one rank holds between forwards, bytes of full blocks gathered during a forward) for one model.
-
-    Sharded: each rank stores 1/N of every block (rounded up per block) plus the embeddings and head; during a
-    forward the running block and the prefetched next one are held whole.
-    """
-    block = block_bytes(config, precision, quantization)
-    outside = _outside_blocks(config) * PRECISION_BYTES[precision]
-    if weights != "sharded" or world_size < 2:
-        return config.num_layers * block + outside, 0
-    return config.num_layers * -(-block // world_size) + outside, GATHERED_BLOCKS * block
-
-
-GATHERED_BLOCKS = 2
-"""Full blocks held at once with sharded weights: the running block and the next one's gather in flight."""
-WEIGHTS_SHARE = 0.7
-"""``weights auto`` replicates only when a full copy of the weights takes at most this share of a GPU's free memory
-(the rest is for activations, K/V and buffers); otherwise it shards."""
-
-
-def choose_weights(
-    config: WanConfig, precision: str, quantization: str, world_size: int, free_bytes: int | None, models: int = 1
-) -> str:
-    """What ``weights auto`` resolves to: ``sharded`` when several GPUs cannot each hold a full copy comfortably
-    (``WEIGHTS_SHARE`` of the smallest free memory), else ``replicated`` (also on the CPU and with one rank)."""
-    if world_size < 2 or free_bytes is None:
-        return "replicated"
-    resident, _ = weight_bytes(config, precision, quantization)
-    return "sharded" if models * resident > WEIGHTS_SHARE * free_bytes else "replicated"
+        free = (
+            "free memory not checked"
+            if self.device_free_bytes is None
+            else f"{format_bytes(self.device_free_bytes)} free"
+        )
+        return f"{format_bytes(self.total_bytes)} per rank, {free} ({self.breakdown()})"
 
 
 def plan_job(
@@ -267,12 +174,12 @@ def _choose_mode(
         return by_steps
     picked = fitting[0]
     if picked == candidates[0]:
-        memory = f"{picked} ({_gib(needed[picked])} per rank) fits the {_gib(free)} free"
+        memory = f"{picked} ({format_bytes(needed[picked])} per rank) fits the {format_bytes(free)} free"
     else:
         too_big = ", ".join(
-            f"{mode} needs {_gib(needed[mode])} per rank" for mode in candidates[: candidates.index(picked)]
+            f"{mode} needs {format_bytes(needed[mode])} per rank" for mode in candidates[: candidates.index(picked)]
         )
-        memory = f"{too_big}, the GPUs have {_gib(free)} free: {picked} ({_gib(needed[picked])})"
+        memory = f"{too_big}, the GPUs have {format_bytes(free)} free: {picked} ({format_bytes(needed[picked])})"
     return ModeChoice(picked, f"{by_steps.reason}; {memory}")
 
 
@@ -316,8 +223,8 @@ def plan_memory(
                 "or more GPUs would fit; lower the resolution or the length"
             )
         raise WanDistriFusionError(
-            f"memory: this job needs about {_gib(plan.total_bytes)} per rank but the device has "
-            f"{_gib(plan.device_free_bytes)} free ({plan.breakdown()}); {fix}."
+            f"memory: this job needs about {format_bytes(plan.total_bytes)} per rank but the device has "
+            f"{format_bytes(plan.device_free_bytes)} free ({plan.breakdown()}); {fix}."
         )
     return plan
 
@@ -340,8 +247,8 @@ def check_host_memory(
         )
         who = f"world size: {ranks} CPU ranks on this host need" if ranks > 1 else "memory: this job needs"
         raise WanDistriFusionError(
-            f"{who} about {_gib(needed)} of RAM ({_gib(per_rank)} each: {plan.breakdown()}) but "
-            f"{_gib(available)} is available; {fix}."
+            f"{who} about {format_bytes(needed)} of RAM ({format_bytes(per_rank)} each: {plan.breakdown()}) but "
+            f"{format_bytes(available)} is available; {fix}."
         )
     cores = _usable_cores() if cores is None else cores
     if ranks > cores:
@@ -371,8 +278,8 @@ def check_offload_host_memory(
         else:
             fix = "use fewer GPUs on this host" if ranks > 1 else "free RAM (other programs, ComfyUI's cached models)"
         raise WanDistriFusionError(
-            f"offload: {ranks} rank{'s' if ranks > 1 else ''} on this host would pin {_gib(needed)} of transformer "
-            f"blocks in host memory but {_gib(available)} of RAM is available; {fix}, or turn offload off."
+            f"offload: {ranks} rank{'s' if ranks > 1 else ''} on this host would pin {format_bytes(needed)} of transformer "
+            f"blocks in host memory but {format_bytes(available)} of RAM is available; {fix}, or turn offload off."
         )
     return needed
 
@@ -437,7 +344,7 @@ def _estimate(
         weights, gathered = "replicated", 0  # offload streams whole blocks; sharded weights are not combined with it
         block = block_bytes(config, precision, quantization)
         host_bytes = models * layers * block
-        resident = _outside_blocks(config) * act + RING_BLOCKS * block
+        resident = outside_block_parameters(config) * act + RING_BLOCKS * block
 
     # Live tensors of one block per local token at its peak: residual, modulated input, the fused qkv output, q/k in
     # fp32 for RoPE, the attention kernel's layout copies; or input, hidden and GELU output around the FFN. fp8
@@ -530,7 +437,7 @@ def _alternatives(
     for _, label, option, quant, weights_option in candidates:
         plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, weights_option, offload)
         if plan.fits:
-            found.append(f"{label} ({_gib(plan.total_bytes)} per rank)")
+            found.append(f"{label} ({format_bytes(plan.total_bytes)} per rank)")
             fitting_labels.add(label)
     if not offload:  # blocks streamed from host memory: alone, or with each change that does not fit without it
         for label, option, quant in [("offload", parallel, quantization), *((c[1], c[2], c[3]) for c in changes)]:
@@ -540,7 +447,7 @@ def _alternatives(
             if plan.fits:
                 label = label if label == "offload" else f"{label} + offload"
                 found.append(
-                    f"{label} ({_gib(plan.total_bytes)} per rank + {_gib(plan.host_bytes)} pinned host memory)"
+                    f"{label} ({format_bytes(plan.total_bytes)} per rank + {format_bytes(plan.host_bytes)} pinned host memory)"
                 )
     modes = [parallel.mode] if world > 1 else ["ulysses", "sync", "displaced"]  # one rank has no mode yet
     for more in range(world + 1, 65):
@@ -575,103 +482,13 @@ def _alternatives(
         if fitting:
             mode, plan = fitting
             shard = " with sharded weights" if plan.weights == "sharded" and weights != "sharded" else ""
-            found.append(f"{more} GPUs in the {mode} mode{shard} ({_gib(plan.total_bytes)} per rank)")
+            found.append(f"{more} GPUs in the {mode} mode{shard} ({format_bytes(plan.total_bytes)} per rank)")
             break
     return found
 
 
-def _gib(value: int) -> str:
+def format_bytes(value: int) -> str:
+    """``value`` in GiB with one decimal, or in MiB below a tenth of a GiB."""
     if value < GIB // 10:
         return f"{value / 1024**2:.1f} MiB"
     return f"{value / GIB:.1f} GiB"
-
-
-@dataclass(frozen=True)
-class VAEDecodePlan:
-    """One rank's memory for a split VAE decode: the decoder's weights and the peak of live activations."""
-
-    world_size: int
-    latent_rows: int
-    weights_bytes: int
-    activation_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.activation_bytes
-
-    def summary(self) -> str:
-        return (
-            f"VAE decode: {_gib(self.total_bytes)} per rank (weights {_gib(self.weights_bytes)} + activations "
-            f"{_gib(self.activation_bytes)}), {self.latent_rows} latent rows on the largest of {self.world_size} ranks"
-        )
-
-
-@functools.lru_cache(maxsize=32)
-def plan_vae_decode(
-    latent_shape: tuple[int, ...], world_size: int, dtype_name: str = "bf16", dim: int | None = None
-) -> VAEDecodePlan:
-    """Per-rank memory of decoding ``latent_shape`` [B, C, F, H, W] split over ``world_size`` ranks.
-
-    Measured, not modelled: the decoder runs on the ``meta`` device (no memory, no arithmetic) over the largest
-    rank's slab for three latent frames (every cache is full from the second one on), and every tensor it
-    creates is counted while alive; the frames leave for the host as they are decoded, so they are not counted.
-    """
-    import torch
-
-    from ..wanvideo.vae import RowContext, WanVAEConfig, WanVAEDecoder
-    from .vae_split import split_rows
-
-    dtype = DTYPES[dtype_name] if dtype_name in DTYPES else PRECISIONS[dtype_name]
-    b, c, frames, rows, cols = latent_shape
-    slab_rows = split_rows(rows, world_size)[0]
-    version = "2.2" if c == 48 else "2.1"  # the real decoders' widths unless ``dim`` is given
-    config = WanVAEConfig(dim=dim or (256 if version == "2.2" else 96), z_dim=c, version=version)
-    scale = config.spatial_scale
-    with torch.device("meta"):
-        decoder = WanVAEDecoder(config).to(dtype)
-        z = torch.empty(b, c, min(frames, 3), slab_rows, cols, dtype=dtype)
-        out = torch.empty(b, 3, config.output_frames(z.shape[2]), slab_rows * scale, cols * scale, dtype=dtype)
-    weights = sum(p.numel() * p.element_size() for p in decoder.parameters())
-
-    class SlabOfMany(RowContext):  # the shapes a rank of the split sees: halos, gathered edges, all rows
-        def pad_rows(self, x, n):
-            edges = [x.new_empty(x.shape[:-2] + (2 * n, x.shape[-1])) for _ in range(world_size)]
-            padded = super().pad_rows(x, n)
-            del edges
-            return padded
-
-        def all_rows(self, x):
-            return x.new_empty(x.shape[:-2] + (x.shape[-2] * rows // slab_rows + 1, x.shape[-1]))[..., :-1, :]
-
-    with torch.no_grad(), live_bytes() as live:
-        decoder.decode(z, rows=SlabOfMany(), out=out)
-    return VAEDecodePlan(world_size, slab_rows, weights, live.peak)
-
-
-def live_bytes():
-    """A dispatch mode whose ``peak`` is the most bytes held at once by tensors created inside it."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class LiveBytes(TorchDispatchMode):
-        """The peak of the bytes held by tensors created inside it, sampled after every operation."""
-
-        def __init__(self):
-            super().__init__()
-            self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-            self.peak = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for key, (ref, _) in list(self.storages.items()):
-                if ref.expired():
-                    del self.storages[key]
-            for tensor in tree_flatten(out)[0]:
-                if hasattr(tensor, "untyped_storage"):
-                    storage = tensor.untyped_storage()
-                    self.storages.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-            self.peak = max(self.peak, sum(size for _, size in self.storages.values()))
-            return out
-
-    return LiveBytes()

@@ -17,10 +17,10 @@ from ..wanvideo.sampling import GuidedFlow
 from ..wanvideo.step_cache import EasyCache
 from .config import ParallelConfig
 from .job import GenerationJob
-from .memory_plan import choose_weights
 from .parallel_model import ParallelWan
 from .settings import RuntimeSpec
 from .sharded_weights import assign_rows, shard_blocks, weights_mesh
+from .weight_memory import choose_weights
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def last_stats(model) -> dict:
 
 def resolve_weights(spec: RuntimeSpec, device: torch.device, free_bytes: int) -> str:
     """``spec.weights`` with ``auto`` resolved the same way on every rank (collective for ``auto`` on several GPUs:
-    the smallest free memory of the group decides, see ``memory_plan.choose_weights``)."""
+    the smallest free memory of the group decides, see ``weight_memory.choose_weights``)."""
     if spec.weights != "auto":
         return spec.weights
     if spec.world_size < 2 or device.type != "cuda" or spec.offload:  # offload streams whole blocks instead

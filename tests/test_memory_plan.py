@@ -7,7 +7,8 @@ import re
 import pytest
 from tiny_wan import tiny_config
 from wan_distrifusion.distrifusion.config import ParallelConfig
-from wan_distrifusion.distrifusion.memory_plan import GIB, parameter_counts, plan_memory
+from wan_distrifusion.distrifusion.memory_plan import GIB, plan_memory
+from wan_distrifusion.distrifusion.weight_memory import parameter_counts
 from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 from wan_distrifusion.wanvideo.model import WanConfig, WanModel
 

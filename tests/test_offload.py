@@ -14,13 +14,13 @@ from tiny_wan import random_model, tiny_config, tiny_job, write_checkpoint
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.memory_plan import (
     GIB,
-    block_bytes,
     check_host_memory,
     check_offload_host_memory,
     plan_memory,
 )
 from wan_distrifusion.distrifusion.run import run_job
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
+from wan_distrifusion.distrifusion.weight_memory import block_bytes
 from wan_distrifusion.distrifusion.workers import start_runtime
 from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 from wan_distrifusion.wanvideo.fp8 import Fp8Linear

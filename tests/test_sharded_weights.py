@@ -12,14 +12,9 @@ from parallel_harness import digest, run_ranks
 from tiny_lora import random_lora, write_lora
 from tiny_wan import random_model, relative_error, tiny_config, tiny_job, write_checkpoint
 from wan_distrifusion.distrifusion.config import ParallelConfig
-from wan_distrifusion.distrifusion.memory_plan import (
-    GIB,
-    block_parameter_counts,
-    choose_weights,
-    plan_memory,
-    weight_bytes,
-)
+from wan_distrifusion.distrifusion.memory_plan import GIB, plan_memory
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
+from wan_distrifusion.distrifusion.weight_memory import block_parameter_counts, choose_weights, weight_bytes
 from wan_distrifusion.wanvideo.errors import WanDistriFusionError
 from wan_distrifusion.wanvideo.lora import LoraFile
 from wan_distrifusion.wanvideo.model import WanConfig

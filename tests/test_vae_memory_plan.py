@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from test_vae_split import random_decoder
-from wan_distrifusion.distrifusion.memory_plan import live_bytes, plan_vae_decode
+from wan_distrifusion.distrifusion.vae_memory_plan import live_bytes, plan_vae_decode
 from wan_distrifusion.wanvideo.vae import RowContext
 
 MIB = 1024**2
