@@ -368,10 +368,11 @@ def sample_video(
         preview = None
         if previewer is not None and denoised is not None:
             preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
-        # ComfyUI's interrupt point: on Cancel it raises before sending this step's progress, so the status
-        # counts the step only after it (the Status node and /ws then show the same last step)
+        # The status counts the step before /ws shows it (a client that saw step k there finds k in the status),
+        # except on Cancel: ComfyUI's progress hook then raises before sending this step, so neither counts it.
+        if not mm.processing_interrupted():
+            activity.update(step + 1, total, now - last["time"], last["memory"])
         bar.update_absolute(step + 1, total, preview)
-        activity.update(step + 1, total, now - last["time"], last["memory"])
         last["time"] = now
 
     activity.begin(steps, shape, model=f"{config.variant}: {model.model_name}")

@@ -497,13 +497,15 @@ class WanModel(nn.Module):
             )
         compute_dtype = self.compute_dtype
         grid = self.token_grid(x)
-        # Row-major tokens: the transposed conv output would otherwise stay the residual stream's layout through
-        # every block (elementwise ops keep their first input's strides), and each norm would read a token's
-        # features strided by the sequence length.
-        tokens = self.patch_embedding(x.to(compute_dtype)).flatten(2).transpose(1, 2).contiguous()
+        tokens = self.patch_embedding(x.to(compute_dtype)).flatten(2).transpose(1, 2)
         cos, sin = rope_frequencies(self.config.head_dim, grid, x.device)
-        if token_index is not None:
+        if token_index is not None:  # the gather makes a rank's tokens row-major
             tokens, cos, sin = tokens[:, token_index], cos[token_index], sin[token_index]
+        else:
+            # Row-major tokens: the transposed conv output would otherwise stay the residual stream's layout through
+            # every block (elementwise ops keep their first input's strides), and each norm would read a token's
+            # features strided by the sequence length.
+            tokens = tokens.contiguous()
 
         t = t.reshape(t.shape[0] if t.dim() else 1, -1)  # [B, T]
         timestep_of_token = timestep_of_tokens(t.shape[1], math.prod(grid), token_index, x.device)
