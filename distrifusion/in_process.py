@@ -90,6 +90,8 @@ class InProcessRunner(Runtime):
         self._models: tuple = ()
         self._device: torch.device | None = None
         self._free_before_load: int | None = None
+        self._kernels: dict[str, str | None] = {"attention": None, "compile": None}
+        """The attention kernel and compile state the model loaded with (``rank.rank_kernels``), for the status."""
         self._progress = {"step": 0, "total": 0, "seconds_per_step": None, "memory": None}
         self._last_error: str | None = None
         self._last_plan: MemoryPlan | None = None
@@ -108,6 +110,7 @@ class InProcessRunner(Runtime):
         self._free_before_load = device_memory(self._device)[0]
         self._models = load_rank_models(self.spec, self._device)
         self._model = self._models[0]
+        self._kernels = rank_kernels(self.parallel, self._device)
         return self
 
     def apply_loras(self, loras, second_loras=()) -> tuple[int, ...]:
@@ -189,5 +192,5 @@ class InProcessRunner(Runtime):
             "device": self.spec.device,
             "memory_plan": self._last_plan.summary() if self._last_plan else None,
             "mode_choice": dataclasses.asdict(self._last_choice) if self._last_choice else None,
-            **(rank_kernels(self.parallel, device) if device is not None else {"attention": None, "compile": None}),
+            **self._kernels,
         }
