@@ -11,7 +11,7 @@ from ..wanvideo.attention import attention_kernel_name
 from ..wanvideo.fp8 import enable_fp8_matmul
 from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_model
 from ..wanvideo.lora import LoraFile, apply_loras, plan_loras
-from ..wanvideo.model import compile_available
+from ..wanvideo.model import compile_available, preload_compiler
 from ..wanvideo.offload import stream_blocks_from_host
 from ..wanvideo.sampling import GuidedFlow
 from ..wanvideo.step_cache import EasyCache
@@ -100,6 +100,9 @@ def load_rank_model(
     the LoRA chain merged there, and only this rank's shard of each block moves to the device
     (``sharded_weights.py``). With ``offload`` the blocks stay in host memory, streamed to the device per forward
     (``wanvideo/offload.py``)."""
+    compile_now, state = compile_choice(spec.parallel, device)
+    if compile_now:
+        preload_compiler()
     model = load_wan_model(
         path,
         dtype=PRECISIONS[spec.precision],
@@ -116,7 +119,6 @@ def load_rank_model(
         shard_blocks(model, device, mesh)
         enable_fp8_matmul(model)  # on the device now: fp8 tensor cores where it has them
     model.set_attention_backend(spec.parallel.attention_backend)
-    compile_now, state = compile_choice(spec.parallel, device)
     if compile_now:
         model.compile_blocks()
     elif spec.parallel.compile_blocks:

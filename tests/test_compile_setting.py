@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +104,33 @@ def test_the_in_process_status_reports_what_the_rank_runs(checkpoint):
         assert status["attention"] == "sdpa" and status["compile"].startswith("off (runs eager on cpu")
     finally:
         runner.close()
+
+
+def test_a_rank_that_compiles_imports_the_compiler_while_its_checkpoint_loads(checkpoint, monkeypatch):
+    started = []
+    monkeypatch.setattr(rank, "compile_available", lambda device: (True, "forced"))
+    monkeypatch.setattr(rank, "preload_compiler", lambda: started.append(True))
+    spec = RuntimeSpec(str(checkpoint), ParallelConfig(compile_blocks=True), device="cpu")
+    rank.load_rank_model(spec, torch.device("cpu"), spec.model_path, ())
+    assert started == [True]
+    started.clear()
+    eager = spec.with_changes(parallel=ParallelConfig(compile_blocks=False))
+    rank.load_rank_model(eager, torch.device("cpu"), spec.model_path, ())
+    assert started == []
+
+
+def test_the_compiler_preload_imports_what_the_first_compiled_call_needs():
+    code = (
+        "import sys, torch\n"
+        "from parallel_harness import register_package\n"
+        "register_package()\n"
+        "from wan_distrifusion.wanvideo.model import preload_compiler\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "preload_compiler().join()\n"
+        "print(sorted(m for m in ('torch._dynamo.convert_frame', 'torch._inductor.compile_fx') if m in sys.modules))\n"
+    )
+    tests = str(Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.split("\n")[-2] == "['torch._dynamo.convert_frame', 'torch._inductor.compile_fx']"

@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -390,6 +391,27 @@ def compile_available(device: torch.device | str) -> tuple[bool, str]:
     if major < 7:
         return False, f"{device} is compute capability {major}.{minor}; Triton needs 7.0 or newer"
     return True, "CUDA GPU with Triton"
+
+
+COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx", "triton")
+"""What the first compiled call imports (about 2-5 s of Python imports before any tracing starts)."""
+
+
+def preload_compiler() -> threading.Thread:
+    """Import the compiler's modules in a background thread, so they load while the checkpoint is read (file reads
+    and host-to-device copies release the GIL) instead of at the first compiled call. Returns the thread (daemon;
+    nothing waits for it: a later import of the same module waits on Python's import lock)."""
+
+    def load() -> None:
+        for name in COMPILER_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the first compiled call reports it; a preload only saves time
+                return
+
+    thread = threading.Thread(target=load, name="preload-compiler", daemon=True)
+    thread.start()
+    return thread
 
 
 class WanModel(nn.Module):
