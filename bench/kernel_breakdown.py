@@ -50,7 +50,10 @@ CASES = {
     "tiny:1": dict(preset="tiny", shape="tiny_odd", batch=1, layers=None),
     "tiny:2": dict(preset="tiny", shape="tiny_odd", batch=2, layers=None),
 }
-VARIANTS = ("base", "old-v", "gelu-epilogue", "cdt", "sdpa", "sdpa-heads-first", "fp8")
+VARIANTS = ("base", "old-v", "gelu-epilogue", "cdt", "mk", "sdpa", "sdpa-heads-first", "fp8", "fp8-cdt", "fp8-mk")
+COMPILE_OPTIONS = {"cdt": {"coordinate_descent_tuning": True}, "mk": {"triton.multi_kernel": 1}}
+"""Inductor options of the variants that only recompile: ``mk`` lets reductions up to 16384 wide (the FFN hidden
+row that fp8 quantizes, 14B's 5120-wide norms) run persistent, benchmarking that against the looped kernel."""
 _CONV = ("conv", "fprop", "implicit_gemm", "im2col")
 _ATTENTION = ("flash", "fmha", "sdpa", "attention", "attn", "scaled_dot_product")
 _GEMM = ("gemm", "nvjet", "xmma", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")
@@ -280,11 +283,11 @@ class Breakdown:
             ours.set_fusions(gelu_epilogue=True)
             self.measure(name, lambda: ours(x, t, ctx), models, base, self.peer_out)
             ours.set_fusions(gelu_epilogue=False)
-        elif variant == "cdt":
+        elif variant in COMPILE_OPTIONS:
             if not compile_ours:
                 return
             uncompile(ours)
-            ours.compile_blocks(options={"coordinate_descent_tuning": True})
+            ours.compile_blocks(options=COMPILE_OPTIONS[variant])
             self.measure(name, lambda: ours(x, t, ctx), models, base, self.peer_out)
             uncompile(ours)
             ours.compile_blocks()
@@ -296,12 +299,12 @@ class Breakdown:
             self.measure(name, lambda: ours(x, t, ctx), models, base, self.peer_out)
             for block in ours.blocks:
                 block.self_attn.attention_fn = kernel
-        elif variant == "fp8":
+        elif variant == "fp8" or variant.startswith("fp8-") and variant[4:] in COMPILE_OPTIONS:
             quantized = C.build_ours(cfg, sd, self.device, self.dtype, quantization="fp8_e4m3fn")
             for block in quantized.blocks:
                 block.self_attn.attention_fn = kernel
             if compile_ours:
-                quantized.compile_blocks()
+                quantized.compile_blocks(options=COMPILE_OPTIONS.get(variant[4:]))
             self.measure(name, lambda: quantized(x, t, ctx), models, base, self.peer_out)
             del quantized
             C.free()
