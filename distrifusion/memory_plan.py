@@ -101,6 +101,35 @@ class MemoryPlan:
         return f"{format_bytes(self.total_bytes)} per rank, {free} ({self.breakdown()})"
 
 
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the memory plan sizes, apart from the parallel setup: the model, the latents, the precision and the
+    device. Built once by ``plan_job`` / ``plan_memory``; the mode choice and the refusal's alternatives vary its
+    quantization, weights and offload (``dataclasses.replace``) next to the ``ParallelConfig`` they try."""
+
+    config: WanConfig
+    shape: tuple[int, ...]
+    """Latents ``[B, C, F, H, W]``."""
+    precision: str
+    quantization: str
+    device_free_bytes: int | None
+    guidance_batch: int
+    """2 when CFG runs cond and uncond as one batch, else 1."""
+    models: int = 1
+    weights: str = "replicated"
+    offload: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISION_BYTES:
+            raise WanDistriFusionError(
+                f"precision: {self.precision!r} is unknown; choose one of {', '.join(PRECISION_BYTES)}."
+            )
+        if self.weights not in ("replicated", "sharded"):
+            raise WanDistriFusionError(
+                f"weights: {self.weights!r} is not resolved; the plan takes replicated or sharded."
+            )
+
+
 def plan_job(
     config: WanConfig,
     parallel: ParallelConfig,
@@ -116,62 +145,50 @@ def plan_job(
 ) -> tuple[GenerationJob, MemoryPlan]:
     """What the runtime that takes ``job`` does once, before any rank gets it: choose the parallel mode
     (``job.mode_choice``: ``auto`` resolved with the memory plans, ``_choose_mode``) and plan the memory of that mode
-    (``plan_memory``, which with ``check`` refuses a plan that does not fit, naming what would). ``device_free_bytes``:
+    (as ``plan_memory``: with ``check``, a plan that does not fit is refused, naming what would). ``device_free_bytes``:
     the smallest free memory of the group's GPUs (``None`` on the CPU: no limit)."""
-    shape = job.latent_shape(config.out_dim)
-    guidance = 2 if job.negative is not None and job.cfg != 1.0 else 1
-    args = (config, shape, precision, quantization, device_free_bytes, guidance, models)
-    job = job.with_changes(mode_choice=_choose_mode(parallel, job, *args, weights=weights, offload=offload))
-    plan = plan_memory(
-        config,
-        job.parallel_config(parallel),
-        shape,
-        precision,
-        quantization,
-        device_free_bytes,
-        guidance_batch=guidance,
-        check=check,
+    request = PlanRequest(
+        config=config,
+        shape=job.latent_shape(config.out_dim),
+        precision=precision,
+        quantization=quantization,
+        device_free_bytes=device_free_bytes,
+        guidance_batch=2 if job.negative is not None and job.cfg != 1.0 else 1,
         models=models,
         weights=weights,
         offload=offload,
     )
+    choice, estimated = _choose_mode(request, parallel, job)
+    job = job.with_changes(mode_choice=choice)
+    job_parallel = job.parallel_config(parallel)
+    plan = estimated.get(choice.mode) or _estimate(request, job_parallel)
+    if check:
+        _refuse_unless_it_fits(request, job_parallel, plan)
     return job, plan
 
 
 def _choose_mode(
-    parallel, job, config, shape, precision, quantization, free, guidance_batch, models, weights, offload
-) -> ModeChoice:
+    request: PlanRequest, parallel: ParallelConfig, job: GenerationJob
+) -> tuple[ModeChoice, dict[str, MemoryPlan]]:
     """The mode ``job`` runs in: a set mode as set; ``auto`` by the README's measurements (Which mode), which rank
     the modes the same over NVLink and with P2P off: with too few stale steps the exact ``sync``
     (``ParallelConfig.auto_choice``), else ``displaced`` if its plan fits ``free`` (the group's smallest free
     memory), else ``sync`` if it fits, else ``ulysses`` where it fits and the heads split. With the free memory
     unknown (CPU: no limit) or nothing fitting, the steps alone decide (``plan_memory`` then refuses with what
-    would fit)."""
+    would fit). Also returns the plans it estimated, by mode, so that the chosen one is not estimated again."""
     if parallel.mode != "auto":
-        return ModeChoice(parallel.mode, "the Loader's parallel mode")
+        return ModeChoice(parallel.mode, "the Loader's parallel mode"), {}
     by_steps = parallel.auto_choice(job.steps, job.sync_frequency)
+    free = request.device_free_bytes
     if free is None or parallel.world_size == 1 or parallel.patch_parallel_degree == 1:
-        return by_steps
+        return by_steps, {}
     candidates = ["displaced"] if by_steps.mode == "displaced" else []
-    candidates += ["sync", "ulysses"] if config.num_heads % parallel.patch_parallel_degree == 0 else ["sync"]
-    needed = {
-        mode: _estimate(
-            config,
-            dataclasses.replace(parallel, mode=mode),
-            shape,
-            precision,
-            quantization,
-            free,
-            guidance_batch,
-            models,
-            weights=weights,
-            offload=offload,
-        ).total_bytes
-        for mode in candidates
-    }
+    candidates += ["sync", "ulysses"] if request.config.num_heads % parallel.patch_parallel_degree == 0 else ["sync"]
+    plans = {mode: _estimate(request, dataclasses.replace(parallel, mode=mode)) for mode in candidates}
+    needed = {mode: plan.total_bytes for mode, plan in plans.items()}
     fitting = [mode for mode in candidates if needed[mode] <= free]
     if not fitting:
-        return by_steps
+        return by_steps, plans
     picked = fitting[0]
     if picked == candidates[0]:
         memory = f"{picked} ({format_bytes(needed[picked])} per rank) fits the {format_bytes(free)} free"
@@ -180,7 +197,7 @@ def _choose_mode(
             f"{mode} needs {format_bytes(needed[mode])} per rank" for mode in candidates[: candidates.index(picked)]
         )
         memory = f"{too_big}, the GPUs have {format_bytes(free)} free: {picked} ({format_bytes(needed[picked])})"
-    return ModeChoice(picked, f"{by_steps.reason}; {memory}")
+    return ModeChoice(picked, f"{by_steps.reason}; {memory}"), plans
 
 
 def plan_memory(
@@ -206,15 +223,27 @@ def plan_memory(
     known ``device_free_bytes``, a plan that does not fit raises ``WanDistriFusionError`` naming the
     numbers and the settings that would fit.
     """
-    if precision not in PRECISION_BYTES:
-        raise WanDistriFusionError(f"precision: {precision!r} is unknown; choose one of {', '.join(PRECISION_BYTES)}.")
-    if weights not in ("replicated", "sharded"):
-        raise WanDistriFusionError(f"weights: {weights!r} is not resolved; the plan takes replicated or sharded.")
-    args = (config, parallel, tuple(job_shape), precision, quantization, device_free_bytes, guidance_batch, models)
-    plan = _estimate(*args, weights=weights, offload=offload)
-    if check and plan.fits is False:
-        alternatives = _alternatives(*args, weights=weights, offload=offload)
-        plan = dataclasses.replace(plan, suggestions=tuple(alternatives))
+    request = PlanRequest(
+        config=config,
+        shape=tuple(job_shape),
+        precision=precision,
+        quantization=quantization,
+        device_free_bytes=device_free_bytes,
+        guidance_batch=guidance_batch,
+        models=models,
+        weights=weights,
+        offload=offload,
+    )
+    plan = _estimate(request, parallel)
+    if check:
+        _refuse_unless_it_fits(request, parallel, plan)
+    return plan
+
+
+def _refuse_unless_it_fits(request: PlanRequest, parallel: ParallelConfig, plan: MemoryPlan) -> None:
+    """Raise ``WanDistriFusionError`` when ``plan`` is known not to fit, with the numbers and what would fit."""
+    if plan.fits is False:
+        alternatives = _alternatives(request, parallel)
         if alternatives:
             fix = "what would fit, cheapest first: " + "; ".join(alternatives)
         else:
@@ -226,7 +255,6 @@ def plan_memory(
             f"memory: this job needs about {format_bytes(plan.total_bytes)} per rank but the device has "
             f"{format_bytes(plan.device_free_bytes)} free ({plan.breakdown()}); {fix}."
         )
-    return plan
 
 
 def check_host_memory(
@@ -306,26 +334,16 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _estimate(
-    config,
-    parallel,
-    shape,
-    precision,
-    quantization,
-    free,
-    guidance_batch,
-    models=1,
-    weights="replicated",
-    offload=False,
-) -> MemoryPlan:
-    batch, _, frames, height, width = shape
+def _estimate(request: PlanRequest, parallel: ParallelConfig) -> MemoryPlan:
+    config, precision, quantization = request.config, request.precision, request.quantization
+    batch, _, frames, height, width = request.shape
     pf, ph, pw = config.patch_size
     grid = (frames // pf, height // ph, width // pw)
     tokens_total = math.prod(grid)
     world = parallel.world_size
     degree = parallel.patch_parallel_degree if world > 1 else 1
-    split_groups = 2 if parallel.cfg_parallel and world > 1 and guidance_batch == 2 else 1
-    batch_per_rank = batch * guidance_batch // split_groups
+    split_groups = 2 if parallel.cfg_parallel and world > 1 and request.guidance_batch == 2 else 1
+    batch_per_rank = batch * request.guidance_batch // split_groups
     act = PRECISION_BYTES[precision]
     kv = act if parallel.kv_dtype == "auto" else DTYPES[parallel.kv_dtype].itemsize
     kv_name = precision if parallel.kv_dtype == "auto" else parallel.kv_dtype
@@ -337,13 +355,13 @@ def _estimate(
         halo = 2 * parallel.overlap_tokens() * (tokens_total // max(axis, 1))
         tokens_local = min(tokens_total, tokens_local + halo)
 
-    weights = weights if world > 1 else "replicated"
+    weights = request.weights if world > 1 else "replicated"
     resident, gathered = weight_bytes(config, precision, quantization, world, weights)
     host_bytes = 0
-    if offload:  # every model's blocks in host memory, a ring of RING_BLOCKS of them on the device
+    if request.offload:  # every model's blocks in host memory, a ring of RING_BLOCKS of them on the device
         weights, gathered = "replicated", 0  # offload streams whole blocks; sharded weights are not combined with it
         block = block_bytes(config, precision, quantization)
-        host_bytes = models * layers * block
+        host_bytes = request.models * layers * block
         resident = outside_block_parameters(config) * act + RING_BLOCKS * block
 
     # Live tensors of one block per local token at its peak: residual, modulated input, the fused qkv output, q/k in
@@ -362,7 +380,8 @@ def _estimate(
     stale_kv = attention = 0
     if degree > 1:  # CFG parallel alone (2 ranks, one per guidance half) exchanges no K/V
         if parallel.mode == "displaced":
-            stale_kv = models * 2 * layers * tokens_total * dim * kv * batch_per_rank  # each expert keeps its own
+            # each expert keeps its own
+            stale_kv = request.models * 2 * layers * tokens_total * dim * kv * batch_per_rank
             attention = batch_per_rank * (2 * tokens_total * dim * act + 2 * tokens_local * dim * kv)
         elif parallel.mode == "sync":
             attention = batch_per_rank * 2 * tokens_total * dim * (act + kv)
@@ -376,74 +395,64 @@ def _estimate(
         tokens_total=tokens_total,
         tokens_local=tokens_local,
         batch_per_rank=batch_per_rank,
-        weights_bytes=models * resident,
+        weights_bytes=request.models * resident,
         gather_bytes=gathered,  # one model runs at a time
         weights=weights,
         activation_bytes=activation,
         stale_kv_bytes=stale_kv,
         attention_bytes=attention,
         reserve_bytes=RESERVE_BYTES,
-        device_free_bytes=free,
-        offload=offload,
+        device_free_bytes=request.device_free_bytes,
+        offload=request.offload,
         host_bytes=host_bytes,
     )
 
 
-def _alternatives(
-    config,
-    parallel,
-    shape,
-    precision,
-    quantization,
-    free,
-    guidance_batch,
-    models=1,
-    weights="replicated",
-    offload=False,
-) -> list[str]:
+def _alternatives(request: PlanRequest, parallel: ParallelConfig) -> list[str]:
     """The settings under which the job would fit, cheapest first: exact changes that keep the overlap (CFG
     parallel, sharded weights), then fp8 K/V (rounds the stale K/V), then the exact modes without overlap (sync,
     ulysses), then fp8 weights (rounds the model), each alone and with sharded weights; then offload (streams every
     block over PCIe each step), alone or with a change that does not fit without it; then more GPUs."""
     world = parallel.world_size
-    # (cost rank, label, parallel, quantization): the rank orders the proposals, lower is cheaper
-    changes: list[tuple[int, str, ParallelConfig, str]] = []
+    # (cost rank, label, parallel, request): the rank orders the proposals, lower is cheaper
+    changes: list[tuple[int, str, ParallelConfig, PlanRequest]] = []
     fp8_kv = parallel.mode == "displaced" and world > 1 and parallel.kv_dtype != "fp8_e4m3fn"
-    cfg_split = guidance_batch == 2 and world > 1 and world % 2 == 0 and not parallel.cfg_parallel
+    cfg_split = request.guidance_batch == 2 and world > 1 and world % 2 == 0 and not parallel.cfg_parallel
     if cfg_split:
-        changes.append((0, "CFG parallel", dataclasses.replace(parallel, cfg_parallel=True), quantization))
+        changes.append((0, "CFG parallel", dataclasses.replace(parallel, cfg_parallel=True), request))
     if fp8_kv:
         fp8 = dataclasses.replace(parallel, kv_dtype="fp8_e4m3fn")
-        changes.append((4, "K/V buffer dtype fp8_e4m3fn", fp8, quantization))
+        changes.append((4, "K/V buffer dtype fp8_e4m3fn", fp8, request))
         if cfg_split:
-            changes.append(
-                (5, "fp8_e4m3fn K/V + CFG parallel", dataclasses.replace(fp8, cfg_parallel=True), quantization)
-            )
+            changes.append((5, "fp8_e4m3fn K/V + CFG parallel", dataclasses.replace(fp8, cfg_parallel=True), request))
     if world > 1:
         for mode in ("sync", "ulysses"):
             degree = parallel.patch_parallel_degree
-            if mode != parallel.mode and (mode != "ulysses" or config.num_heads % degree == 0):
-                changes.append((8, f"{mode} mode", dataclasses.replace(parallel, mode=mode), quantization))
-    if "fp8" not in quantization:
-        changes.append((10, "quantization fp8_e4m3fn", parallel, "fp8_e4m3fn"))
-    candidates = [(cost, label, option, quant, weights) for cost, label, option, quant in changes]
-    if world > 1 and weights != "sharded":  # gathers overlap the blocks' compute: cheap, and exact
-        candidates.append((1, "sharded weights", parallel, quantization, "sharded"))
+            if mode != parallel.mode and (mode != "ulysses" or request.config.num_heads % degree == 0):
+                changes.append((8, f"{mode} mode", dataclasses.replace(parallel, mode=mode), request))
+    if "fp8" not in request.quantization:
+        changes.append(
+            (10, "quantization fp8_e4m3fn", parallel, dataclasses.replace(request, quantization="fp8_e4m3fn"))
+        )
+    candidates = list(changes)
+    if world > 1 and request.weights != "sharded":  # gathers overlap the blocks' compute: cheap, and exact
+        candidates.append((1, "sharded weights", parallel, dataclasses.replace(request, weights="sharded")))
         candidates += [
-            (cost + 2, f"sharded weights + {label}", option, quant, "sharded") for cost, label, option, quant in changes
+            (cost + 2, f"sharded weights + {label}", option, dataclasses.replace(option_request, weights="sharded"))
+            for cost, label, option, option_request in changes
         ]
     candidates.sort(key=lambda candidate: candidate[0])
     found, fitting_labels = [], set()
-    for _, label, option, quant, weights_option in candidates:
-        plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, weights_option, offload)
+    for _, label, option, option_request in candidates:
+        plan = _estimate(option_request, option)
         if plan.fits:
             found.append(f"{label} ({format_bytes(plan.total_bytes)} per rank)")
             fitting_labels.add(label)
-    if not offload:  # blocks streamed from host memory: alone, or with each change that does not fit without it
-        for label, option, quant in [("offload", parallel, quantization), *((c[1], c[2], c[3]) for c in changes)]:
+    if not request.offload:  # blocks streamed from host memory: alone, or with each change that does not fit without it
+        for label, option, option_request in [("offload", parallel, request), *(change[1:] for change in changes)]:
             if label in fitting_labels:
                 continue
-            plan = _estimate(config, option, shape, precision, quant, free, guidance_batch, models, "replicated", True)
+            plan = _estimate(dataclasses.replace(option_request, weights="replicated", offload=True), option)
             if plan.fits:
                 label = label if label == "offload" else f"{label} + offload"
                 found.append(
@@ -452,28 +461,17 @@ def _alternatives(
     modes = [parallel.mode] if world > 1 else ["ulysses", "sync", "displaced"]  # one rank has no mode yet
     for more in range(world + 1, 65):
         fitting = None
-        for weights_option in dict.fromkeys((weights, "sharded")):
+        for weights_option in dict.fromkeys((request.weights, "sharded")):
             for mode in modes:
                 option = dataclasses.replace(parallel, world_size=more, mode=mode)
                 if (
                     option.cfg_parallel
                     and more % 2
                     or mode == "ulysses"
-                    and config.num_heads % option.patch_parallel_degree
+                    and request.config.num_heads % option.patch_parallel_degree
                 ):
                     continue
-                plan = _estimate(
-                    config,
-                    option,
-                    shape,
-                    precision,
-                    quantization,
-                    free,
-                    guidance_batch,
-                    models,
-                    weights_option,
-                    offload,
-                )
+                plan = _estimate(dataclasses.replace(request, weights=weights_option), option)
                 if plan.fits:
                     fitting = (mode, plan)
                     break
@@ -481,7 +479,7 @@ def _alternatives(
                 break
         if fitting:
             mode, plan = fitting
-            shard = " with sharded weights" if plan.weights == "sharded" and weights != "sharded" else ""
+            shard = " with sharded weights" if plan.weights == "sharded" and request.weights != "sharded" else ""
             found.append(f"{more} GPUs in the {mode} mode{shard} ({format_bytes(plan.total_bytes)} per rank)")
             break
     return found
