@@ -50,7 +50,6 @@ class MemoryPlan:
     attention_bytes: int
     reserve_bytes: int
     device_free_bytes: int | None
-    suggestions: tuple[str, ...] = ()
     weights: str = "replicated"
     """``replicated`` or ``sharded`` (``weights_bytes`` is then this rank's shards plus the replicated rest)."""
     gather_bytes: int = 0
