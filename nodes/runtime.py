@@ -8,6 +8,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 
 from ..distrifusion.settings import RuntimeSpec
@@ -110,10 +111,12 @@ class RuntimeRegistry:
             )
             runtime = create_runtime(settings.spec)
             self._starting = (runtime, settings)
+            started = time.perf_counter()
             try:
                 runtime.start()
             finally:
                 self._starting = None
+            logger.info("DistriFusion runtime ready in %.1f s", time.perf_counter() - started)
             self._runtime, self._settings = runtime, settings
             return runtime
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +65,14 @@ def load_wan_model(
     ``quantization`` stores the blocks' Linear weights in fp8 (``fp8_e4m3fn``/``fp8_e5m2``): multiplied in fp8 on
     GPUs with fp8 tensor cores (``fp8_e4m3fn``; see ``fp8.enable_fp8_matmul``), else upcast per layer.
     """
+    started = time.perf_counter()
     compute_dtype = resolve_precision(dtype)
     storage_dtype = resolve_quantization(quantization)
     with ExitStack() as stack:
         checkpoint = Checkpoint.open(Path(path), stack)
         config = read_wan_config(checkpoint)
         model = _build_model(checkpoint, config, compute_dtype, storage_dtype, torch.device(device))
-    _log_loaded(checkpoint, model, quantization)
+    _log_loaded(checkpoint, model, quantization, time.perf_counter() - started)
     return model
 
 
@@ -89,7 +91,7 @@ def model_from_state_dict(
     checkpoint = Checkpoint((), [StateDictHandle(state)], "state dict")
     config = read_wan_config(checkpoint, num_heads=num_heads)
     model = _build_model(checkpoint, config, compute_dtype, storage_dtype, torch.device(device))
-    _log_loaded(checkpoint, model, quantization)
+    _log_loaded(checkpoint, model, quantization, None)
     return model
 
 
@@ -172,12 +174,13 @@ def _build_model(
     return model.eval()
 
 
-def _log_loaded(checkpoint: Checkpoint, model: WanModel, quantization: str) -> None:
+def _log_loaded(checkpoint: Checkpoint, model: WanModel, quantization: str, seconds: float | None) -> None:
     config = model.config
     logger.info(
-        "loaded %s (%s layout): %s, %d layers, dim %d, %d heads, compute %s, weights %s",
+        "loaded %s (%s layout)%s: %s, %d layers, dim %d, %d heads, compute %s, weights %s",
         checkpoint.display_name,
         checkpoint.layout,
+        "" if seconds is None else f" in {seconds:.1f} s",
         config.variant,
         config.num_layers,
         config.dim,

@@ -398,9 +398,10 @@ COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx",
 
 
 def preload_compiler() -> threading.Thread:
-    """Import the compiler's modules in a background thread, so they load while the checkpoint is read (file reads
-    and host-to-device copies release the GIL) instead of at the first compiled call. Returns the thread (daemon;
-    nothing waits for it: a later import of the same module waits on Python's import lock)."""
+    """Import the compiler's modules and start inductor's pool of compile processes in a background thread, so both
+    happen while the checkpoint is read (file reads and host-to-device copies release the GIL) instead of at the
+    first compiled call. Returns the thread (daemon; nothing waits for it: a later import of the same module waits
+    on Python's import lock, and inductor reuses the pool once it is up)."""
 
     def load() -> None:
         for name in COMPILER_MODULES:
@@ -408,6 +409,9 @@ def preload_compiler() -> threading.Thread:
                 importlib.import_module(name)
             except ImportError:  # the first compiled call reports it; a preload only saves time
                 return
+        from torch._inductor.async_compile import maybe_warm_pool  # what inductor's backend calls first
+
+        maybe_warm_pool()
 
     thread = threading.Thread(target=load, name="preload-compiler", daemon=True)
     thread.start()
