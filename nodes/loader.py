@@ -91,10 +91,10 @@ TOOLTIPS = {
     "compile": "torch.compile the transformer blocks around attention on every rank that can: CUDA GPUs with Triton "
     "(Linux CUDA builds of torch ship it) and a C compiler. On the CPU, or without them, the ranks run eager and the "
     "Status node says so (compile off (why)). On by default: measured in ComfyUI on one H200 with FlashAttention-4, "
-    "later prompts take 0.80-0.83x the time of ComfyUI's own Wan nodes (eager: 0.94x). The first prompt of each new "
-    "model and video size compiles first (1.3B 480p on an H200: 16 s more than eager); later prompts reuse it, and "
-    "later ComfyUI sessions read inductor's on-disk cache (7 s more). Turn it off for a first prompt as fast as "
-    "possible, or when compiling fails.",
+    "later prompts take 0.75-0.80x the time of ComfyUI's own Wan nodes (eager: 0.81-0.84x). The first prompt of each "
+    "new model and video size compiles first (on an H200: 1.3B 480p 15 s, 14B 720p 16 s more than eager); later "
+    "prompts reuse it, and later ComfyUI sessions read inductor's on-disk cache (8 s more). Turn it off for a first "
+    "prompt as fast as possible, or when compiling fails.",
 }
 
 LORA_TOOLTIP = (
