@@ -394,7 +394,7 @@ def compile_available(device: torch.device | str) -> tuple[bool, str]:
 
 
 COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx", "triton")
-"""What the first compiled call imports (about 2-5 s of Python imports before any tracing starts)."""
+"""What the first compiled call imports (about 2 s of Python imports on a 2-core CPU) before any tracing starts."""
 
 
 def preload_compiler() -> threading.Thread:
