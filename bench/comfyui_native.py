@@ -27,6 +27,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -54,6 +55,8 @@ VARIANTS = {
 }
 """Our Loader's inputs over its widget defaults; ``eager`` = the defaults before compile became one."""
 LOADER = "OfficialDistriFusionModelLoader"
+RUNTIME_READY = re.compile(r"DistriFusion runtime ready in ([0-9.]+) s")
+"""The pack's log line when its runtime has loaded the model (``nodes/runtime.py``): the load part of a cold prompt."""
 
 HOOKS = r'''
 """Bench-only: times every Wan forward (native and the pack's) and profiles one; never shipped."""
@@ -367,6 +370,8 @@ def run_model(args, rec: Recorder, preset: str, variant: str, label: str) -> dic
         stop_server(server)
         if args.out:
             (Path(args.out) / f"comfyui_native_{preset}_{label}_server.log").write_text(server_log[-200_000:])
+    ready = RUNTIME_READY.search(server_log)  # the cold prompt's: one runtime per server
+    results["ours_load_s"] = float(ready.group(1)) if ready else None
     forwards = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for tag, info in results["prompts"].items():
         calls = [f for f in forwards if f["tag"] == tag]
@@ -447,6 +452,9 @@ def main() -> int:
             else None
             for graph in ("native", "ours")
         }
+        first_forward = {  # the cold prompt's first model call: compiling (inductor, FlashAttention-4's JIT) happens here
+            graph: (get(f"{graph}-cold", "forward_s") or [None])[0] for graph in ("native", "ours")
+        }
         rows.append(
             [
                 preset,
@@ -462,6 +470,9 @@ def main() -> int:
                 get("ours-warm", "forward_median_s"),
                 outside["native"],
                 outside["ours"],
+                first_forward["native"],
+                first_forward["ours"],
+                result.get("ours_load_s"),
                 result.get("rel_diff_warm"),
             ]
         )
@@ -481,6 +492,9 @@ def main() -> int:
                 "ours fwd s",
                 "native outside s",
                 "ours outside s",
+                "native cold 1st fwd s",
+                "ours cold 1st fwd s",
+                "ours load s",
                 "rel diff",
             ],
             rows,
