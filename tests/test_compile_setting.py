@@ -134,3 +134,26 @@ def test_the_compiler_preload_imports_what_the_first_compiled_call_needs():
         [sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.split("\n")[-2] == "['torch._dynamo.convert_frame', 'torch._inductor.compile_fx']"
+
+
+def test_the_first_compiled_call_of_each_size_says_it_compiles(caplog):
+    model = random_model(tiny_config(), seed=2).eval()
+    model.compile_blocks(backend="eager")  # dynamo traces, no inductor: the announcement is what is checked
+    context = torch.randn(1, 8, tiny_config().text_dim)
+
+    def call(frames: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger=wan_model.__name__), torch.no_grad():
+            model(torch.randn(1, model.config.in_dim, frames, 8, 8), torch.tensor([500.0]), context)
+        return [r.getMessage() for r in caplog.records if r.name == wan_model.__name__]
+
+    first = call(frames=3)
+    assert len(first) == 2 and first[0].startswith("compiling the transformer blocks for 48 tokens")
+    assert first[1].startswith("compiled in ")
+    assert call(frames=3) == []
+    assert call(frames=5)[0].startswith("compiling the transformer blocks for 80 tokens")
+    eager = random_model(tiny_config(), seed=2).eval()
+    with caplog.at_level("INFO", logger=wan_model.__name__), torch.no_grad():
+        caplog.clear()
+        eager(torch.randn(1, eager.config.in_dim, 3, 8, 8), torch.tensor([500.0]), context)
+    assert not [r for r in caplog.records if r.name == wan_model.__name__]

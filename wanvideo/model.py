@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +25,8 @@ from torch import Tensor, nn
 
 from .attention import AttentionFn, resolve_attention, sdpa_attention, sdpa_backend_order
 from .fp8 import concat_linears
+
+logger = logging.getLogger(__name__)
 
 WAN22_LATENT_CHANNELS = 48
 """Latent channels of the Wan 2.2 VAE (TI2V 5B); Wan 2.1 and Wan 2.2 A14B use 16."""
@@ -444,6 +448,8 @@ class WanModel(nn.Module):
         """dtype activations run in; ``loading.py`` sets it (weights may be stored narrower, e.g. fp8)."""
         self.block_streamer = None
         """``offload.BlockStreamer`` when the blocks' weights live in host memory and are streamed in per forward."""
+        self.compiled_shapes: set[tuple] | None = None
+        """With ``compile_blocks``: the block input shapes compiled so far (a new one compiles at its first call)."""
 
     def set_attention_backend(self, backend: str) -> None:
         """Run self-attention on ``backend`` (see ``attention.ATTENTION_BACKENDS``)."""
@@ -481,6 +487,21 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.before_attention = torch.compile(block.before_attention, backend=backend, options=options)
             block.after_attention = torch.compile(block.after_attention, backend=backend, options=options)
+        self.compiled_shapes = set()
+
+    @contextlib.contextmanager
+    def _announcing_compile(self, tokens: Tensor, context: Tensor):
+        """Log the first call of compiled blocks on a new input shape, which compiles (seconds to minutes, with no
+        step finished meanwhile), and how long it took."""
+        shape = (tuple(tokens.shape), tuple(context.shape), tokens.dtype, str(tokens.device))
+        if self.compiled_shapes is None or shape in self.compiled_shapes:
+            yield
+            return
+        logger.info("compiling the transformer blocks for %d tokens (first call of this size)", tokens.shape[1])
+        started = time.perf_counter()
+        yield
+        self.compiled_shapes.add(shape)
+        logger.info("compiled in %.1f s; later calls of this size reuse it", time.perf_counter() - started)
 
     def blocks_on_device(self) -> contextlib.AbstractContextManager[Iterable[WanBlock]]:
         """The blocks in order, each with its weights on the compute device while it runs (``offload.py``)."""
@@ -546,7 +567,7 @@ class WanModel(nn.Module):
         if self.config.clip_image and clip_fea is not None:
             image_context = self.img_emb(clip_fea.to(compute_dtype))
 
-        with sdpa_backend_order(x.device), self.blocks_on_device() as blocks:
+        with sdpa_backend_order(x.device), self.blocks_on_device() as blocks, self._announcing_compile(tokens, context):
             for block in blocks:
                 tokens = block(tokens, time_modulation, context, (cos, sin), image_context, timestep_of_token)
         out = self.head(tokens, time_embedding, timestep_of_token)
