@@ -9,8 +9,8 @@ Loader with GPUs = ``--gpus`` -> our Sampler) on the same seeded conditioning, s
 Each graph runs cold (load + sample) and warm (sample only, another seed); times come from ComfyUI's own
 prompt history. Variants of our Loader: ``default`` = its widget defaults as the server reports them
 (``/object_info``: compile on, attention auto), ``eager`` = the defaults before issue 15 (compile off, attention
-auto), ``fa4-compile``, ``sdpa-compile``, ``fp8`` (the defaults with fp8 weights); what each ran with (``auto`` and the compile request resolved) is read
-from ``/distrifusion/status`` after its prompts and logged. Each model and variant compiles into its own empty
+auto), ``fa4-compile``, ``sdpa-compile``, ``fp8`` (the defaults with fp8 weights); what each ran with (``auto``
+and the compile request resolved) is read from ``/distrifusion/status`` after its prompts and logged. Each model and variant compiles into its own empty
 inductor cache (``TORCHINDUCTOR_CACHE_DIR`` under ``--inductor-cache``), so its first server's cold prompt is a
 first compile ever; ``--servers 2`` runs it again in a second, fresh server, whose cold prompt reads the cache the
 first one wrote (a user's later ComfyUI session). A bench-only node pack (written into the base folder, never

@@ -173,7 +173,7 @@ def _choose_mode(
     the modes the same over NVLink and with P2P off: with too few stale steps the exact ``sync``
     (``ParallelConfig.auto_choice``), else ``displaced`` if its plan fits ``free`` (the group's smallest free
     memory), else ``sync`` if it fits, else ``ulysses`` where it fits and the heads split. With the free memory
-    unknown (CPU: no limit) or nothing fitting, the steps alone decide (``plan_memory`` then refuses with what
+    unknown (CPU: no limit) or nothing fitting, the steps alone decide (``plan_job`` then refuses with what
     would fit). Also returns the plans it estimated, by mode, so that the chosen one is not estimated again."""
     if parallel.mode != "auto":
         return ModeChoice(parallel.mode, "the Loader's parallel mode"), {}
