@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 
 from ..wanvideo.attention import attention_kernel_name
+from ..wanvideo.block_compile import compile_available, preload_compiler
 from ..wanvideo.fp8 import enable_fp8_matmul
 from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_model
 from ..wanvideo.lora import LoraFile, apply_loras, plan_loras
-from ..wanvideo.model import compile_available, preload_compiler
 from ..wanvideo.offload import stream_blocks_from_host
 from ..wanvideo.sampling import GuidedFlow
 from ..wanvideo.step_cache import EasyCache
@@ -119,8 +119,8 @@ def load_rank_model(
         shard_blocks(model, device, mesh)
         enable_fp8_matmul(model)  # on the device now: fp8 tensor cores where it has them
     model.set_attention_backend(spec.parallel.attention_backend)
-    if compile_now:
-        model.compile_blocks()
+    if compile_now:  # streamed or sharded blocks have their weights only inside their own call: compile there
+        model.compile_blocks(in_background=not spec.offload and mesh is None)
     elif spec.parallel.compile_blocks:
         log.info("compile %s", state)
     return model
@@ -128,7 +128,7 @@ def load_rank_model(
 
 def compile_choice(parallel: ParallelConfig, device: torch.device) -> tuple[bool, str]:
     """Whether this rank compiles its blocks, and the state as the status shows it (``on``, ``off``, or ``off (why
-    not here)``): the ``compile`` setting asks for it, ``wanvideo.model.compile_available`` says where it runs (CUDA
+    not here)``): the ``compile`` setting asks for it, ``wanvideo.block_compile.compile_available`` says where it runs (CUDA
     GPUs with Triton); elsewhere the rank runs eager rather than fail."""
     if not parallel.compile_blocks:
         return False, "off"

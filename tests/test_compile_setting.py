@@ -3,10 +3,12 @@ eager), and reported with the attention kernel ``auto`` picked."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from wan_distrifusion.distrifusion import rank
 from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.in_process import InProcessRunner
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
+from wan_distrifusion.wanvideo import block_compile
 from wan_distrifusion.wanvideo import model as wan_model
 from wan_distrifusion.wanvideo.attention import attention_kernel_name
 
@@ -23,8 +26,8 @@ CUDA = torch.device("cuda", 0)
 
 
 def compiled(model) -> bool:
-    """Whether ``compile_blocks`` wrapped the blocks (``torch.compile`` keeps the original callable beside it)."""
-    flags = {hasattr(block.before_attention, "_torchdynamo_orig_callable") for block in model.blocks}
+    """Whether ``compile_blocks`` gave the blocks compiled halves (``torch.compile`` keeps the original callable)."""
+    flags = {block.compiled_parts is not None for block in model.blocks}
     assert len(flags) == 1, "some blocks compiled, others not"
     return flags.pop()
 
@@ -50,19 +53,19 @@ def fake_cuda(monkeypatch, capability=(9, 0), triton=True, compiler=True):
 
 def test_compile_runs_on_cuda_gpus_with_triton_only(monkeypatch):
     fake_cuda(monkeypatch)
-    assert wan_model.compile_available(CUDA) == (True, "CUDA GPU with Triton")
+    assert block_compile.compile_available(CUDA) == (True, "CUDA GPU with Triton")
     fake_cuda(monkeypatch, triton=False)
-    available, reason = wan_model.compile_available(CUDA)
+    available, reason = block_compile.compile_available(CUDA)
     assert not available and "no Triton for cuda:0" in reason
     fake_cuda(monkeypatch, compiler=False)
-    available, reason = wan_model.compile_available(CUDA)
+    available, reason = block_compile.compile_available(CUDA)
     assert not available and "no C compiler" in reason
     monkeypatch.setenv("CC", "/opt/cc")
-    assert wan_model.compile_available(CUDA)[0]
+    assert block_compile.compile_available(CUDA)[0]
     fake_cuda(monkeypatch, capability=(6, 1))
-    available, reason = wan_model.compile_available(CUDA)
+    available, reason = block_compile.compile_available(CUDA)
     assert not available and "compute capability 6.1" in reason
-    available, reason = wan_model.compile_available("cpu")
+    available, reason = block_compile.compile_available("cpu")
     assert not available and reason.startswith("runs eager on cpu")
 
 
@@ -84,8 +87,11 @@ def test_a_cpu_rank_asked_to_compile_loads_eager_unless_compiling_is_forced(chec
     assert not compiled(rank.load_rank_model(spec, cpu, spec.model_path, ()))
     assert rank.rank_kernels(spec.parallel, cpu)["compile"].startswith("off (runs eager on cpu")
     monkeypatch.setattr(rank, "compile_available", lambda device: (True, "forced"))
-    assert compiled(rank.load_rank_model(spec, cpu, spec.model_path, ()))
+    loaded = rank.load_rank_model(spec, cpu, spec.model_path, ())
+    assert compiled(loaded) and loaded.block_compiler.in_background  # the first steps run eager meanwhile
     assert rank.rank_kernels(spec.parallel, cpu) == {"attention": "sdpa", "compile": "on"}
+    offloaded = rank.load_rank_model(spec.with_changes(offload=True), cpu, spec.model_path, ())
+    assert compiled(offloaded) and not offloaded.block_compiler.in_background  # weights complete only per call
     no_compile = spec.with_changes(parallel=ParallelConfig(compile_blocks=False))
     assert not compiled(rank.load_rank_model(no_compile, cpu, spec.model_path, ()))
 
@@ -124,7 +130,7 @@ def test_the_compiler_preload_imports_what_the_first_compiled_call_needs():
         "import sys, torch\n"
         "from parallel_harness import register_package\n"
         "register_package()\n"
-        "from wan_distrifusion.wanvideo.model import preload_compiler\n"
+        "from wan_distrifusion.wanvideo.block_compile import preload_compiler\n"
         "assert 'torch._inductor.compile_fx' not in sys.modules\n"
         "preload_compiler().join()\n"
         "print(sorted(m for m in ('torch._dynamo.convert_frame', 'torch._inductor.compile_fx') if m in sys.modules))\n"
@@ -157,3 +163,70 @@ def test_the_first_compiled_call_of_each_size_says_it_compiles(caplog):
         caplog.clear()
         eager(torch.randn(1, eager.config.in_dim, 3, 8, 8), torch.tensor([500.0]), context)
     assert not [r for r in caplog.records if r.name == wan_model.__name__]
+
+
+class CountingBackend:
+    """A dynamo backend that runs the traced graph as is and records which thread compiled and ran it."""
+
+    def __init__(self, fail: bool = False):
+        self.compiled, self.ran, self.fail = [], [], fail
+
+    def __call__(self, graph, example_inputs):
+        self.compiled.append(threading.current_thread().name)
+        if self.fail:
+            raise RuntimeError("no compiler here")
+
+        def run(*args):
+            self.ran.append(threading.current_thread().name)
+            return graph(*args)
+
+        return run
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_in_the_background_the_first_calls_run_eager_and_later_ones_compiled(mode, caplog):
+    model = random_model(tiny_config(), seed=3).eval()
+    reference = copy.deepcopy(model)
+    backend = CountingBackend()
+    model.compile_blocks(backend=backend, in_background=True)
+    context, x = torch.randn(1, 8, tiny_config().text_dim), torch.randn(1, model.config.in_dim, 3, 8, 8)
+    grad_mode = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    caplog.set_level("INFO", logger=wan_model.__name__)  # the compile thread logs after the call returns
+
+    def call(net):
+        with grad_mode():
+            return net(x, torch.tensor([500.0]), context)
+
+    expected = call(reference)
+    first = call(model)
+    model.block_compiler.wait()
+    main = threading.current_thread().name
+    assert main not in backend.ran and set(backend.compiled) == {"compile-blocks"}  # compiled and ran beside
+    assert len(backend.compiled) == 2  # both halves, once: every block shares their graphs
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)  # eager meanwhile
+    compiles = len(backend.compiled)
+    later = call(model)
+    assert backend.ran.count(main) == 2 * model.config.num_layers and len(backend.compiled) == compiles  # no recompile
+    torch.testing.assert_close(later, expected)
+    messages = [r.getMessage() for r in caplog.records if r.name == wan_model.__name__]
+    assert messages[0].startswith("compiling the transformer blocks for 48 tokens in the background")
+    assert messages[1].startswith("compiled in the background in ")
+
+
+def test_a_background_compile_that_fails_leaves_that_size_eager(caplog):
+    model = random_model(tiny_config(), seed=4).eval()
+    reference = copy.deepcopy(model)
+    model.compile_blocks(backend=CountingBackend(fail=True), in_background=True)
+    context, x = torch.randn(1, 8, tiny_config().text_dim), torch.randn(1, model.config.in_dim, 3, 8, 8)
+    with torch.no_grad(), caplog.at_level("INFO", logger=wan_model.__name__):
+        model(x, torch.tensor([500.0]), context)
+        model.block_compiler.wait()
+        outputs = [model(x, torch.tensor([500.0]), context) for _ in range(2)]
+        expected = reference(x, torch.tensor([500.0]), context)
+    assert len(model.block_compiler.failed) == 1 and "no compiler here" in next(
+        iter(model.block_compiler.failed.values())
+    )
+    assert len(model.block_compiler.threads) == 1  # not tried again at every call
+    assert any("failed" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    for output in outputs:
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)

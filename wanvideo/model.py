@@ -9,14 +9,9 @@ the token grid goes through the blocks, with rotary positions and per-token time
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
-import os
-import shutil
-import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionFn, resolve_attention, sdpa_attention, sdpa_backend_order
+from .block_compile import BlockCompiler, HandInputs
 from .fp8 import concat_linears
 
 logger = logging.getLogger(__name__)
@@ -123,7 +119,9 @@ def rope_frequencies(head_dim: int, grid: tuple[int, int, int], device: torch.de
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent channel pairs of ``x`` ``[B, L, H, D]`` by per-token angles ``[L, D/2]`` (in fp32)."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel
+    # Traced by dynamo: inductor fuses the real form into one kernel. Not ``is_compiling()``: a compile running in
+    # another thread (``block_compile``) sets that for this thread too.
+    if torch.compiler.is_dynamo_compiling():
         real, imag = pairs[..., 0], pairs[..., 1]
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
         rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
@@ -282,6 +280,10 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.gelu_epilogue = False
         """Run the FFN's first GEMM with its bias and tanh-GELU in cuBLASLt's epilogue on CUDA (``WanModel.set_fusions``)."""
+        self.compiled_parts: tuple[Callable, Callable] | None = None
+        """``before_attention`` and ``after_attention`` compiled (``WanModel.compile_blocks``)."""
+        self.hand_inputs_to: HandInputs | None = None
+        """Set for one call by ``BlockCompiler``: gets this call's inputs of both halves, to compile on."""
 
     def feed_forward(self, x: Tensor) -> Tensor:
         """``ffn(x)``; with ``gelu_epilogue`` on a CUDA bf16/fp16 Linear, the hidden activations are written once
@@ -301,12 +303,18 @@ class WanBlock(nn.Module):
         rope: tuple[Tensor, Tensor],
         image_context: Tensor | None = None,
         timestep_of_token: Tensor | None = None,
+        compiled: bool = False,
     ) -> Tensor:
-        layout = self.self_attn.input_layout()
-        q, k, v, modulation = self.before_attention(x, time_modulation, rope, timestep_of_token, layout)
+        """``compiled``: run the ``compiled_parts`` (``WanModel.compile_blocks``) instead of the eager halves."""
+        before, after = self.compiled_parts if compiled else (self.before_attention, self.after_attention)
+        before_args = (x, time_modulation, rope, timestep_of_token, self.self_attn.input_layout())
+        q, k, v, modulation = before(*before_args)
         attention = self.self_attn.attention_fn(q, k, v)
         del q, k, v  # else they (and the fused qkv output behind v) live through the FFN, the block's peak
-        return self.after_attention(x, attention, modulation, context, image_context, timestep_of_token)
+        after_args = (x, attention, modulation, context, image_context, timestep_of_token)
+        if self.hand_inputs_to is not None:
+            self.hand_inputs_to(before_args, after_args)
+        return after(*after_args)
 
     # The block is split around self-attention so ``compile_blocks`` can fuse everything but the
     # (possibly communicating) attention function. ``time_modulation`` is ``[B, T, 6, dim]`` for T
@@ -377,51 +385,6 @@ class WanImageEmbedding(nn.Module):
         return self.proj(clip_features)
 
 
-def compile_available(device: torch.device | str) -> tuple[bool, str]:
-    """Whether ``WanModel.compile_blocks`` (inductor) can compile for ``device``, and if not, why (for the status).
-
-    CUDA GPUs of compute capability 7.0 and newer, with Triton installed and a C compiler for the launchers Triton
-    builds (``CC``, gcc or clang). Not the CPU: inductor there compiles C++ for minutes and gains little, so a request
-    to compile runs eager on the CPU (call ``compile_blocks`` directly to compile there anyway, as the tests do).
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, f"runs eager on {device.type}: compile needs a CUDA GPU with Triton"
-    if importlib.util.find_spec("triton") is None:
-        return False, f"no Triton for {device}: pip install triton (triton-windows on Windows)"
-    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-        return False, "no C compiler for Triton's launchers: install gcc or clang, or set CC"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 7:
-        return False, f"{device} is compute capability {major}.{minor}; Triton needs 7.0 or newer"
-    return True, "CUDA GPU with Triton"
-
-
-COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx", "triton")
-"""What the first compiled call imports (about 2 s of Python imports on a 2-core CPU) before any tracing starts."""
-
-
-def preload_compiler() -> threading.Thread:
-    """Import the compiler's modules and start inductor's pool of compile processes in a background thread, so both
-    happen while the checkpoint is read (file reads and host-to-device copies release the GIL) instead of at the
-    first compiled call. Returns the thread (daemon; nothing waits for it: a later import of the same module waits
-    on Python's import lock, and inductor reuses the pool once it is up)."""
-
-    def load() -> None:
-        for name in COMPILER_MODULES:
-            try:
-                importlib.import_module(name)
-            except ImportError:  # the first compiled call reports it; a preload only saves time
-                return
-        from torch._inductor.async_compile import maybe_warm_pool  # what inductor's backend calls first
-
-        maybe_warm_pool()
-
-    thread = threading.Thread(target=load, name="preload-compiler", daemon=True)
-    thread.start()
-    return thread
-
-
 class WanModel(nn.Module):
     """Wan DiT: ``model(x [B,C,F,H,W], t [B] | [B,T], context [B,L,text_dim]) -> flow prediction like x``.
 
@@ -448,8 +411,8 @@ class WanModel(nn.Module):
         """dtype activations run in; ``loading.py`` sets it (weights may be stored narrower, e.g. fp8)."""
         self.block_streamer = None
         """``offload.BlockStreamer`` when the blocks' weights live in host memory and are streamed in per forward."""
-        self.compiled_shapes: set[tuple] | None = None
-        """With ``compile_blocks``: the block input shapes compiled so far (a new one compiles at its first call)."""
+        self.block_compiler: BlockCompiler | None = None
+        """Set by ``compile_blocks``: which input sizes run compiled."""
 
     def set_attention_backend(self, backend: str) -> None:
         """Run self-attention on ``backend`` (see ``attention.ATTENTION_BACKENDS``)."""
@@ -473,35 +436,19 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.gelu_epilogue = gelu_epilogue
 
-    def compile_blocks(self, backend: str = "inductor", options: dict | None = None) -> None:
+    def compile_blocks(
+        self, backend: str | Callable = "inductor", options: dict | None = None, in_background: bool = False
+    ) -> None:
         """``torch.compile`` each block's code before and after self-attention (attention stays eager).
 
-        All blocks share two compiled graphs, but every new latent size or rank slab adds entries to the
-        same cache: the recompile limit is raised so a long-lived worker never silently falls back to eager.
-        ``options`` go to inductor (e.g. ``{"coordinate_descent_tuning": True}``). Compiles on any device; whether
-        a rank should is ``compile_available``. Inductor's on-disk caches stay on (``TORCHINDUCTOR_CACHE_DIR``,
-        default ``<tmp>/torchinductor_<user>``), so a later process compiling the same shapes mostly reads them.
+        All blocks share two compiled graphs. A new input size compiles at its first call; ``in_background``, in a
+        thread while that call and the next ones run eager (``block_compile.BlockCompiler``: not with blocks streamed
+        from host memory or sharded). ``options`` go to inductor (e.g. ``{"coordinate_descent_tuning": True}``).
+        Compiles on any device; whether a rank should is ``block_compile.compile_available``. Inductor's on-disk
+        caches stay on (``TORCHINDUCTOR_CACHE_DIR``, default ``<tmp>/torchinductor_<user>``), so a later process
+        compiling the same shapes mostly reads them.
         """
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-        for block in self.blocks:
-            block.before_attention = torch.compile(block.before_attention, backend=backend, options=options)
-            block.after_attention = torch.compile(block.after_attention, backend=backend, options=options)
-        self.compiled_shapes = set()
-
-    @contextlib.contextmanager
-    def _announcing_compile(self, tokens: Tensor, context: Tensor):
-        """Log the first call of compiled blocks on a new input shape, which compiles (seconds to minutes, with no
-        step finished meanwhile), and how long it took."""
-        shape = (tuple(tokens.shape), tuple(context.shape), tokens.dtype, str(tokens.device))
-        if self.compiled_shapes is None or shape in self.compiled_shapes:
-            yield
-            return
-        logger.info("compiling the transformer blocks for %d tokens (first call of this size)", tokens.shape[1])
-        started = time.perf_counter()
-        yield
-        self.compiled_shapes.add(shape)
-        logger.info("compiled in %.1f s; later calls of this size reuse it", time.perf_counter() - started)
+        self.block_compiler = BlockCompiler(self.blocks, backend, options, in_background)
 
     def blocks_on_device(self) -> contextlib.AbstractContextManager[Iterable[WanBlock]]:
         """The blocks in order, each with its weights on the compute device while it runs (``offload.py``)."""
@@ -567,9 +514,11 @@ class WanModel(nn.Module):
         if self.config.clip_image and clip_fea is not None:
             image_context = self.img_emb(clip_fea.to(compute_dtype))
 
-        with sdpa_backend_order(x.device), self.blocks_on_device() as blocks, self._announcing_compile(tokens, context):
+        compiler = self.block_compiler
+        run_compiled = compiler.calls(tokens, context, self.blocks[0]) if compiler else contextlib.nullcontext(False)
+        with sdpa_backend_order(x.device), self.blocks_on_device() as blocks, run_compiled as compiled:
             for block in blocks:
-                tokens = block(tokens, time_modulation, context, (cos, sin), image_context, timestep_of_token)
+                tokens = block(tokens, time_modulation, context, (cos, sin), image_context, timestep_of_token, compiled)
         out = self.head(tokens, time_embedding, timestep_of_token)
         if token_index is not None:
             return out

@@ -1,0 +1,216 @@
+"""Compiling the transformer blocks (inductor), where it can run, and in the background of the first steps.
+
+``torch.compile`` compiles at the first call of each new input size: at 14B that first step stalls for half a
+minute with nothing on the GPU. With ``in_background`` the blocks keep running eager while a thread compiles from a
+copy of the first block's inputs, and the model switches to the compiled halves at its next call of that size.
+Eager and compiled blocks round differently (bf16 round-off), so a run that switches midway differs from one
+that does not at that level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger("wan_distrifusion.wanvideo.model")
+"""The model's logger: these lines are the model's (``compiling the transformer blocks ...``)."""
+
+COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx", "triton")
+"""What the first compiled call imports (about 2 s of Python imports on a 2-core CPU) before any tracing starts."""
+
+
+def compile_available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether ``WanModel.compile_blocks`` (inductor) can compile for ``device``, and if not, why (for the status).
+
+    CUDA GPUs of compute capability 7.0 and newer, with Triton installed and a C compiler for the launchers Triton
+    builds (``CC``, gcc or clang). Not the CPU: inductor there compiles C++ for minutes and gains little, so a request
+    to compile runs eager on the CPU (call ``compile_blocks`` directly to compile there anyway, as the tests do).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"runs eager on {device.type}: compile needs a CUDA GPU with Triton"
+    if importlib.util.find_spec("triton") is None:
+        return False, f"no Triton for {device}: pip install triton (triton-windows on Windows)"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return False, "no C compiler for Triton's launchers: install gcc or clang, or set CC"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return False, f"{device} is compute capability {major}.{minor}; Triton needs 7.0 or newer"
+    return True, "CUDA GPU with Triton"
+
+
+def preload_compiler() -> threading.Thread:
+    """Import the compiler's modules and start inductor's pool of compile processes in a background thread, so both
+    happen while the checkpoint is read (file reads and host-to-device copies release the GIL) instead of at the
+    first compiled call. Returns the thread (daemon; nothing waits for it: a later import of the same module waits
+    on Python's import lock, and inductor reuses the pool once it is up)."""
+
+    def load() -> None:
+        for name in COMPILER_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the first compiled call reports it; a preload only saves time
+                return
+        from torch._inductor.async_compile import maybe_warm_pool  # what inductor's backend calls first
+
+        maybe_warm_pool()
+
+    thread = threading.Thread(target=load, name="preload-compiler", daemon=True)
+    thread.start()
+    return thread
+
+
+InputSize = tuple
+"""What a compiled graph is specialised on, as far as the model's callers vary it: token and context shapes,
+dtype, device."""
+
+
+class BlockCompiler:
+    """The blocks' compiled halves (each block's ``compiled_parts``) and the input sizes they are ready for.
+
+    ``WanModel.forward`` asks ``calls`` per forward whether its blocks run compiled. In the foreground (the default)
+    they always do and a new size compiles at its first call, announced in the log. ``in_background``: a new size
+    runs eager; its first call hands block 0's inputs (copied) to a thread that compiles both halves on them, and
+    once that is done the size's later calls run compiled. A compile that fails leaves that size eager, with a
+    warning. Not for blocks whose weights are only complete inside their own call (streamed from host memory,
+    sharded with FSDP2): the thread calls the halves directly.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        backend: str | Callable = "inductor",
+        options: dict | None = None,
+        in_background: bool = False,
+    ):
+        # Every new latent size or rank slab adds cache entries to the same two graphs: a long-lived worker must
+        # never hit the recompile limit and silently fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+        for block in blocks:
+            block.compiled_parts = (
+                torch.compile(block.before_attention, backend=backend, options=options),
+                torch.compile(block.after_attention, backend=backend, options=options),
+            )
+        self.in_background = in_background
+        self.ready: set[InputSize] = set()
+        """Sizes whose compiled graphs exist: their calls run compiled."""
+        self.failed: dict[InputSize, str] = {}
+        """Sizes whose background compile raised (the error): their calls stay eager."""
+        self._compiling: set[InputSize] = set()
+        self._lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        """Background compiles started (``join`` them to wait)."""
+
+    @staticmethod
+    def input_size(tokens: Tensor, context: Tensor) -> InputSize:
+        return (tuple(tokens.shape), tuple(context.shape), tokens.dtype, str(tokens.device))
+
+    @contextlib.contextmanager
+    def calls(self, tokens: Tensor, context: Tensor, first_block: nn.Module) -> Iterator[bool]:
+        """Around one forward's block loop: yields whether the blocks run compiled (``WanBlock.forward(compiled=)``);
+        a first call of a new size logs that it compiles (and, in the foreground, how long it took)."""
+        size = self.input_size(tokens, context)
+        with self._lock:
+            known = size in self.ready or size in self._compiling or size in self.failed
+            if not known and self.in_background:
+                self._compiling.add(size)
+        if size in self.ready:
+            yield True
+        elif not self.in_background:
+            logger.info("compiling the transformer blocks for %d tokens (first call of this size)", tokens.shape[1])
+            started = time.perf_counter()
+            yield True
+            self.ready.add(size)
+            logger.info("compiled in %.1f s; later calls of this size reuse it", time.perf_counter() - started)
+        elif known:
+            yield False
+        else:
+            logger.info(
+                "compiling the transformer blocks for %d tokens in the background; calls of this size run eager "
+                "until it is done",
+                tokens.shape[1],
+            )
+            handed = []
+            first_block.hand_inputs_to = lambda before, after: handed.append(
+                self._start(size, first_block, before, after)
+            )
+            try:
+                yield False
+            finally:
+                first_block.hand_inputs_to = None
+                if not handed:  # the call failed before block 0's attention: the next call of this size tries again
+                    with self._lock:
+                        self._compiling.discard(size)
+
+    def _start(self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._compile,
+            args=(size, block, _copied(before_args), _copied(after_args)),
+            kwargs={"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled()},
+            name="compile-blocks",
+            daemon=True,
+        )
+        self.threads.append(thread)
+        thread.start()
+        return thread
+
+    def _compile(
+        self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple, grad: bool, inference: bool
+    ) -> None:
+        started = time.perf_counter()
+        device = before_args[0].device
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+            # Grad and inference mode are per thread too, and the graphs are guarded on them: as the caller's.
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                before, after = block.compiled_parts
+                before(*before_args)
+                after(*after_args)
+        except Exception as error:  # noqa: BLE001 - any compile failure leaves the model eager, which still works
+            with self._lock:
+                self.failed[size] = f"{type(error).__name__}: {error}"
+            logger.warning(
+                "compiling the transformer blocks for %d tokens failed (%s); calls of this size stay eager",
+                size[0][1],
+                self.failed[size],
+            )
+        else:
+            with self._lock:
+                self.ready.add(size)
+            logger.info(
+                "compiled in the background in %.1f s; the next call of this size runs compiled",
+                time.perf_counter() - started,
+            )
+        finally:
+            with self._lock:
+                self._compiling.discard(size)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the background compiles started so far (tests, benchmarks)."""
+        for thread in list(self.threads):
+            thread.join(timeout)
+
+
+def _copied(value):
+    """``value`` with its tensors copied (same strides), so the caller may free or overwrite its own."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_copied(item) for item in value)
+    return value
+
+
+HandInputs = Callable[[tuple, tuple], None]
+"""``WanBlock.hand_inputs_to``: called with the block's ``before_attention`` and ``after_attention`` arguments."""
