@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..wanvideo.attention import attention_kernel_name
+from ..wanvideo.attention import attention_kernel_name, preload_attention
 from ..wanvideo.block_compile import compile_available, preload_compiler
 from ..wanvideo.fp8 import enable_fp8_matmul
 from ..wanvideo.loading import PRECISIONS, inspect_wan_checkpoint, load_wan_model
@@ -101,7 +101,10 @@ def load_rank_model(
     (``sharded_weights.py``). With ``offload`` the blocks stay in host memory, streamed to the device per forward
     (``wanvideo/offload.py``)."""
     compile_now, state = compile_choice(spec.parallel, device)
-    if compile_now:
+    # Streamed or sharded blocks have their weights only inside their own call: they compile there, at the first step.
+    compile_in_background = not spec.offload and mesh is None
+    preload_attention(spec.parallel.attention_backend, device)
+    if compile_now and not compile_in_background:  # else the compile thread imports it while eager steps run
         preload_compiler()
     model = load_wan_model(
         path,
@@ -119,8 +122,8 @@ def load_rank_model(
         shard_blocks(model, device, mesh)
         enable_fp8_matmul(model)  # on the device now: fp8 tensor cores where it has them
     model.set_attention_backend(spec.parallel.attention_backend)
-    if compile_now:  # streamed or sharded blocks have their weights only inside their own call: compile there
-        model.compile_blocks(in_background=not spec.offload and mesh is None)
+    if compile_now:
+        model.compile_blocks(in_background=compile_in_background)
     elif spec.parallel.compile_blocks:
         log.info("compile %s", state)
     return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -137,6 +138,20 @@ def resolve_attention(backend: str, device: torch.device | str = "cpu") -> Atten
         raise WanDistriFusionError(
             f"attention backend: {backend} is not installed ({error}); {_INSTALL_HINT[backend]}, or choose auto/sdpa."
         ) from error
+
+
+def preload_attention(backend: str, device: torch.device | str) -> threading.Thread:
+    """Resolve ``backend`` in a background thread (daemon), so an optional kernel's imports (FlashAttention-4's CuTe
+    DSL takes seconds) run while the checkpoint loads; the later ``resolve_attention`` finds the module imported (or
+    waits on Python's import lock) and reports any error itself."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            resolve_attention(backend, device)
+
+    thread = threading.Thread(target=load, name="preload-attention", daemon=True)
+    thread.start()
+    return thread
 
 
 def attention_kernel_name(backend: str, device: torch.device | str = "cpu") -> str:

@@ -93,24 +93,36 @@ class BlockCompiler:
         options: dict | None = None,
         in_background: bool = False,
     ):
-        # Every new latent size or rank slab adds cache entries to the same two graphs: a long-lived worker must
-        # never hit the recompile limit and silently fall back to eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-        for block in blocks:
-            block.compiled_parts = (
-                torch.compile(block.before_attention, backend=backend, options=options),
-                torch.compile(block.after_attention, backend=backend, options=options),
-            )
+        self.blocks, self.backend, self.options = blocks, backend, options
         self.in_background = in_background
         self.ready: set[InputSize] = set()
         """Sizes whose compiled graphs exist: their calls run compiled."""
         self.failed: dict[InputSize, str] = {}
         """Sizes whose background compile raised (the error): their calls stay eager."""
         self._compiling: set[InputSize] = set()
+        self._wrapped = False
         self._lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         """Background compiles started (``join`` them to wait)."""
+
+    def _wrap_blocks(self) -> None:
+        """``torch.compile`` each block's halves, at the first compile rather than at load: ``torch.compile`` imports
+        dynamo (seconds: 7 s on a machine without cached bytecode), which a background compile does off the critical
+        path."""
+        with self._lock:
+            if self._wrapped:
+                return
+            # Every new latent size or rank slab adds cache entries to the same two graphs: a long-lived worker must
+            # never hit the recompile limit and silently fall back to eager.
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 64)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+            for block in self.blocks:
+                block.compiled_parts = (
+                    torch.compile(block.before_attention, backend=self.backend, options=self.options),
+                    torch.compile(block.after_attention, backend=self.backend, options=self.options),
+                )
+            self._wrapped = True
 
     @staticmethod
     def input_size(tokens: Tensor, context: Tensor) -> InputSize:
@@ -130,6 +142,7 @@ class BlockCompiler:
         elif not self.in_background:
             logger.info("compiling the transformer blocks for %d tokens (first call of this size)", tokens.shape[1])
             started = time.perf_counter()
+            self._wrap_blocks()
             yield True
             self.ready.add(size)
             logger.info("compiled in %.1f s; later calls of this size reuse it", time.perf_counter() - started)
@@ -174,6 +187,7 @@ class BlockCompiler:
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current device is per thread
             # Grad and inference mode are per thread too, and the graphs are guarded on them: as the caller's.
+            self._wrap_blocks()
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 before, after = block.compiled_parts
                 before(*before_args)
@@ -197,10 +211,33 @@ class BlockCompiler:
             with self._lock:
                 self._compiling.discard(size)
 
+    def pacer(self, device: torch.device) -> Callable[[], None] | None:
+        """For one forward: called after each block while a background compile runs on a CUDA device, else None."""
+        return OneBlockAhead() if self._compiling and device.type == "cuda" else None
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the background compiles started so far (tests, benchmarks)."""
         for thread in list(self.threads):
             thread.join(timeout)
+
+
+class OneBlockAhead:
+    """Keeps the launching thread one block ahead of the GPU while a compile runs beside it.
+
+    Eager blocks launch faster than the GPU runs them, so the launching thread soon blocks in a kernel launch on
+    CUDA's full queue, holding the GIL: at 14B the compile thread got almost none of it and had not finished after
+    140 s (15 s in the foreground). Called after each block, this waits for the block before to finish, with the
+    GIL released; the GPU still has a whole block queued."""
+
+    def __init__(self):
+        self._previous: torch.cuda.Event | None = None
+
+    def __call__(self) -> None:
+        event = torch.cuda.Event()
+        event.record()
+        if self._previous is not None:
+            self._previous.synchronize()  # releases the GIL while it waits
+        self._previous = event
 
 
 def _copied(value):

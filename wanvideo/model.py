@@ -517,8 +517,11 @@ class WanModel(nn.Module):
         compiler = self.block_compiler
         run_compiled = compiler.calls(tokens, context, self.blocks[0]) if compiler else contextlib.nullcontext(False)
         with sdpa_backend_order(x.device), self.blocks_on_device() as blocks, run_compiled as compiled:
+            pace = compiler.pacer(x.device) if compiler else None
             for block in blocks:
                 tokens = block(tokens, time_modulation, context, (cos, sin), image_context, timestep_of_token, compiled)
+                if pace:
+                    pace()
         out = self.head(tokens, time_embedding, timestep_of_token)
         if token_index is not None:
             return out
