@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ def load_rank_model(
     (``wanvideo/offload.py``)."""
     compile_now, state = compile_choice(spec.parallel, device)
     # Streamed or sharded blocks have their weights only inside their own call: they compile there, at the first step.
-    compile_in_background = not spec.offload and mesh is None
+    compile_in_background = os.environ.get(COMPILE_IN_BACKGROUND_ENV) == "1" and not spec.offload and mesh is None
     preload_attention(spec.parallel.attention_backend, device)
     if compile_now and not compile_in_background:  # else the compile thread imports it while eager steps run
         preload_compiler()
@@ -129,10 +130,15 @@ def load_rank_model(
     return model
 
 
+COMPILE_IN_BACKGROUND_ENV = "WDF_COMPILE_IN_BACKGROUND"
+"""``1``: ranks compile their blocks in a background thread while the first steps run eager (``block_compile``;
+experimental, for ``bench/comfyui_native.py --variants background``), else at the first step."""
+
+
 def compile_choice(parallel: ParallelConfig, device: torch.device) -> tuple[bool, str]:
     """Whether this rank compiles its blocks, and the state as the status shows it (``on``, ``off``, or ``off (why
-    not here)``): the ``compile`` setting asks for it, ``wanvideo.block_compile.compile_available`` says where it runs (CUDA
-    GPUs with Triton); elsewhere the rank runs eager rather than fail."""
+    not here)``): the ``compile`` setting asks for it, ``wanvideo.block_compile.compile_available`` says where it
+    runs (CUDA GPUs with Triton); elsewhere the rank runs eager rather than fail."""
     if not parallel.compile_blocks:
         return False, "off"
     available, reason = compile_available(device)

@@ -1,15 +1,18 @@
 """Compiling the transformer blocks (inductor), where it can run, and in the background of the first steps.
 
-``torch.compile`` compiles at the first call of each new input size: at 14B that first step stalls for half a
-minute with nothing on the GPU. With ``in_background`` the blocks keep running eager while a thread compiles from a
-copy of the first block's inputs, and the model switches to the compiled halves at its next call of that size.
-Eager and compiled blocks round differently (bf16 round-off), so a run that switches midway differs from one
-that does not at that level.
+``torch.compile`` compiles at the first call of each new input size: at 14B 720p that first step takes 14 s longer,
+at 1.3B 480p 12.6 s (H200, empty caches). With ``in_background`` the blocks keep running eager while a thread
+compiles from the first block's inputs, and the model switches to the compiled halves at its next call of that
+size. Eager and compiled blocks round differently (bf16 round-off), so a run that switches midway differs from one
+that does not at that level. Measured inside ComfyUI (README, issue 15), a background compile that also ran its
+graphs helped the first prompt and never finished at 14B; the one here (graphs compiled, first run left to the
+model) is not measured yet, so ranks compile in the foreground unless ``WDF_COMPILE_IN_BACKGROUND=1``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -80,10 +83,11 @@ class BlockCompiler:
 
     ``WanModel.forward`` asks ``calls`` per forward whether its blocks run compiled. In the foreground (the default)
     they always do and a new size compiles at its first call, announced in the log. ``in_background``: a new size
-    runs eager; its first call hands block 0's inputs (copied) to a thread that compiles both halves on them, and
-    once that is done the size's later calls run compiled. A compile that fails leaves that size eager, with a
-    warning. Not for blocks whose weights are only complete inside their own call (streamed from host memory,
-    sharded with FSDP2): the thread calls the halves directly.
+    runs eager; its first call hands block 0's inputs to a thread that compiles both halves on them without running
+    them (``_first_run_left_to_the_caller``), and once that is done the size's next call runs compiled, its first
+    run included. A compile that fails leaves that size eager, with a warning. Not for blocks whose weights are only
+    complete inside their own call (streamed from host memory, sharded with FSDP2): the thread traces the halves
+    outside that call.
     """
 
     def __init__(
@@ -117,10 +121,14 @@ class BlockCompiler:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, 64)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+            if self.in_background:
+                compile_options = {"backend": _first_run_left_to_the_caller(self.backend, self.options)}
+            else:
+                compile_options = {"backend": self.backend, "options": self.options}
             for block in self.blocks:
                 block.compiled_parts = (
-                    torch.compile(block.before_attention, backend=self.backend, options=self.options),
-                    torch.compile(block.after_attention, backend=self.backend, options=self.options),
+                    torch.compile(block.before_attention, **compile_options),
+                    torch.compile(block.after_attention, **compile_options),
                 )
             self._wrapped = True
 
@@ -169,7 +177,7 @@ class BlockCompiler:
     def _start(self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple) -> threading.Thread:
         thread = threading.Thread(
             target=self._compile,
-            args=(size, block, _copied(before_args), _copied(after_args)),
+            args=(size, block, before_args, after_args),  # traced, never run: no copies
             kwargs={"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled()},
             name="compile-blocks",
             daemon=True,
@@ -186,12 +194,13 @@ class BlockCompiler:
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current device is per thread
-            # Grad and inference mode are per thread too, and the graphs are guarded on them: as the caller's.
             self._wrap_blocks()
+            _compile_only.active = True
+            # Grad and inference mode are per thread too, and the graphs are guarded on them: as the caller's.
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                before, after = block.compiled_parts
-                before(*before_args)
-                after(*after_args)
+                for half, args in zip(block.compiled_parts, (before_args, after_args)):
+                    with contextlib.suppress(CompiledOnly):
+                        half(*args)
         except Exception as error:  # noqa: BLE001 - any compile failure leaves the model eager, which still works
             with self._lock:
                 self.failed[size] = f"{type(error).__name__}: {error}"
@@ -221,13 +230,51 @@ class BlockCompiler:
             thread.join(timeout)
 
 
+class CompiledOnly(Exception):
+    """What a graph compiled ``in_background`` raises when the compile thread would run it."""
+
+
+_compile_only = threading.local()
+"""``active`` in the compile thread: graphs compile there, their first run is the model's own."""
+
+
+def _first_run_left_to_the_caller(backend: str | Callable, options: dict | None) -> Callable:
+    """A dynamo backend that compiles as ``backend`` (with inductor's ``options``) and returns a graph that raises
+    ``CompiledOnly`` when the compile thread calls it. Inductor's first run of a graph times its kernels' variants on
+    the device, each timing synchronising the whole device behind the eager steps' queued work (half a second per
+    block at 14B 720p): a compile thread that ran its graphs had not finished after 97 s at 14B, where the same
+    graphs took 17 s at 1.3B (the likely cause, not yet confirmed by a run of this version). The model's first
+    compiled call runs them instead, as a foreground compile's first call does."""
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        inner = functools.partial(compile_fx, config_patches=options or {})
+    elif isinstance(backend, str):
+        inner = torch._dynamo.lookup_backend(backend)
+    else:
+        inner = backend
+
+    def compile_graph(graph, example_inputs):
+        compiled = inner(graph, example_inputs)
+
+        def run(*args):
+            if getattr(_compile_only, "active", False):
+                raise CompiledOnly
+            return compiled(*args)
+
+        return run
+
+    return compile_graph
+
+
 class OneBlockAhead:
     """Keeps the launching thread one block ahead of the GPU while a compile runs beside it.
 
     Eager blocks launch faster than the GPU runs them, so the launching thread soon blocks in a kernel launch on
-    CUDA's full queue, holding the GIL: at 14B the compile thread got almost none of it and had not finished after
-    140 s (15 s in the foreground). Called after each block, this waits for the block before to finish, with the
-    GIL released; the GPU still has a whole block queued."""
+    CUDA's full queue, holding the GIL the compile thread needs. Called after each block, this waits for the block
+    before to finish with the GIL released; the GPU still has a whole block queued. (With it, a 1.3B compile beside
+    the eager steps took 17 s; at 14B the compile thread's device synchronisations were what kept it from finishing,
+    see ``_first_run_left_to_the_caller``.)"""
 
     def __init__(self):
         self._previous: torch.cuda.Event | None = None
@@ -238,15 +285,6 @@ class OneBlockAhead:
         if self._previous is not None:
             self._previous.synchronize()  # releases the GIL while it waits
         self._previous = event
-
-
-def _copied(value):
-    """``value`` with its tensors copied (same strides), so the caller may free or overwrite its own."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple):
-        return tuple(_copied(item) for item in value)
-    return value
 
 
 HandInputs = Callable[[tuple, tuple], None]
