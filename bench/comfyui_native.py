@@ -9,8 +9,9 @@ Loader with GPUs = ``--gpus`` -> our Sampler) on the same seeded conditioning, s
 Each graph runs cold (load + sample) and warm (sample only, another seed); times come from ComfyUI's own
 prompt history. Variants of our Loader: ``default`` = its widget defaults as the server reports them
 (``/object_info``: compile on, attention auto), ``eager`` = the defaults before issue 15 (compile off, attention
-auto), ``fa4-compile``, ``sdpa-compile``, ``fp8`` (the defaults with fp8 weights), ``background`` (the
-defaults, compiled in a background thread while the first steps run eager); what each ran with (``auto``
+auto), ``fa4-compile``, ``sdpa-compile``, ``fp8`` (the defaults with fp8 weights), ``foreground`` (the
+defaults, compiled at the first step instead of in a background thread while the first steps run eager),
+``background`` (the defaults, background compile asked for explicitly); what each ran with (``auto``
 and the compile request resolved) is read from ``/distrifusion/status`` after its prompts and logged. Each model and variant compiles into its own empty
 inductor cache (``TORCHINDUCTOR_CACHE_DIR`` under ``--inductor-cache``), so its first server's cold prompt is a
 first compile ever; ``--servers 2`` runs it again in a second, fresh server, whose cold prompt reads the cache the
@@ -53,12 +54,17 @@ VARIANTS = {
     "fa4-compile": {"attention": "flash4", "compile": True},
     "sdpa-compile": {"attention": "sdpa", "compile": True},
     "fp8": {"quantization": "fp8_e4m3fn"},
+    "foreground": {},
     "background": {},
 }
 """Our Loader's inputs over its widget defaults; ``eager`` = the defaults before compile became one."""
-VARIANT_ENVIRONMENT = {"background": {"WDF_COMPILE_IN_BACKGROUND": "1"}}
-"""The server's environment over this process's: ``background`` = the defaults, the blocks compiled in a thread
-while the first steps run eager (``wanvideo/block_compile.py``, experimental)."""
+VARIANT_ENVIRONMENT = {
+    "foreground": {"WDF_COMPILE_IN_BACKGROUND": "0"},
+    "background": {"WDF_COMPILE_IN_BACKGROUND": "1"},
+}
+"""The server's environment over this process's: ``foreground`` = the defaults with the blocks compiled at the first
+step (the default before the background compile, ``distrifusion/rank.py``), ``background`` = the default made explicit
+(the blocks compiled in a thread while the first steps run eager, ``wanvideo/block_compile.py``)."""
 LOADER = "OfficialDistriFusionModelLoader"
 RUNTIME_READY = re.compile(r"DistriFusion runtime ready in ([0-9.]+) s")
 """The pack's log line when its runtime has loaded the model (``nodes/runtime.py``): the load part of a cold prompt."""

@@ -103,7 +103,7 @@ def load_rank_model(
     (``wanvideo/offload.py``)."""
     compile_now, state = compile_choice(spec.parallel, device)
     # Streamed or sharded blocks have their weights only inside their own call: they compile there, at the first step.
-    compile_in_background = os.environ.get(COMPILE_IN_BACKGROUND_ENV) == "1" and not spec.offload and mesh is None
+    compile_in_background = os.environ.get(COMPILE_IN_BACKGROUND_ENV) != "0" and not spec.offload and mesh is None
     preload_attention(spec.parallel.attention_backend, device)
     if compile_now and not compile_in_background:  # else the compile thread imports it while eager steps run
         preload_compiler()
@@ -131,8 +131,9 @@ def load_rank_model(
 
 
 COMPILE_IN_BACKGROUND_ENV = "WDF_COMPILE_IN_BACKGROUND"
-"""``1``: ranks compile their blocks in a background thread while the first steps run eager (``block_compile``;
-experimental, for ``bench/comfyui_native.py --variants background``), else at the first step."""
+"""Ranks compile their blocks in a background thread while the first steps run eager (``block_compile``); ``0``:
+at the first step, which waits for it (``bench/comfyui_native.py --variants foreground``). Ranks whose blocks are
+streamed or sharded always compile at the first step."""
 
 
 def compile_choice(parallel: ParallelConfig, device: torch.device) -> tuple[bool, str]:

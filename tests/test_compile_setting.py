@@ -87,11 +87,11 @@ def test_a_cpu_rank_asked_to_compile_loads_eager_unless_compiling_is_forced(chec
     assert rank.rank_kernels(spec.parallel, cpu)["compile"].startswith("off (runs eager on cpu")
     monkeypatch.setattr(rank, "compile_available", lambda device: (True, "forced"))
     loaded = rank.load_rank_model(spec, cpu, spec.model_path, ())
-    assert compiled(loaded) and not loaded.block_compiler.in_background  # the first step compiles
-    assert rank.rank_kernels(spec.parallel, cpu) == {"attention": "sdpa", "compile": "on"}
-    monkeypatch.setenv(rank.COMPILE_IN_BACKGROUND_ENV, "1")
-    loaded = rank.load_rank_model(spec, cpu, spec.model_path, ())
     assert compiled(loaded) and loaded.block_compiler.in_background  # the first steps run eager meanwhile
+    assert rank.rank_kernels(spec.parallel, cpu) == {"attention": "sdpa", "compile": "on"}
+    monkeypatch.setenv(rank.COMPILE_IN_BACKGROUND_ENV, "0")
+    loaded = rank.load_rank_model(spec, cpu, spec.model_path, ())
+    assert compiled(loaded) and not loaded.block_compiler.in_background  # the first step compiles
     offloaded = rank.load_rank_model(spec.with_changes(offload=True), cpu, spec.model_path, ())
     assert compiled(offloaded) and not offloaded.block_compiler.in_background  # weights complete only per call
     no_compile = spec.with_changes(parallel=ParallelConfig(compile_blocks=False))
@@ -123,14 +123,14 @@ def test_a_rank_imports_its_kernels_while_its_checkpoint_loads(checkpoint, monke
     monkeypatch.setattr(rank, "preload_attention", lambda backend, device: attention.append((backend, str(device))))
     spec = RuntimeSpec(str(checkpoint), ParallelConfig(compile_blocks=True, attention_backend="sdpa"), device="cpu")
     cpu = torch.device("cpu")
-    rank.load_rank_model(spec, cpu, spec.model_path, ())
-    assert compiler == [True] and attention == [("sdpa", "cpu")]
-    compiler.clear()
+    rank.load_rank_model(spec, cpu, spec.model_path, ())  # the default: compiled in the background
+    assert compiler == [] and attention == [("sdpa", "cpu")]
     rank.load_rank_model(spec.with_changes(parallel=ParallelConfig(compile_blocks=False)), cpu, spec.model_path, ())
-    monkeypatch.setenv(rank.COMPILE_IN_BACKGROUND_ENV, "1")
-    rank.load_rank_model(spec, cpu, spec.model_path, ())
-    assert compiler == [] and len(attention) == 3
     rank.load_rank_model(spec.with_changes(offload=True), cpu, spec.model_path, ())
+    assert compiler == [True] and len(attention) == 3
+    compiler.clear()
+    monkeypatch.setenv(rank.COMPILE_IN_BACKGROUND_ENV, "0")
+    rank.load_rank_model(spec, cpu, spec.model_path, ())
     assert compiler == [True]
 
 
@@ -236,6 +236,29 @@ def test_in_the_background_the_first_calls_run_eager_and_later_ones_compiled(mod
     messages = [r.getMessage() for r in caplog.records if r.name == wan_model.__name__]
     assert messages[0].startswith("compiling the transformer blocks for 48 tokens in the background")
     assert messages[1].startswith("compiled in the background in ")
+
+
+def test_while_a_background_compile_runs_the_launching_thread_gets_the_gil_back_quickly():
+    """The compile shortens Python's switch interval (a thread launching kernels waits for it at every op) and puts
+    the caller's back when it ends, also when it fails."""
+    before = sys.getswitchinterval()
+    seen = []
+
+    class RecordingBackend(CountingBackend):
+        def __call__(self, graph, example_inputs):
+            seen.append(sys.getswitchinterval())
+            return super().__call__(graph, example_inputs)
+
+    for fail in (False, True):
+        model = random_model(tiny_config(), seed=5).eval()
+        model.compile_blocks(backend=RecordingBackend(fail=fail), in_background=True)
+        context, x = torch.randn(1, 8, tiny_config().text_dim), torch.randn(1, model.config.in_dim, 3, 8, 8)
+        with torch.no_grad():
+            model(x, torch.tensor([500.0]), context)
+        model.block_compiler.wait()
+        assert seen and max(seen) <= block_compile.ShortSwitchInterval.INTERVAL < before
+        assert sys.getswitchinterval() == before
+        seen.clear()
 
 
 def test_a_background_compile_that_fails_leaves_that_size_eager(caplog):
