@@ -105,7 +105,7 @@ def load_rank_model(
     # Streamed or sharded blocks have their weights only inside their own call: they compile there, at the first step.
     compile_in_background = os.environ.get(COMPILE_IN_BACKGROUND_ENV) != "0" and not spec.offload and mesh is None
     preload_attention(spec.parallel.attention_backend, device)
-    if compile_now and not compile_in_background:  # else the compile thread imports it while eager steps run
+    if compile_now:
         preload_compiler()
     model = load_wan_model(
         path,

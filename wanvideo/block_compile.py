@@ -1,12 +1,12 @@
 """Compiling the transformer blocks (inductor), where it can run, and in the background of the first steps.
 
-``torch.compile`` compiles at the first call of each new input size: at 14B 720p that first step takes 14 s longer,
-at 1.3B 480p 12.6 s (H200, empty caches). With ``in_background`` the blocks keep running eager while a thread
-compiles from the first block's inputs, and the model switches to the compiled halves at its next call of that
-size. Eager and compiled blocks round differently (bf16 round-off), so a run that switches midway differs from one
-that does not at that level. Measured inside ComfyUI (README, issue 15), a background compile that also ran its
-graphs helped the first prompt and never finished at 14B; the one here (graphs compiled, first run left to the
-model) is not measured yet, so ranks compile in the foreground unless ``WDF_COMPILE_IN_BACKGROUND=1``.
+``torch.compile`` compiles at the first call of each new input size: at 14B 720p that first step takes 11-14 s longer,
+at 1.3B 480p 12.6 s (H200, empty caches). With ``in_background`` (the ranks' default) the blocks keep running eager
+while a thread compiles from the first block's inputs, and the model switches to the compiled halves at its next
+call of that size. Eager and compiled blocks round differently (bf16 round-off), so a run that switches midway
+differs from one that does not at that level. Measured inside ComfyUI on one H200 (README, issue 15): at 14B 720p
+the compile is done within the first step and the cold prompt takes 0.82x native's (the foreground compile's
+1.02x), the warm ones as compiled; at 1.3B 480p it outlasts a 4-step cold prompt, which runs eager.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 logger = logging.getLogger("wan_distrifusion.wanvideo.model")
 """The model's logger: these lines are the model's (``compiling the transformer blocks ...``)."""
 
-COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx", "triton")
+COMPILER_MODULES = ("torch._dynamo.convert_frame", "torch._inductor.compile_fx", "torch._inductor.loop_body", "triton")
 """What the first compiled call imports (about 2 s of Python imports on a 2-core CPU) before any tracing starts."""
 
 
@@ -176,6 +176,7 @@ class BlockCompiler:
                         self._compiling.discard(size)
 
     def _start(self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple) -> threading.Thread:
+        trace_inductors_scaffold_here()
         LAUNCHES_FIRST.acquire()  # released when the compile ends (``_compile``'s finally)
         thread = threading.Thread(
             target=self._compile,
@@ -231,6 +232,25 @@ class BlockCompiler:
         """Wait for the background compiles started so far (tests, benchmarks)."""
         for thread in list(self.threads):
             thread.join(timeout)
+
+
+def trace_inductors_scaffold_here() -> None:
+    """Make inductor's one plain ``torch.fx`` trace in this thread, before a compile thread would make it.
+
+    While ``torch.fx.Tracer.trace`` runs it patches ``nn.Module.__call__`` for the whole process, and the plain
+    ``Tracer`` fails every other thread's module call meanwhile (``NameError: module is not installed as a submodule``:
+    a cold prompt's eager step beside the background compile, inside ComfyUI on the H200, torch 2.11). make_fx's
+    tracers, which AOTAutograd and inductor's pattern matcher run in the compile thread, let such calls through; the
+    plain one inductor runs is a cached identity graph (``loop_body.InterpreterShim``), so tracing it once here, where
+    no other module call runs, keeps it out of the compile thread. Imports inductor if ``preload_compiler`` has not
+    (seconds), then takes milliseconds."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+    except ImportError:  # no inductor here: the compile thread reports it
+        return
+    dummy_graph = getattr(InterpreterShim, "_dummy_gm", None)
+    if dummy_graph is not None:
+        dummy_graph()
 
 
 class ShortSwitchInterval:
