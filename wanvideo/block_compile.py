@@ -256,7 +256,7 @@ def trace_inductors_scaffold_here() -> None:
 class ShortSwitchInterval:
     """Python's GIL switch interval shortened while one or more background compiles run, restored after the last.
 
-    Every torch op releases the GIL around its kernel launch, and a thread that wants it back while another thread
+    Many torch ops release the GIL while they run, and a thread that wants it back while another thread
     computes in Python (dynamo tracing, inductor lowering) waits for that thread's switch interval: 5 ms by default,
     per op. The eager blocks beside a compile took 3-4x their time (1.3B 480p forwards of 3.3-4.0 s instead of 1.1 s,
     H200); on the CPU, 120 small ops followed by a 20 ms wait (a block's launches, then the pacer's) launch in 338 ms
