@@ -5,7 +5,7 @@ at 1.3B 480p 12.6 s (H200, empty caches). With ``in_background`` (the ranks' def
 while a thread compiles from the first block's inputs, and the model switches to the compiled halves at its next
 call of that size. Eager and compiled blocks round differently (bf16 round-off), so a run that switches midway
 differs from one that does not at that level. Measured inside ComfyUI on one H200 (README, issue 15): at 14B 720p
-the compile is done within the first step and the cold prompt takes 0.82x native's (the foreground compile's
+the compile is done about one step in (24 s) and the cold prompt takes 0.82x native's (the foreground compile's
 1.02x), the warm ones as compiled; at 1.3B 480p it outlasts a 4-step cold prompt, which runs eager.
 """
 
@@ -177,7 +177,6 @@ class BlockCompiler:
 
     def _start(self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple) -> threading.Thread:
         trace_inductors_scaffold_here()
-        LAUNCHES_FIRST.acquire()  # released when the compile ends (``_compile``'s finally)
         thread = threading.Thread(
             target=self._compile,
             args=(size, block, before_args, after_args),  # traced, never run: no copies
@@ -194,35 +193,35 @@ class BlockCompiler:
     ) -> None:
         started = time.perf_counter()
         device = before_args[0].device
-        try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)  # the current device is per thread
-            self._wrap_blocks()
-            _compile_only.active = True
-            # Grad and inference mode are per thread too, and the graphs are guarded on them: as the caller's.
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                for half, args in zip(block.compiled_parts, (before_args, after_args)):
-                    with contextlib.suppress(CompiledOnly):
-                        half(*args)
-        except Exception as error:  # noqa: BLE001 - any compile failure leaves the model eager, which still works
-            with self._lock:
-                self.failed[size] = f"{type(error).__name__}: {error}"
-            logger.warning(
-                "compiling the transformer blocks for %d tokens failed (%s); calls of this size stay eager",
-                size[0][1],
-                self.failed[size],
-            )
-        else:
-            with self._lock:
-                self.ready.add(size)
-            logger.info(
-                "compiled in the background in %.1f s; the next call of this size runs compiled",
-                time.perf_counter() - started,
-            )
-        finally:
-            with self._lock:
-                self._compiling.discard(size)
-            LAUNCHES_FIRST.release()
+        with LAUNCHES_FIRST:
+            try:
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # the current device is per thread
+                self._wrap_blocks()
+                _compile_only.active = True
+                # Grad and inference mode are per thread too, and the graphs are guarded on them: as the caller's.
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    for half, args in zip(block.compiled_parts, (before_args, after_args)):
+                        with contextlib.suppress(CompiledOnly):
+                            half(*args)
+            except Exception as error:  # noqa: BLE001 - any compile failure leaves the model eager, which still works
+                with self._lock:
+                    self.failed[size] = f"{type(error).__name__}: {error}"
+                logger.warning(
+                    "compiling the transformer blocks for %d tokens failed (%s); calls of this size stay eager",
+                    size[0][1],
+                    self.failed[size],
+                )
+            else:
+                with self._lock:
+                    self.ready.add(size)
+                logger.info(
+                    "compiled in the background in %.1f s; the next call of this size runs compiled",
+                    time.perf_counter() - started,
+                )
+            finally:
+                with self._lock:
+                    self._compiling.discard(size)
 
     def pacer(self, device: torch.device) -> Callable[[], None] | None:
         """For one forward: called after each block while a background compile runs on a CUDA device, else None."""
@@ -254,7 +253,8 @@ def trace_inductors_scaffold_here() -> None:
 
 
 class ShortSwitchInterval:
-    """Python's GIL switch interval shortened while one or more background compiles run, restored after the last.
+    """Python's GIL switch interval, shortened while one or more background compiles run (each compile thread
+    enters it), restored after the last.
 
     Many torch ops release the GIL while they run, and a thread that wants it back while another thread
     computes in Python (dynamo tracing, inductor lowering) waits for that thread's switch interval: 5 ms by default,
@@ -267,19 +267,19 @@ class ShortSwitchInterval:
     def __init__(self):
         self._lock = threading.Lock()
         self._active = 0
-        self._saved: float | None = None
+        self._saved = sys.getswitchinterval()
 
-    def acquire(self) -> None:
+    def __enter__(self) -> None:
         with self._lock:
             if self._active == 0:
                 self._saved = sys.getswitchinterval()
                 sys.setswitchinterval(min(self._saved, self.INTERVAL))
             self._active += 1
 
-    def release(self) -> None:
+    def __exit__(self, *exc_info) -> None:
         with self._lock:
             self._active -= 1
-            if self._active == 0 and self._saved is not None:
+            if self._active == 0:
                 sys.setswitchinterval(self._saved)
 
 
@@ -300,8 +300,8 @@ def _first_run_left_to_the_caller(backend: str | Callable, options: dict | None)
     ``CompiledOnly`` when the compile thread calls it. Inductor's first run of a graph times its kernels' variants on
     the device, each timing synchronising the whole device behind the eager steps' queued work (half a second per
     block at 14B 720p): a compile thread that ran its graphs had not finished after 97 s at 14B, where the same
-    graphs took 17 s at 1.3B (the likely cause, not yet confirmed by a run of this version). The model's first
-    compiled call runs them instead, as a foreground compile's first call does."""
+    graphs took 17 s at 1.3B. The model's first compiled call runs them instead, as a foreground compile's first
+    call does: with this backend the 14B compile finished in 24 s (H200, inside ComfyUI)."""
     if backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
