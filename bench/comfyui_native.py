@@ -56,15 +56,18 @@ VARIANTS = {
     "fp8": {"quantization": "fp8_e4m3fn"},
     "foreground": {},
     "background": {},
+    "background-first-call": {},
 }
 """Our Loader's inputs over its widget defaults; ``eager`` = the defaults before compile became one."""
 VARIANT_ENVIRONMENT = {
     "foreground": {"WDF_COMPILE_IN_BACKGROUND": "0"},
     "background": {"WDF_COMPILE_IN_BACKGROUND": "1"},
+    "background-first-call": {"WDF_BACKGROUND_COMPILE_FROM_CALL": "1"},
 }
 """The server's environment over this process's: ``foreground`` = the defaults with the blocks compiled at the first
 step (the default before the background compile, ``distrifusion/rank.py``), ``background`` = the default made explicit
-(the blocks compiled in a thread while the first steps run eager, ``wanvideo/block_compile.py``)."""
+(the blocks compiled in a thread while the first steps run eager, ``wanvideo/block_compile.py``),
+``background-first-call`` = the background compile started at the first step, not the second."""
 LOADER = "OfficialDistriFusionModelLoader"
 RUNTIME_READY = re.compile(r"DistriFusion runtime ready in ([0-9.]+) s")
 """The pack's log line when its runtime has loaded the model (``nodes/runtime.py``): the load part of a cold prompt."""

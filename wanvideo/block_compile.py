@@ -84,9 +84,10 @@ class BlockCompiler:
 
     ``WanModel.forward`` asks ``calls`` per forward whether its blocks run compiled. In the foreground (the default)
     they always do and a new size compiles at its first call, announced in the log. ``in_background``: a new size
-    runs eager; its first call hands block 0's inputs to a thread that compiles both halves on them without running
-    them (``_first_run_left_to_the_caller``), and once that is done the size's next call runs compiled, its first
-    run included. A compile that fails leaves that size eager, with a warning. Not for blocks whose weights are only
+    runs eager; its call number ``background_from_call`` hands block 0's inputs to a thread that compiles both halves
+    on them without running them (``_first_run_left_to_the_caller``), and once that is done the size's next call runs
+    compiled, its first run included. The default, the second call, leaves a process's first call of a size to its
+    own one-off costs (the attention kernel's first call, the allocator's growth) without the compile beside it. A compile that fails leaves that size eager, with a warning. Not for blocks whose weights are only
     complete inside their own call (streamed from host memory, sharded with FSDP2): the thread traces the halves
     outside that call.
     """
@@ -97,9 +98,15 @@ class BlockCompiler:
         backend: str | Callable = "inductor",
         options: dict | None = None,
         in_background: bool = False,
+        background_from_call: int = 2,
     ):
+        if background_from_call < 1:
+            raise ValueError(f"background_from_call must be 1 or more, got {background_from_call}")
         self.blocks, self.backend, self.options = blocks, backend, options
         self.in_background = in_background
+        self.background_from_call = background_from_call
+        """In the background: the call of a new size whose block 0 starts the compile (1 = its first call)."""
+        self._eager_calls: dict[InputSize, int] = {}
         self.ready: set[InputSize] = set()
         """Sizes whose compiled graphs exist: their calls run compiled."""
         self.failed: dict[InputSize, str] = {}
@@ -143,9 +150,12 @@ class BlockCompiler:
         a first call of a new size logs that it compiles (and, in the foreground, how long it took)."""
         size = self.input_size(tokens, context)
         with self._lock:
-            known = size in self.ready or size in self._compiling or size in self.failed
-            if not known and self.in_background:
-                self._compiling.add(size)
+            start = False
+            if self.in_background and not (size in self.ready or size in self._compiling or size in self.failed):
+                self._eager_calls[size] = self._eager_calls.get(size, 0) + 1
+                start = self._eager_calls[size] >= self.background_from_call
+                if start:
+                    self._compiling.add(size)
         if size in self.ready:
             yield True
         elif not self.in_background:
@@ -155,7 +165,7 @@ class BlockCompiler:
             yield True
             self.ready.add(size)
             logger.info("compiled in %.1f s; later calls of this size reuse it", time.perf_counter() - started)
-        elif known:
+        elif not start:
             yield False
         else:
             logger.info(
@@ -176,7 +186,11 @@ class BlockCompiler:
                         self._compiling.discard(size)
 
     def _start(self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple) -> threading.Thread:
+        waited = time.perf_counter()
         trace_inductors_scaffold_here()
+        waited = time.perf_counter() - waited
+        if waited > 0.05:
+            logger.info("the compile's start waited %.1f s for the compiler's imports", waited)
         thread = threading.Thread(
             target=self._compile,
             args=(size, block, before_args, after_args),  # traced, never run: no copies
