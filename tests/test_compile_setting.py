@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.in_process import InProcessRunner
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.wanvideo import attention as attention_module
-from wan_distrifusion.wanvideo import block_compile
+from wan_distrifusion.wanvideo import block_compile, switch_interval
 from wan_distrifusion.wanvideo import model as wan_model
 from wan_distrifusion.wanvideo.attention import attention_kernel_name
 
@@ -86,6 +87,8 @@ def test_a_cpu_rank_asked_to_compile_loads_eager_unless_compiling_is_forced(chec
     assert not compiled(rank.load_rank_model(spec, cpu, spec.model_path, ()))
     assert rank.rank_kernels(spec.parallel, cpu)["compile"].startswith("off (runs eager on cpu")
     monkeypatch.setattr(rank, "compile_available", lambda device: (True, "forced"))
+    # No import thread left running into the next tests (pytest walks sys.modules while it adds to it).
+    monkeypatch.setattr(rank, "preload_compiler", lambda: None)
     loaded = rank.load_rank_model(spec, cpu, spec.model_path, ())
     assert compiled(loaded) and loaded.block_compiler.in_background  # the first steps run eager meanwhile
     assert loaded.block_compiler.background_from_call == 2  # started by a size's second call
@@ -260,9 +263,27 @@ def test_while_a_background_compile_runs_the_launching_thread_gets_the_gil_back_
         with torch.no_grad():
             model(x, torch.tensor([500.0]), context)
         model.block_compiler.wait()
-        assert seen and max(seen) <= block_compile.ShortSwitchInterval.INTERVAL < before
+        assert seen and max(seen) <= switch_interval.ShortSwitchInterval.INTERVAL < before
         assert sys.getswitchinterval() == before
         seen.clear()
+
+
+def test_the_kernel_preloads_beside_a_load_keep_the_switch_interval_short(monkeypatch):
+    """The compiler's and the attention kernel's imports run in threads while the checkpoint loads: every copy of the
+    load waits for the GIL after it, so they run with the short interval, and the caller's comes back after them."""
+    before = sys.getswitchinterval()
+    seen = []
+
+    def record(*args):
+        seen.append(sys.getswitchinterval())
+        raise ImportError("recorded")  # the compiler preload stops at a failed import, as without inductor
+
+    monkeypatch.setattr(block_compile, "importlib", types.SimpleNamespace(import_module=record))
+    monkeypatch.setattr(attention_module, "resolve_attention", record)
+    block_compile.preload_compiler().join()
+    attention_module.preload_attention("sdpa", "cpu").join()
+    assert len(seen) == 2 and max(seen) <= switch_interval.ShortSwitchInterval.INTERVAL < before
+    assert sys.getswitchinterval() == before
 
 
 def test_a_background_compile_that_fails_leaves_that_size_eager(caplog):

@@ -18,13 +18,14 @@ import importlib.util
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .switch_interval import LAUNCHES_FIRST
 
 logger = logging.getLogger("wan_distrifusion.wanvideo.model")
 """The model's logger: these lines are the model's (``compiling the transformer blocks ...``)."""
@@ -55,19 +56,22 @@ def compile_available(device: torch.device | str) -> tuple[bool, str]:
 
 def preload_compiler() -> threading.Thread:
     """Import the compiler's modules and start inductor's pool of compile processes in a background thread, so both
-    happen while the checkpoint is read (file reads and host-to-device copies release the GIL) instead of at the
-    first compiled call. Returns the thread (daemon; nothing waits for it: a later import of the same module waits
+    happen while the checkpoint is read (file reads and host-to-device copies release the GIL; the switch interval
+    is short meanwhile, ``switch_interval``) instead of at the first compiled call. Returns the thread (daemon; nothing waits for it: a later import of the same module waits
     on Python's import lock, and inductor reuses the pool once it is up)."""
 
     def load() -> None:
-        for name in COMPILER_MODULES:
-            try:
-                importlib.import_module(name)
-            except ImportError:  # the first compiled call reports it; a preload only saves time
-                return
-        from torch._inductor.async_compile import maybe_warm_pool  # what inductor's backend calls first
+        started = time.perf_counter()
+        with LAUNCHES_FIRST:  # the load beside it gets the GIL back at once after each copy
+            for name in COMPILER_MODULES:
+                try:
+                    importlib.import_module(name)
+                except ImportError:  # the first compiled call reports it; a preload only saves time
+                    return
+            from torch._inductor.async_compile import maybe_warm_pool  # what inductor's backend calls first
 
-        maybe_warm_pool()
+            maybe_warm_pool()
+        logger.info("compiler imported in the background in %.1f s", time.perf_counter() - started)
 
     thread = threading.Thread(target=load, name="preload-compiler", daemon=True)
     thread.start()
@@ -264,41 +268,6 @@ def trace_inductors_scaffold_here() -> None:
     dummy_graph = getattr(InterpreterShim, "_dummy_gm", None)
     if dummy_graph is not None:
         dummy_graph()
-
-
-class ShortSwitchInterval:
-    """Python's GIL switch interval, shortened while one or more background compiles run (each compile thread
-    enters it), restored after the last.
-
-    Many torch ops release the GIL while they run, and a thread that wants it back while another thread
-    computes in Python (dynamo tracing, inductor lowering) waits for that thread's switch interval: 5 ms by default,
-    per op. The eager blocks beside a compile took 3-4x their time (1.3B 480p forwards of 3.3-4.0 s instead of 1.1 s,
-    H200); on the CPU, 120 small ops followed by a 20 ms wait (a block's launches, then the pacer's) launch in 338 ms
-    beside a busy thread at 5 ms, 6 ms at 0.2 ms, while the busy thread keeps 96% of its pace (``INTERVAL``)."""
-
-    INTERVAL = 2e-4
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._active = 0
-        self._saved = sys.getswitchinterval()
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._active == 0:
-                self._saved = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._saved, self.INTERVAL))
-            self._active += 1
-
-    def __exit__(self, *exc_info) -> None:
-        with self._lock:
-            self._active -= 1
-            if self._active == 0:
-                sys.setswitchinterval(self._saved)
-
-
-LAUNCHES_FIRST = ShortSwitchInterval()
-"""The process's one: the switch interval is process-wide."""
 
 
 class CompiledOnly(Exception):
