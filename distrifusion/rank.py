@@ -124,10 +124,7 @@ def load_rank_model(
         enable_fp8_matmul(model)  # on the device now: fp8 tensor cores where it has them
     model.set_attention_backend(spec.parallel.attention_backend)
     if compile_now:
-        model.compile_blocks(
-            in_background=compile_in_background,
-            background_from_call=int(os.environ.get(BACKGROUND_FROM_CALL_ENV, "2")),
-        )
+        model.compile_blocks(in_background=compile_in_background)
     elif spec.parallel.compile_blocks:
         log.info("compile %s", state)
     return model
@@ -137,9 +134,6 @@ COMPILE_IN_BACKGROUND_ENV = "WDF_COMPILE_IN_BACKGROUND"
 """Ranks compile their blocks in a background thread while the first steps run eager (``block_compile``); ``0``:
 at the first step, which waits for it (``bench/comfyui_native.py --variants foreground``). Ranks whose blocks are
 streamed or sharded always compile at the first step."""
-BACKGROUND_FROM_CALL_ENV = "WDF_BACKGROUND_COMPILE_FROM_CALL"
-"""Which call of a new size starts a background compile: 2 (the default) leaves the first step of a size to its
-one-off costs; 1 starts it at the first (``bench/comfyui_native.py --variants background-first-call``)."""
 
 
 def compile_choice(parallel: ParallelConfig, device: torch.device) -> tuple[bool, str]:

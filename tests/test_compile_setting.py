@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import types
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from wan_distrifusion.distrifusion.config import ParallelConfig
 from wan_distrifusion.distrifusion.in_process import InProcessRunner
 from wan_distrifusion.distrifusion.settings import RuntimeSpec
 from wan_distrifusion.wanvideo import attention as attention_module
-from wan_distrifusion.wanvideo import block_compile, switch_interval
+from wan_distrifusion.wanvideo import block_compile
 from wan_distrifusion.wanvideo import model as wan_model
 from wan_distrifusion.wanvideo.attention import attention_kernel_name
 
@@ -91,9 +90,6 @@ def test_a_cpu_rank_asked_to_compile_loads_eager_unless_compiling_is_forced(chec
     monkeypatch.setattr(rank, "preload_compiler", lambda: None)
     loaded = rank.load_rank_model(spec, cpu, spec.model_path, ())
     assert compiled(loaded) and loaded.block_compiler.in_background  # the first steps run eager meanwhile
-    assert loaded.block_compiler.background_from_call == 2  # started by a size's second call
-    monkeypatch.setenv(rank.BACKGROUND_FROM_CALL_ENV, "1")
-    assert rank.load_rank_model(spec, cpu, spec.model_path, ()).block_compiler.background_from_call == 1
     assert rank.rank_kernels(spec.parallel, cpu) == {"attention": "sdpa", "compile": "on"}
     monkeypatch.setenv(rank.COMPILE_IN_BACKGROUND_ENV, "0")
     loaded = rank.load_rank_model(spec, cpu, spec.model_path, ())
@@ -209,12 +205,12 @@ class CountingBackend:
         return run
 
 
-@pytest.mark.parametrize("mode, from_call", [("no_grad", 2), ("inference_mode", 2), ("no_grad", 1)])
-def test_in_the_background_the_first_calls_run_eager_and_later_ones_compiled(mode, from_call, caplog):
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_in_the_background_the_first_calls_run_eager_and_later_ones_compiled(mode, caplog):
     model = random_model(tiny_config(), seed=3).eval()
     reference = copy.deepcopy(model)
     backend = CountingBackend()
-    model.compile_blocks(backend=backend, in_background=True, background_from_call=from_call)
+    model.compile_blocks(backend=backend, in_background=True)
     context, x = torch.randn(1, 8, tiny_config().text_dim), torch.randn(1, model.config.in_dim, 3, 8, 8)
     grad_mode = torch.no_grad if mode == "no_grad" else torch.inference_mode
     caplog.set_level("INFO", logger=wan_model.__name__)  # the compile thread logs after the call returns
@@ -225,9 +221,6 @@ def test_in_the_background_the_first_calls_run_eager_and_later_ones_compiled(mod
 
     expected = call(reference)
     assert all(block.compiled_parts is None for block in model.blocks)  # torch.compile (dynamo's import) not at load
-    for _ in range(from_call - 1):  # a size's first call carries its one-off costs alone: nothing compiles beside it
-        torch.testing.assert_close(call(model), expected, rtol=0, atol=0)
-        assert model.block_compiler.threads == [] and backend.compiled == [] and not caplog.records
     first = call(model)
     model.block_compiler.wait()
     assert all(block.compiled_parts is not None for block in model.blocks)
@@ -258,38 +251,20 @@ def test_while_a_background_compile_runs_the_launching_thread_gets_the_gil_back_
 
     for fail in (False, True):
         model = random_model(tiny_config(), seed=5).eval()
-        model.compile_blocks(backend=RecordingBackend(fail=fail), in_background=True, background_from_call=1)
+        model.compile_blocks(backend=RecordingBackend(fail=fail), in_background=True)
         context, x = torch.randn(1, 8, tiny_config().text_dim), torch.randn(1, model.config.in_dim, 3, 8, 8)
         with torch.no_grad():
             model(x, torch.tensor([500.0]), context)
         model.block_compiler.wait()
-        assert seen and max(seen) <= switch_interval.ShortSwitchInterval.INTERVAL < before
+        assert seen and max(seen) <= block_compile.ShortSwitchInterval.INTERVAL < before
         assert sys.getswitchinterval() == before
         seen.clear()
-
-
-def test_the_kernel_preloads_beside_a_load_keep_the_switch_interval_short(monkeypatch):
-    """The compiler's and the attention kernel's imports run in threads while the checkpoint loads: every copy of the
-    load waits for the GIL after it, so they run with the short interval, and the caller's comes back after them."""
-    before = sys.getswitchinterval()
-    seen = []
-
-    def record(*args):
-        seen.append(sys.getswitchinterval())
-        raise ImportError("recorded")  # the compiler preload stops at a failed import, as without inductor
-
-    monkeypatch.setattr(block_compile, "importlib", types.SimpleNamespace(import_module=record))
-    monkeypatch.setattr(attention_module, "resolve_attention", record)
-    block_compile.preload_compiler().join()
-    attention_module.preload_attention("sdpa", "cpu").join()
-    assert len(seen) == 2 and max(seen) <= switch_interval.ShortSwitchInterval.INTERVAL < before
-    assert sys.getswitchinterval() == before
 
 
 def test_a_background_compile_that_fails_leaves_that_size_eager(caplog):
     model = random_model(tiny_config(), seed=4).eval()
     reference = copy.deepcopy(model)
-    model.compile_blocks(backend=CountingBackend(fail=True), in_background=True, background_from_call=1)
+    model.compile_blocks(backend=CountingBackend(fail=True), in_background=True)
     context, x = torch.randn(1, 8, tiny_config().text_dim), torch.randn(1, model.config.in_dim, 3, 8, 8)
     with torch.no_grad(), caplog.at_level("INFO", logger=wan_model.__name__):
         model(x, torch.tensor([500.0]), context)
@@ -357,9 +332,7 @@ def test_inductor_compiles_in_the_background_beside_eager_calls_and_its_graphs_r
     model = random_model(tiny_config(), seed=5).eval()
     reference = copy.deepcopy(model)
     # No cache: the thread traces and lowers everything, as a first compile ever does.
-    model.compile_blocks(
-        options={"fallback_random": True, "force_disable_caches": True}, in_background=True, background_from_call=1
-    )
+    model.compile_blocks(options={"fallback_random": True, "force_disable_caches": True}, in_background=True)
     context, x = torch.randn(1, 8, tiny_config().text_dim), torch.randn(1, model.config.in_dim, 3, 8, 8)
     with torch.inference_mode():
         expected = reference(x, torch.tensor([500.0]), context)

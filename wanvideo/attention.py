@@ -18,7 +18,6 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import WanDistriFusionError
-from .switch_interval import LAUNCHES_FIRST
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``attention_fn(q, k, v) -> out``, all ``[batch, tokens, heads, head_dim]``. A kernel that wants its inputs in one
@@ -147,7 +146,7 @@ def preload_attention(backend: str, device: torch.device | str) -> threading.Thr
     waits on Python's import lock) and reports any error itself."""
 
     def load() -> None:
-        with LAUNCHES_FIRST, contextlib.suppress(Exception):  # short switch interval: the load beside it keeps pace
+        with contextlib.suppress(Exception):
             resolve_attention(backend, device)
 
     thread = threading.Thread(target=load, name="preload-attention", daemon=True)

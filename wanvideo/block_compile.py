@@ -18,14 +18,13 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-
-from .switch_interval import LAUNCHES_FIRST
 
 logger = logging.getLogger("wan_distrifusion.wanvideo.model")
 """The model's logger: these lines are the model's (``compiling the transformer blocks ...``)."""
@@ -56,21 +55,20 @@ def compile_available(device: torch.device | str) -> tuple[bool, str]:
 
 def preload_compiler() -> threading.Thread:
     """Import the compiler's modules and start inductor's pool of compile processes in a background thread, so both
-    happen while the checkpoint is read (file reads and host-to-device copies release the GIL; the switch interval
-    is short meanwhile, ``switch_interval``) instead of at the first compiled call. Returns the thread (daemon; nothing waits for it: a later import of the same module waits
+    happen while the checkpoint is read (file reads and host-to-device copies release the GIL) instead of at the
+    first compiled call. Returns the thread (daemon; nothing waits for it: a later import of the same module waits
     on Python's import lock, and inductor reuses the pool once it is up)."""
 
     def load() -> None:
         started = time.perf_counter()
-        with LAUNCHES_FIRST:  # the load beside it gets the GIL back at once after each copy
-            for name in COMPILER_MODULES:
-                try:
-                    importlib.import_module(name)
-                except ImportError:  # the first compiled call reports it; a preload only saves time
-                    return
-            from torch._inductor.async_compile import maybe_warm_pool  # what inductor's backend calls first
+        for name in COMPILER_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the first compiled call reports it; a preload only saves time
+                return
+        from torch._inductor.async_compile import maybe_warm_pool  # what inductor's backend calls first
 
-            maybe_warm_pool()
+        maybe_warm_pool()
         logger.info("compiler imported in the background in %.1f s", time.perf_counter() - started)
 
     thread = threading.Thread(target=load, name="preload-compiler", daemon=True)
@@ -88,10 +86,9 @@ class BlockCompiler:
 
     ``WanModel.forward`` asks ``calls`` per forward whether its blocks run compiled. In the foreground (the default)
     they always do and a new size compiles at its first call, announced in the log. ``in_background``: a new size
-    runs eager; its call number ``background_from_call`` hands block 0's inputs to a thread that compiles both halves
-    on them without running them (``_first_run_left_to_the_caller``), and once that is done the size's next call runs
-    compiled, its first run included. The default, the second call, leaves a process's first call of a size to its
-    own one-off costs (the attention kernel's first call, the allocator's growth) without the compile beside it. A compile that fails leaves that size eager, with a warning. Not for blocks whose weights are only
+    runs eager; its first call hands block 0's inputs to a thread that compiles both halves on them without running
+    them (``_first_run_left_to_the_caller``), and once that is done the size's next call runs compiled, its first
+    run included. A compile that fails leaves that size eager, with a warning. Not for blocks whose weights are only
     complete inside their own call (streamed from host memory, sharded with FSDP2): the thread traces the halves
     outside that call.
     """
@@ -102,15 +99,9 @@ class BlockCompiler:
         backend: str | Callable = "inductor",
         options: dict | None = None,
         in_background: bool = False,
-        background_from_call: int = 2,
     ):
-        if background_from_call < 1:
-            raise ValueError(f"background_from_call must be 1 or more, got {background_from_call}")
         self.blocks, self.backend, self.options = blocks, backend, options
         self.in_background = in_background
-        self.background_from_call = background_from_call
-        """In the background: the call of a new size whose block 0 starts the compile (1 = its first call)."""
-        self._eager_calls: dict[InputSize, int] = {}
         self.ready: set[InputSize] = set()
         """Sizes whose compiled graphs exist: their calls run compiled."""
         self.failed: dict[InputSize, str] = {}
@@ -154,12 +145,9 @@ class BlockCompiler:
         a first call of a new size logs that it compiles (and, in the foreground, how long it took)."""
         size = self.input_size(tokens, context)
         with self._lock:
-            start = False
-            if self.in_background and not (size in self.ready or size in self._compiling or size in self.failed):
-                self._eager_calls[size] = self._eager_calls.get(size, 0) + 1
-                start = self._eager_calls[size] >= self.background_from_call
-                if start:
-                    self._compiling.add(size)
+            known = size in self.ready or size in self._compiling or size in self.failed
+            if not known and self.in_background:
+                self._compiling.add(size)
         if size in self.ready:
             yield True
         elif not self.in_background:
@@ -169,7 +157,7 @@ class BlockCompiler:
             yield True
             self.ready.add(size)
             logger.info("compiled in %.1f s; later calls of this size reuse it", time.perf_counter() - started)
-        elif not start:
+        elif known:
             yield False
         else:
             logger.info(
@@ -191,7 +179,7 @@ class BlockCompiler:
 
     def _start(self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple) -> threading.Thread:
         waited = time.perf_counter()
-        trace_inductors_scaffold_here()
+        trace_inductors_scaffold_here()  # waits for the compiler's imports if the preload is still at them
         waited = time.perf_counter() - waited
         if waited > 0.05:
             logger.info("the compile's start waited %.1f s for the compiler's imports", waited)
@@ -268,6 +256,41 @@ def trace_inductors_scaffold_here() -> None:
     dummy_graph = getattr(InterpreterShim, "_dummy_gm", None)
     if dummy_graph is not None:
         dummy_graph()
+
+
+class ShortSwitchInterval:
+    """Python's GIL switch interval, shortened while one or more background compiles run (each compile thread
+    enters it), restored after the last.
+
+    Many torch ops release the GIL while they run, and a thread that wants it back while another thread
+    computes in Python (dynamo tracing, inductor lowering) waits for that thread's switch interval: 5 ms by default,
+    per op. The eager blocks beside a compile took 3-4x their time (1.3B 480p forwards of 3.3-4.0 s instead of 1.1 s,
+    H200); on the CPU, 120 small ops followed by a 20 ms wait (a block's launches, then the pacer's) launch in 338 ms
+    beside a busy thread at 5 ms, 6 ms at 0.2 ms, while the busy thread keeps 96% of its pace (``INTERVAL``)."""
+
+    INTERVAL = 2e-4
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved = sys.getswitchinterval()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, self.INTERVAL))
+            self._active += 1
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                sys.setswitchinterval(self._saved)
+
+
+LAUNCHES_FIRST = ShortSwitchInterval()
+"""The process's one: the switch interval is process-wide."""
 
 
 class CompiledOnly(Exception):

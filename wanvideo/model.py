@@ -437,22 +437,18 @@ class WanModel(nn.Module):
             block.gelu_epilogue = gelu_epilogue
 
     def compile_blocks(
-        self,
-        backend: str | Callable = "inductor",
-        options: dict | None = None,
-        in_background: bool = False,
-        background_from_call: int = 2,
+        self, backend: str | Callable = "inductor", options: dict | None = None, in_background: bool = False
     ) -> None:
         """``torch.compile`` each block's code before and after self-attention (attention stays eager).
 
         All blocks share two compiled graphs. A new input size compiles at its first call; ``in_background``, in a
-        thread started by its call number ``background_from_call``, while that call and the next ones run eager
-        (``block_compile.BlockCompiler``: not with blocks streamed from host memory or sharded). ``options`` go to inductor (e.g. ``{"coordinate_descent_tuning": True}``).
+        thread while that call and the next ones run eager (``block_compile.BlockCompiler``: not with blocks streamed
+        from host memory or sharded). ``options`` go to inductor (e.g. ``{"coordinate_descent_tuning": True}``).
         Compiles on any device; whether a rank should is ``block_compile.compile_available``. Inductor's on-disk
         caches stay on (``TORCHINDUCTOR_CACHE_DIR``, default ``<tmp>/torchinductor_<user>``), so a later process
         compiling the same shapes mostly reads them.
         """
-        self.block_compiler = BlockCompiler(self.blocks, backend, options, in_background, background_from_call)
+        self.block_compiler = BlockCompiler(self.blocks, backend, options, in_background)
 
     def blocks_on_device(self) -> contextlib.AbstractContextManager[Iterable[WanBlock]]:
         """The blocks in order, each with its weights on the compute device while it runs (``offload.py``)."""
