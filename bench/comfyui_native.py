@@ -18,8 +18,9 @@ first compile ever; ``--servers 2`` runs it again in a second, fresh server, who
 first one wrote (a user's later ComfyUI session). A bench-only node pack (written into the base folder, never
 shipped) times every model forward of both (synchronised), records the global torch settings the first forward
 of each prompt sees, and with ``--profile`` writes the kernel table of one warm forward of each graph. A thread
-samples the GPU's clocks, power and throttle reasons (``nvidia-smi``) per prompt. ``--cpu --models tiny``
-checks the script here without a GPU.
+samples the GPU's clocks, power and throttle reasons (``nvidia-smi``) per prompt. Before the servers start, the
+bytecode of the compiler's and FlashAttention-4's modules is written, as pip writes it for a user
+(``cache_bytecode``; ``--no-bytecode-cache`` skips it). ``--cpu --models tiny`` checks the script here without a GPU.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ TOOLTIPS = {
     "Status node says so (compile off (why)). On by default: measured in ComfyUI on one H200 with FlashAttention-4, "
     "later prompts take 0.76-0.81x the time of ComfyUI's own Wan nodes (eager: 0.81-0.84x). Each new model and video "
     "size compiles in the background while its first steps run eager (the console says when it is done; 14B 720p: "
-    "about one step, 1.3B 480p: ~15 s), so the first prompt is not held up by it; steps then switch to the "
+    "about one step, 1.3B 480p: 9-15 s), so the first prompt is not held up by it; steps then switch to the "
     "compiled blocks, which round differently from eager (bf16 round-off), so a rerun with the same seed can differ "
     "from the first prompt at that level. Set WDF_COMPILE_IN_BACKGROUND=0 before starting ComfyUI to compile at the "
     "first step instead. Turn it off when compiling fails.",
