@@ -429,7 +429,7 @@ def cache_bytecode(args, rec: Recorder) -> None:
         "        importlib.import_module(name)\n"
     )
     started = time.perf_counter()
-    subprocess.run([args.python, "-c", code], check=False, env=os.environ)
+    subprocess.run([args.python, "-c", code], check=False)  # with the environment set above
     rec.say(f"bytecode written to {prefix} for {', '.join(PRIMED_MODULES)} in {time.perf_counter() - started:.0f} s")
 
 

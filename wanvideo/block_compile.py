@@ -178,9 +178,9 @@ class BlockCompiler:
                         self._compiling.discard(size)
 
     def _start(self, size: InputSize, block: nn.Module, before_args: tuple, after_args: tuple) -> threading.Thread:
-        waited = time.perf_counter()
+        started = time.perf_counter()
         trace_inductors_scaffold_here()  # waits for the compiler's imports if the preload is still at them
-        waited = time.perf_counter() - waited
+        waited = time.perf_counter() - started
         if waited > 0.05:
             logger.info("the compile's start waited %.1f s for the compiler's imports", waited)
         thread = threading.Thread(
