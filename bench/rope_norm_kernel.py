@@ -1,7 +1,7 @@
 """The q/k RMSNorm + RoPE kernel of one compiled block, alone: how fast each way of writing RoPE compiles.
 
     python bench/rope_norm_kernel.py --out $OUT          # 1.3B 480p x81, batch 2 (one ComfyUI cfg step), GPU
-    python bench/rope_norm_kernel.py --cpu --out /tmp/r  # tiny shapes on the CPU (a check of the script)
+    python bench/rope_norm_kernel.py --cpu --out /tmp/r  # the tiny preset on the CPU (a check of the script)
 
 Inside ComfyUI (``comfyui_native.py --profile``) the kernel inductor made of ``WanSelfAttention.project``'s
 norm + RoPE (the ``stack`` form) took 0.86 ms per block at 1.3B batch 2, moving ~0.4 GB: about 0.5 TB/s of the
@@ -22,17 +22,19 @@ first variant's (relative error) and writes inductor's generated code per varian
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from wanvideo import model as wan_model  # noqa: E402
-from wanvideo.model import WanBlock, WanConfig, rope_frequencies  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+import kernel_breakdown as KB  # noqa: E402
+
+wan_model = C.pkg("wanvideo.model")
 
 
 def _rope_swap(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -88,41 +90,30 @@ VARIANTS = {
 }
 
 
-def kernel_times(fn, args) -> dict[str, float]:
-    """Milliseconds per GPU kernel name in one call."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn(*args)
-        torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            times[event.name] = times.get(event.name, 0.0) + event.device_time_total / 1000
-    return dict(sorted(times.items(), key=lambda item: -item[1]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--grid", default="21,30,52", help="token grid f,h,w (480p x81: 21,30,52)")
+    parser.add_argument("--shape", default="480p81", choices=C.SHAPES, help="latent shape (its tokens: the grid)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--cpu", action="store_true", help="the tiny preset and shape on the CPU")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     device = torch.device("cpu" if args.cpu else "cuda")
-    config = WanConfig(dim=64, num_heads=2, ffn_dim=128) if args.cpu else WanConfig()
-    grid = (2, 3, 4) if args.cpu else tuple(int(v) for v in args.grid.split(","))
+    config = C.wan_config("tiny" if args.cpu else "1.3B")
+    latent_grid = C.SHAPES["tiny" if args.cpu else args.shape][1:]
+    grid = tuple(size // patch for size, patch in zip(latent_grid, config.patch_size))
     dtype = torch.float32 if args.cpu else torch.bfloat16
     torch.manual_seed(0)
-    block = WanBlock(config).to(device, dtype)
+    block = wan_model.WanBlock(config).to(device, dtype)
     block.self_attn.fuse_projections()
     tokens = grid[0] * grid[1] * grid[2]
     x = torch.randn(args.batch, tokens, config.dim, device=device, dtype=dtype)
     time_modulation = torch.randn(args.batch, 1, 6, config.dim, device=device)
-    rope = rope_frequencies(config.head_dim, grid, device)
+    rope = wan_model.rope_frequencies(config.head_dim, grid, device)
     call_args = (x, time_modulation, rope, None, "tokens_first")
     cos, sin = rope
     _TABLES["matrix"] = torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))
@@ -143,27 +134,22 @@ def main() -> None:
                 (q, k, _, _), codes = run_and_get_code(compiled, *call_args)
                 (out / f"code_{name}.py").write_text("\n\n# ----\n\n".join(codes))
                 if reference is None:
-                    reference = (q.float(), k.float())
-                error = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip((q, k), reference))
-                result = {"rel_error_vs_first": error}
-                if not args.cpu:
-                    for _ in range(3):
-                        compiled(*call_args)
-                    starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.reps)]
-                    ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.reps)]
-                    for start, end in zip(starts, ends):
-                        start.record()
-                        compiled(*call_args)
-                        end.record()
-                    torch.cuda.synchronize()
-                    call_ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-                    kernels = kernel_times(compiled, call_args)
-                    result.update(call_ms=round(call_ms, 4), kernels_ms={k: round(v, 4) for k, v in kernels.items()})
-                    norm_ms = sum(ms for kernel, ms in kernels.items() if "rms_norm" in kernel)
-                    result["norm_kernels_ms"] = round(norm_ms, 4)
-                    result["norm_kernels_tb_per_s"] = round(moved / (norm_ms / 1000) / 1e12, 3) if norm_ms else None
-            results[name] = result
-            print(name, json.dumps(result, indent=1)[:1500], flush=True)
+                    reference = (q, k)
+                call = functools.partial(compiled, *call_args)
+                times = C.time_calls(call, warmup=3, reps=args.reps, device=device)
+                kernels = KB.profile_call(call, device)["kernels"]
+            kernels_ms = {
+                kernel: round(us / 1000, 4) for kernel, (us, _) in sorted(kernels.items(), key=lambda i: -i[1][0])
+            }
+            norm_ms = sum(ms for kernel, ms in kernels_ms.items() if "rms_norm" in kernel)
+            results[name] = {
+                "rel_error_vs_first": max(C.rel_err(a, b) for a, b in zip((q, k), reference)),
+                "call_ms": round(C.median(times) * 1000, 4),
+                "kernels_ms": kernels_ms,
+                "norm_kernels_ms": round(norm_ms, 4),
+                "norm_kernels_tb_per_s": round(moved / (norm_ms / 1000) / 1e12, 3) if norm_ms else None,
+            }
+            print(name, json.dumps(results[name], indent=1)[:1500], flush=True)
     finally:
         wan_model.apply_rope = original
     (out / "rope_norm_kernel.json").write_text(json.dumps(results, indent=1))
